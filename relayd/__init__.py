@@ -1,0 +1,6 @@
+"""relayd: a durable HTTP-to-Redis relay.
+
+Data path, one module per step::
+
+    ingest (HTTP) -> validation -> buffer -> forwarder -> redis
+"""
