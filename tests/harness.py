@@ -1,0 +1,755 @@
+"""Real-process fixtures for black-box tests: redis-server, relayd, an oracle.
+
+Nothing here is a mock.  `RedisServer` runs the real ``redis-server`` binary
+on a free port; `RelaydProcess` runs ``twistd -n relayd`` from this checkout
+with a generated TOML config; `RespClient` is a tiny binary-safe RESP2 client
+so the tests depend on no Redis library; `Oracle` is the fault-test checker
+of the conventions (an id counts as acknowledged only after a 2xx).
+
+Every wait is a poll of a condition against a bounded deadline (`wait_for`),
+never a fixed sleep.  Fixtures take a ``unittest.TestCase`` and register their
+own cleanup with ``addCleanup``, so no process outlives its test even when the
+test fails half-way.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import uuid
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+#: The checkout this file lives in (``tests/..``): relayd and its plugin.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Seconds redis-server gets to answer PING after start (it needs ~10 ms).
+REDIS_START_TIMEOUT = 10.0
+#: Seconds relayd gets to report ready: Python + Twisted imports take ~1 s on
+#: a quiet machine; shared CI cores can be several times slower.
+RELAYD_START_TIMEOUT = 30.0
+#: Seconds a process gets to exit after SIGTERM before the fixture SIGKILLs it.
+STOP_TIMEOUT = 30.0
+#: Per-request socket timeout of the HTTP client, seconds.
+HTTP_TIMEOUT = 30.0
+
+Headers = Dict[str, str]
+Response = Tuple[int, Headers, bytes]
+
+
+class TimeoutExpired(AssertionError):
+    """A polled condition did not become true before its deadline."""
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01
+) -> Any:
+    """Poll `condition` until it returns a truthy value; return that value.
+
+    Exceptions from `condition` count as "not yet".  Raises `TimeoutExpired`
+    naming `what` (and the last exception, if any) after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Optional[BaseException] = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - "not yet" for any reason
+            last_error = e
+        if time.monotonic() >= deadline:
+            suffix = f" (last error: {last_error!r})" if last_error else ""
+            raise TimeoutExpired(f"timed out after {timeout:.1f}s waiting for {what}{suffix}")
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.2)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on `host:port` right now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# RESP client
+# --------------------------------------------------------------------------
+
+
+class RedisError(Exception):
+    """An error reply (``-ERR ...``) from Redis."""
+
+
+class RespClient:
+    """A minimal synchronous, binary-safe RESP2 client: `command(*args)`.
+
+    Replies map to Python as: simple string -> ``str``, error -> raised
+    `RedisError`, integer -> ``int``, bulk string -> ``bytes`` (``None`` for
+    nil), array -> ``list`` (``None`` for a nil array).
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._file = self._sock.makefile("rb")
+
+    @staticmethod
+    def _encode(arg: Any) -> bytes:
+        if isinstance(arg, bytes):
+            return arg
+        if isinstance(arg, str):
+            return arg.encode("utf-8")
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return repr(arg).encode()
+        raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+
+    def send(self, *args: Any) -> None:
+        """Write one command without reading its reply (for pipelining)."""
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = self._encode(arg)
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self._sock.sendall(b"".join(parts))
+
+    def read_reply(self) -> Any:
+        """Read one reply."""
+        line = self._file.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("Redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisError(rest.decode(errors="replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self._file.read(n + 2)
+            if len(data) != n + 2:
+                raise ConnectionError("Redis closed the connection mid-reply")
+            return data[:-2]
+        if kind == b"*":
+            n = int(rest)
+            if n < 0:
+                return None
+            items = []
+            for _ in range(n):
+                try:
+                    items.append(self.read_reply())
+                except RedisError as e:  # an error inside EXEC's array
+                    items.append(e)
+            return items
+        raise ConnectionError(f"unexpected RESP reply: {line!r}")
+
+    def command(self, *args: Any) -> Any:
+        """Send one command and return its reply."""
+        self.send(*args)
+        return self.read_reply()
+
+    def close(self) -> None:
+        """Close the connection."""
+        try:
+            self._file.close()
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> "RespClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# redis-server
+# --------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1, without persistence, in a temp dir."""
+
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+    def __init__(self, test: unittest.TestCase, port: Optional[int] = None) -> None:
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="relayd-redis-")
+        self.proc: Optional[subprocess.Popen] = None
+        self._paused = False
+        test.addCleanup(shutil.rmtree, self.dir, True)
+        test.addCleanup(self._cleanup)
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """The ``redis://`` URL relayd's config takes."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start the server and wait until it answers PING."""
+        self._log = open(os.path.join(self.dir, "redis.log"), "ab")
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", self.dir,
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--protected-mode", "no",
+            ],
+            cwd=self.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._paused = False
+
+        def pong() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"redis-server exited {self.proc.returncode}:\n{self.log_text()[-2000:]}")
+            with self.client(timeout=1.0) as c:
+                return c.command("PING") == "PONG"
+
+        try:
+            wait_for(pong, REDIS_START_TIMEOUT, f"redis-server on port {self.port} to answer PING")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.log_text()[-2000:]}") from None
+
+    def client(self, timeout: float = 10.0) -> RespClient:
+        """A new connection to this server (close it, or use ``with``)."""
+        return RespClient("127.0.0.1", self.port, timeout=timeout)
+
+    def command(self, *args: Any) -> Any:
+        """One command on a fresh connection."""
+        with self.client() as c:
+            return c.command(*args)
+
+    def llen(self, key: str) -> int:
+        """``LLEN key``."""
+        return int(self.command("LLEN", key))
+
+    def items(self, list_key: str) -> List[bytes]:
+        """The list's items oldest first (RPOP order), without removing them."""
+        return list(reversed(self.command("LRANGE", list_key, 0, -1)))
+
+    def drain(self, list_key: str) -> List[bytes]:
+        """Atomically take every item of the list; oldest first (RPOP order)."""
+        with self.client() as c:
+            c.send("MULTI")
+            c.send("LRANGE", list_key, 0, -1)
+            c.send("DEL", list_key)
+            c.send("EXEC")
+            for _ in range(3):  # +OK, +QUEUED, +QUEUED
+                c.read_reply()
+            newest_first, _deleted = c.read_reply()
+        return list(reversed(newest_first))
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def stop(self) -> int:
+        """SIGTERM (after SIGCONT if paused); wait; return the exit code."""
+        if self.proc is None:
+            return 0
+        if self._paused:
+            self.resume()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+        self._paused = False
+        self._log.close()
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same port; data is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        """The server's log."""
+        try:
+            with open(os.path.join(self.dir, "redis.log"), encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL works on a stopped process too
+            self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+# --------------------------------------------------------------------------
+# relayd
+# --------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def to_toml(tables: Mapping[str, Mapping[str, Any]], routes: Sequence[Mapping[str, Any]]) -> str:
+    """Render ``{table: {key: value}}`` plus ``[[route]]`` entries as TOML."""
+    lines: List[str] = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        lines.append("")
+    for route in routes:
+        lines.append("[[route]]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in route.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def twistd_command() -> List[str]:
+    """The argv prefix that runs twistd from the same interpreter as the tests."""
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [sys.executable, script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class RelaydProcess:
+    """``twistd -n relayd --config <tmp>/relayd.conf`` as a child process.
+
+    `routes` are ``[[route]]`` tables; `server`, `spool`, `redis`, `buffer`
+    add or override keys of those tables.  `config_text`, when given, is
+    written verbatim instead (bad-config tests).  Ports are chosen free on
+    127.0.0.1 unless given.  With ``wait_ready=True`` the constructor returns
+    once ``GET /readyz`` on the admin port answers 200.
+    """
+
+    def __init__(
+        self,
+        test: unittest.TestCase,
+        routes: Sequence[Mapping[str, Any]] = (),
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        spool_dir: Optional[str] = None,
+        server: Optional[Mapping[str, Any]] = None,
+        spool: Optional[Mapping[str, Any]] = None,
+        redis: Optional[Mapping[str, Any]] = None,
+        buffer: Optional[Mapping[str, Any]] = None,
+        config_text: Optional[str] = None,
+        files: Optional[Mapping[str, Any]] = None,
+        wait_ready: bool = True,
+        ingest_port: Optional[int] = None,
+        admin_port: Optional[int] = None,
+    ) -> None:
+        self.dir = tempfile.mkdtemp(prefix="relayd-")
+        test.addCleanup(shutil.rmtree, self.dir, True)
+        test.addCleanup(self._cleanup)
+        self.ingest_port = ingest_port or free_port()
+        self.admin_port = admin_port or free_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self._conn: Optional[http.client.HTTPConnection] = None
+        for name, content in (files or {}).items():
+            self.write_file(name, content)
+        if config_text is None:
+            tables: Dict[str, Dict[str, Any]] = {
+                "server": {
+                    "listen": f"tcp:{self.ingest_port}:interface=127.0.0.1",
+                    "admin": f"tcp:{self.admin_port}:interface=127.0.0.1",
+                    "workers": 1,
+                    **(server or {}),
+                },
+                "redis": {"url": redis_url, **(redis or {})},
+                "spool": {"dir": spool_dir or os.path.join(self.dir, "spool"), "fsync": "batch", **(spool or {})},
+            }
+            if buffer:
+                tables["buffer"] = dict(buffer)
+            config_text = to_toml(tables, routes)
+        self.config_path = self.write_file("relayd.conf", config_text)
+        self.start(wait_ready=wait_ready)
+
+    def write_file(self, name: str, content: Any) -> str:
+        """Write a file into the temp dir (dicts/lists as JSON); return its path."""
+        path = os.path.join(self.dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not isinstance(content, (str, bytes)):
+            content = json.dumps(content, indent=2)
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    @property
+    def argv(self) -> List[str]:
+        """The command line relayd runs with."""
+        return twistd_command() + ["-n", "--pidfile=", "relayd", "--config", self.config_path]
+
+    def start(self, wait_ready: bool = True) -> None:
+        """Start the daemon; optionally wait for ``/readyz`` to answer 200."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        self._stdout = open(os.path.join(self.dir, "stdout.log"), "ab")
+        self._stderr = open(os.path.join(self.dir, "stderr.log"), "ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=self._stderr
+        )
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = RELAYD_START_TIMEOUT) -> None:
+        """Wait for ``GET /readyz`` == 200; raise with the log's tail if not."""
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise _Exited(self.proc.returncode)
+            return self.get_admin("/readyz", timeout=2.0)[0] == 200
+
+        try:
+            wait_for(ready, timeout, f"relayd (admin port {self.admin_port}) to answer /readyz 200")
+        except _Exited as e:
+            raise AssertionError(f"relayd exited with {e.args[0]} before ready; log tail:\n{self.log_tail()}") from None
+        except TimeoutExpired as e:
+            raise AssertionError(f"{e}; log tail:\n{self.log_tail()}") from None
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection("127.0.0.1", self.ingest_port, timeout=timeout)
+        self._conn.timeout = timeout
+        return self._conn
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Optional[bytes] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        timeout: float = HTTP_TIMEOUT,
+        keep_alive: bool = True,
+    ) -> Response:
+        """One HTTP request to the ingest port; ``(status, headers, body)``.
+
+        Header names in the result are lower-case.  The connection is reused
+        while the server keeps it open; a request is never retried (a POST
+        that may have reached the server must not be sent twice unnoticed).
+        """
+        conn = self._connection(timeout) if keep_alive else http.client.HTTPConnection(
+            "127.0.0.1", self.ingest_port, timeout=timeout
+        )
+        try:
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+            resp = conn.getresponse()
+            data = resp.read()
+            result = (resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+            if resp.will_close or not keep_alive:
+                conn.close()
+                if keep_alive:
+                    self._conn = None
+            return result
+        except BaseException:
+            conn.close()
+            if keep_alive:
+                self._conn = None
+            raise
+
+    def post(self, path: str, body: bytes, headers: Optional[Mapping[str, str]] = None, **kw: Any) -> Response:
+        """``POST path`` with `body` (``Content-Type: application/json`` unless given)."""
+        h = {"Content-Type": "application/json"}
+        h.update(headers or {})
+        return self.request("POST", path, body, h, **kw)
+
+    def get_admin(self, path: str, timeout: float = HTTP_TIMEOUT) -> Response:
+        """``GET path`` on the admin port (a fresh connection each time)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the daemon."""
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Wait for the process to exit; return its exit code (fail on timeout)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"relayd still running {timeout:.0f}s later; log tail:\n{self.log_tail()}"
+            ) from None
+        finally:
+            self._close_files()
+
+    def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait, return the exit code."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self.alive():
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+        self._close_files()
+
+    def restart(self, wait_ready: bool = True) -> int:
+        """SIGTERM, then start again with the same config and ports."""
+        code = self.terminate()
+        self.start(wait_ready=wait_ready)
+        return code
+
+    def _close_files(self) -> None:
+        for f in (getattr(self, "_stdout", None), getattr(self, "_stderr", None)):
+            if f is not None and not f.closed:
+                f.close()
+
+    def _read(self, name: str) -> str:
+        try:
+            with open(os.path.join(self.dir, name), encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stdout_text(self) -> str:
+        """What the daemon wrote to stdout (twistd -n logs there)."""
+        return self._read("stdout.log")
+
+    def stderr_text(self) -> str:
+        """What the daemon wrote to stderr."""
+        return self._read("stderr.log")
+
+    def log_text(self) -> str:
+        """stdout, stderr and twistd.log (if any) together."""
+        return "".join(
+            f"--- {name} ---\n{self._read(name)}" for name in ("stdout.log", "stderr.log", "twistd.log")
+            if os.path.exists(os.path.join(self.dir, name))
+        )
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The last `chars` characters of `log_text`."""
+        return self.log_text()[-chars:]
+
+    def _cleanup(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+        self._close_files()
+
+
+class _Exited(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------
+# JSON responses and the fault-test oracle
+# --------------------------------------------------------------------------
+
+
+def json_body(response: Response) -> Any:
+    """Parse a response body as JSON (fails the test with the body if not)."""
+    status, _headers, body = response
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise AssertionError(f"status {status}: body is not JSON: {body[:500]!r}") from None
+
+
+def decode_item(item: bytes) -> Tuple[Optional[Dict[str, Any]], Any]:
+    """Split a Redis item into ``(envelope or None, body value)``.
+
+    An envelope is a JSON object with ``id`` and ``body``; anything else is a
+    raw body (``format = "body"``), parsed as JSON when it is JSON.
+    """
+    try:
+        value = json.loads(item)
+    except ValueError:
+        return None, item
+    if isinstance(value, dict) and "id" in value and "body" in value:
+        return value, value["body"]
+    return None, value
+
+
+class OracleReport:
+    """What `Oracle.check` found: counts, and the problems as text."""
+
+    def __init__(self) -> None:
+        self.items = 0
+        self.unique = 0
+        self.duplicates = 0
+        self.missing: List[str] = []
+        self.unknown: List[str] = []
+        self.mismatched: List[str] = []
+        self.undecodable: List[bytes] = []
+
+    def problems(self) -> List[str]:
+        """Human-readable list of violations (empty when all is well)."""
+        out = []
+        if self.missing:
+            out.append(f"{len(self.missing)} acknowledged message(s) missing from Redis, e.g. {self.missing[:5]}")
+        if self.unknown:
+            out.append(f"{len(self.unknown)} item(s) in Redis that were never sent, e.g. {self.unknown[:5]}")
+        if self.mismatched:
+            out.append(f"{len(self.mismatched)} payload/id mismatch(es), e.g. {self.mismatched[:5]}")
+        if self.undecodable:
+            out.append(f"{len(self.undecodable)} undecodable item(s), e.g. {self.undecodable[:3]!r}")
+        return out
+
+
+class Oracle:
+    """Client-side truth for fault tests.
+
+    Every message carries a client id (``cid``) in its JSON body.  `send`
+    records a message as sent before the request goes out; `acknowledge`
+    records it (with relayd's id) only after a 2xx.  `check` drains the Redis
+    list and asserts: every acknowledged message is there, nothing is there
+    that was never sent, payloads are byte-for-byte what was sent, envelope
+    ids equal the acknowledged ids; it returns the report (duplicates counted
+    by ``cid``; at-least-once allows some).
+    """
+
+    def __init__(self, route: str = "") -> None:
+        self.route = route
+        self.run = uuid.uuid4().hex[:8]
+        self.sent: Dict[str, Any] = {}
+        self.acked: Dict[str, str] = {}  # cid -> relayd id
+        self._n = 0
+
+    def new_message(self, **extra: Any) -> Tuple[str, Any]:
+        """A fresh unique message body (a JSON object) and its cid."""
+        self._n += 1
+        cid = f"{self.run}-{self._n:07d}"
+        return cid, {"cid": cid, "n": self._n, **extra}
+
+    def send(self, cid: str, body: Any) -> None:
+        """Record that `body` is about to be sent."""
+        self.sent[cid] = body
+
+    def acknowledge(self, cid: str, message_id: str) -> None:
+        """Record a 2xx for `cid` carrying relayd's `message_id`."""
+        assert cid in self.sent, f"acknowledging {cid} that was never sent"
+        self.acked[cid] = message_id
+
+    def post(self, relayd: RelaydProcess, path: str, **extra: Any) -> Optional[Response]:
+        """Send one new message; acknowledge it on 2xx.  None on a transport error."""
+        cid, body = self.new_message(**extra)
+        self.send(cid, body)
+        try:
+            resp = relayd.post(path, json.dumps(body).encode())
+        except (OSError, http.client.HTTPException):
+            return None
+        if 200 <= resp[0] < 300:
+            self.acknowledge(cid, json_body(resp)["id"])
+        return resp
+
+    def check(self, redis: RedisServer, list_key: str) -> OracleReport:
+        """Drain `list_key` and compare with what was sent and acknowledged."""
+        report = OracleReport()
+        seen: Dict[str, int] = {}
+        for item in redis.drain(list_key):
+            report.items += 1
+            envelope, body = decode_item(item)
+            cid = body.get("cid") if isinstance(body, dict) else None
+            if not isinstance(cid, str):
+                report.undecodable.append(item)
+                continue
+            seen[cid] = seen.get(cid, 0) + 1
+            if cid not in self.sent:
+                report.unknown.append(cid)
+                continue
+            if body != self.sent[cid]:
+                report.mismatched.append(f"{cid}: sent {self.sent[cid]!r}, got {body!r}")
+            if envelope is not None and cid in self.acked and envelope["id"] != self.acked[cid]:
+                report.mismatched.append(f"{cid}: acknowledged id {self.acked[cid]}, envelope id {envelope['id']}")
+            if envelope is not None and self.route and envelope.get("route") != self.route:
+                report.mismatched.append(f"{cid}: route {envelope.get('route')!r}, expected {self.route!r}")
+        report.unique = len(seen)
+        report.duplicates = sum(n - 1 for n in seen.values())
+        report.missing = sorted(cid for cid in self.acked if cid not in seen)
+        return report
+
+    def assert_ok(self, test: unittest.TestCase, redis: RedisServer, list_key: str, max_duplicates: int = 0) -> OracleReport:
+        """`check`, then fail `test` on any violation or too many duplicates."""
+        report = self.check(redis, list_key)
+        problems = report.problems()
+        if report.duplicates > max_duplicates:
+            problems.append(f"{report.duplicates} duplicate(s), at most {max_duplicates} allowed")
+        if problems:
+            test.fail(
+                f"oracle: {len(self.sent)} sent, {len(self.acked)} acknowledged, {report.items} in Redis; "
+                + "; ".join(problems)
+            )
+        return report
+
+
+def ndjson(values: Iterable[Any]) -> bytes:
+    """Encode values as NDJSON (one JSON value per line, trailing newline)."""
+    return b"".join(json.dumps(v).encode() + b"\n" for v in values)
