@@ -1,0 +1,58 @@
+"""Raw twisted.web reference: the Python ceiling for relayd (no Redis).
+
+One plain ``Resource`` whose ``render_POST`` reads the body, parses it with
+ujson, appends the raw bytes to an in-memory list (cleared past 1M items) and
+answers ``{"status":"OK"}``. The Site is configured the way a fast Twisted
+service should be:
+
+* ``parsePOSTFormSubmission=False`` so twisted.web does not run every body's
+  Content-Type through the form/multipart parser;
+* no access log (``Site.log`` is a no-op; ``logPath=None`` alone would still
+  log to the global twisted log file).
+
+Usage: python bench/ref_twisted_web.py PORT
+"""
+
+import functools
+import sys
+
+import ujson
+from twisted.internet import reactor
+from twisted.web import resource, server
+
+OK = b'{"status":"OK"}'
+_sink = []
+
+
+class Ingest(resource.Resource):
+    isLeaf = True
+
+    def render_POST(self, request):
+        body = request.content.read()
+        ujson.loads(body)
+        _sink.append(body)
+        if len(_sink) > 1_000_000:
+            _sink.clear()
+        request.setHeader(b"content-type", b"application/json")
+        return OK
+
+
+class QuietSite(server.Site):
+    def log(self, request):  # no access log at all
+        pass
+
+
+def main():
+    port = int(sys.argv[1])
+    site = QuietSite(
+        Ingest(),
+        requestFactory=functools.partial(server.Request, parsePOSTFormSubmission=False),
+        logPath=None,
+    )
+    reactor.listenTCP(port, site, interface="127.0.0.1", backlog=1024)
+    print(f"ref_twisted_web listening on 127.0.0.1:{port} reactor={type(reactor).__name__}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
