@@ -1,0 +1,370 @@
+"""Configuration: TOML text -> frozen, fully validated values.
+
+Parsing is a pure function (`config_from_string`) so every rule can be
+property-tested without touching a disk.  The checks that need the file
+system (schema files readable and valid, spool directory writable) live in
+`check_environment`, and `load_config` composes both: a config that loads is
+fully validated before any port is bound.
+
+Every rejection is a `ConfigError` whose message is one line naming the key
+(``route[2].max_body: expected a size like "1MiB", got "lots"``), because the
+operator reads it in a journal line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+import attrs
+
+try:  # Python >= 3.11
+    import tomllib
+except ImportError:  # pragma: no cover - pypy3 (3.9) keeps working
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+ACK_MODES = ("stored", "accepted")
+FORMATS = ("envelope", "body")
+FSYNC_POLICIES = ("always", "batch", "never")
+
+# Defaults, with the reason for each value.
+DEFAULT_MAX_BODY = 1024 * 1024  # nginx's client_max_body_size and NSQ's ~1 MiB message cap
+DEFAULT_BUFFER_MESSAGES = 100_000  # ~0.4 s of peak ingest on one core
+DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024  # bounds worst-case RSS growth per worker
+DEFAULT_BATCH_MESSAGES = 1000  # one LPUSH of 1000 values costs ~ the same RTT as one
+DEFAULT_BATCH_BYTES = 1024 * 1024  # keep a single Redis command well under its 512 MiB limit
+DEFAULT_MAX_IN_FLIGHT = 4  # enough to hide one RTT; more only reorders on failure
+DEFAULT_REPLY_TIMEOUT = 5.0  # seconds; txredisapi waits forever without one (issue 112)
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
+DEFAULT_ACK_TIMEOUT = 10.0  # seconds a stored-ack request may wait before 503
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds to push the buffer out on SIGTERM (< systemd's 90 s)
+DEFAULT_IDLE_TIMEOUT = 60.0  # keep-alive idle timeout, seconds (nginx: 75 s)
+
+
+@attrs.frozen
+class ServerConfig:
+    """The `[server]` table: where relayd listens and how many processes."""
+
+    listen: str = "tcp:8080"
+    admin: str = "tcp:9090:interface=127.0.0.1"
+    workers: Any = 1  # int >= 1, or "auto"
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+
+@attrs.frozen
+class RedisConfig:
+    """The `[redis]` table: the target server and the forwarder's batching."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: Optional[str] = None
+    password: Optional[str] = attrs.field(default=None, repr=False)
+    reply_timeout: float = DEFAULT_REPLY_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    batch_messages: int = DEFAULT_BATCH_MESSAGES
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+
+
+@attrs.frozen
+class BufferConfig:
+    """The `[buffer]` table: the in-memory bound (messages and bytes)."""
+
+    max_messages: int = DEFAULT_BUFFER_MESSAGES
+    max_bytes: int = DEFAULT_BUFFER_BYTES
+    ack_timeout: float = DEFAULT_ACK_TIMEOUT
+
+
+@attrs.frozen
+class SpoolConfig:
+    """The `[spool]` table: local disk spillover."""
+
+    dir: str = "var/spool"
+    max_bytes: int = 1024**3
+    fsync: str = "batch"
+
+
+@attrs.frozen
+class RouteConfig:
+    """One `[[route]]`: an ingest path and the Redis list it feeds."""
+
+    path: str
+    list: str
+    ack: str = "stored"
+    schema: Optional[str] = None
+    format: str = "envelope"
+    max_body: int = DEFAULT_MAX_BODY
+
+
+@attrs.frozen
+class Config:
+    """The whole daemon configuration."""
+
+    server: ServerConfig
+    redis: RedisConfig
+    buffer: BufferConfig
+    spool: SpoolConfig
+    routes: Tuple[RouteConfig, ...]
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Parse ``"1MiB"``, ``"10MB"``, ``"512B"`` or an integer byte count."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{key}: expected a size like "1MiB", got {value!r}')
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: size must be >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()]
+    raise ConfigError(f'{key}: expected a size like "1MiB", got {value!r}')
+
+
+def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a table")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: Tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(allowed)})")
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _positive(value: Any, key: str) -> Any:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+    return value
+
+
+def _choice(value: str, choices: Tuple[str, ...], key: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+_REDIS_URL_RE = re.compile(
+    r"^redis://(?:(?P<user>[^:@/]*)(?::(?P<password>[^@/]*))?@)?"
+    r"(?P<host>\[[0-9a-fA-F:]+\]|[^:/@]+)(?::(?P<port>\d+))?(?:/(?P<db>\d+)?)?$"
+)
+
+
+def _parse_server(data: Mapping[str, Any]) -> ServerConfig:
+    t = _table(data, "server")
+    _check_keys(t, ("listen", "admin", "workers", "shutdown_timeout", "idle_timeout"), "server")
+    workers = t.get("workers", 1)
+    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise ConfigError(f'server.workers: expected an integer >= 1 or "auto", got {workers!r}')
+    return ServerConfig(
+        listen=_typed(t, "listen", str, ServerConfig.listen, "server"),
+        admin=_typed(t, "admin", str, ServerConfig.admin, "server"),
+        workers=workers,
+        shutdown_timeout=_positive(
+            _typed(t, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, "server"), "server.shutdown_timeout"
+        ),
+        idle_timeout=_positive(
+            _typed(t, "idle_timeout", float, DEFAULT_IDLE_TIMEOUT, "server"), "server.idle_timeout"
+        ),
+    )
+
+
+def _parse_redis(data: Mapping[str, Any]) -> RedisConfig:
+    t = _table(data, "redis")
+    _check_keys(
+        t,
+        ("url", "reply_timeout", "connect_timeout", "batch_messages", "batch_bytes", "max_in_flight"),
+        "redis",
+    )
+    url = _typed(t, "url", str, RedisConfig.url, "redis")
+    m = _REDIS_URL_RE.match(url)
+    if not m:
+        raise ConfigError(f"redis.url: expected redis://[user:password@]host[:port][/db], got {url!r}")
+    port = int(m.group("port") or 6379)
+    if not 0 < port < 65536:
+        raise ConfigError(f"redis.url: port out of range: {port}")
+    return RedisConfig(
+        url=url,
+        host=m.group("host").strip("[]"),
+        port=port,
+        db=int(m.group("db") or 0),
+        username=m.group("user") or None,
+        password=m.group("password") if m.group("password") is not None else None,
+        reply_timeout=_positive(
+            _typed(t, "reply_timeout", float, DEFAULT_REPLY_TIMEOUT, "redis"), "redis.reply_timeout"
+        ),
+        connect_timeout=_positive(
+            _typed(t, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, "redis"), "redis.connect_timeout"
+        ),
+        batch_messages=_positive(
+            _typed(t, "batch_messages", int, DEFAULT_BATCH_MESSAGES, "redis"), "redis.batch_messages"
+        ),
+        batch_bytes=_positive(
+            parse_size(t.get("batch_bytes", DEFAULT_BATCH_BYTES), "redis.batch_bytes"), "redis.batch_bytes"
+        ),
+        max_in_flight=_positive(
+            _typed(t, "max_in_flight", int, DEFAULT_MAX_IN_FLIGHT, "redis"), "redis.max_in_flight"
+        ),
+    )
+
+
+def _parse_buffer(data: Mapping[str, Any]) -> BufferConfig:
+    t = _table(data, "buffer")
+    _check_keys(t, ("max_messages", "max_bytes", "ack_timeout"), "buffer")
+    return BufferConfig(
+        max_messages=_positive(
+            _typed(t, "max_messages", int, DEFAULT_BUFFER_MESSAGES, "buffer"), "buffer.max_messages"
+        ),
+        max_bytes=_positive(
+            parse_size(t.get("max_bytes", DEFAULT_BUFFER_BYTES), "buffer.max_bytes"), "buffer.max_bytes"
+        ),
+        ack_timeout=_positive(
+            _typed(t, "ack_timeout", float, DEFAULT_ACK_TIMEOUT, "buffer"), "buffer.ack_timeout"
+        ),
+    )
+
+
+def _parse_spool(data: Mapping[str, Any], base_dir: str) -> SpoolConfig:
+    t = _table(data, "spool")
+    _check_keys(t, ("dir", "max_bytes", "fsync"), "spool")
+    return SpoolConfig(
+        dir=_resolve(_typed(t, "dir", str, SpoolConfig.dir, "spool"), base_dir),
+        max_bytes=_positive(parse_size(t.get("max_bytes", 1024**3), "spool.max_bytes"), "spool.max_bytes"),
+        fsync=_choice(_typed(t, "fsync", str, "batch", "spool"), FSYNC_POLICIES, "spool.fsync"),
+    )
+
+
+_ROUTE_KEYS = ("path", "list", "ack", "schema", "format", "max_body")
+
+
+def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
+    where = f"route[{index}]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: expected a table")
+    _check_keys(t, _ROUTE_KEYS, where)
+    for required in ("path", "list"):
+        if required not in t:
+            raise ConfigError(f"{where}.{required}: missing")
+    path = _typed(t, "path", str, None, where)
+    if not path.startswith("/") or any(c in path for c in "?# \t\r\n"):
+        raise ConfigError(f"{where}.path: expected an absolute path like /leads, got {path!r}")
+    list_key = _typed(t, "list", str, None, where)
+    if not list_key:
+        raise ConfigError(f"{where}.list: must not be empty")
+    schema = _typed(t, "schema", str, None, where)
+    fmt = _choice(_typed(t, "format", str, "envelope", where), FORMATS, f"{where}.format")
+    return RouteConfig(
+        path=path,
+        list=list_key,
+        ack=_choice(_typed(t, "ack", str, "stored", where), ACK_MODES, f"{where}.ack"),
+        schema=_resolve(schema, base_dir) if schema is not None else None,
+        format=fmt,
+        max_body=_positive(parse_size(t.get("max_body", DEFAULT_MAX_BODY), f"{where}.max_body"), f"{where}.max_body"),
+    )
+
+
+def config_from_string(text: str, base_dir: str = ".") -> Config:
+    """Parse and validate config text; relative paths resolve against `base_dir`.
+
+    Pure: no file is opened.  Raises `ConfigError` naming the first bad key.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: not valid TOML: {e}") from None
+    _check_keys(data, ("server", "redis", "buffer", "spool", "route"), "config")
+    raw_routes = data.get("route", [])
+    if not isinstance(raw_routes, list) or not raw_routes:
+        raise ConfigError("route: at least one [[route]] table is required")
+    routes = tuple(_parse_route(t, i, base_dir) for i, t in enumerate(raw_routes))
+    seen: dict[str, int] = {}
+    for i, r in enumerate(routes):
+        if r.path in seen:
+            raise ConfigError(f"route[{i}].path: duplicate of route[{seen[r.path]}] ({r.path})")
+        seen[r.path] = i
+    return Config(
+        server=_parse_server(data),
+        redis=_parse_redis(data),
+        buffer=_parse_buffer(data),
+        spool=_parse_spool(data, base_dir),
+        routes=routes,
+    )
+
+
+def check_environment(config: Config, compile_schema: Callable[[str, str], Any]) -> dict:
+    """Check what needs the file system; return ``{route path: compiled schema}``.
+
+    `compile_schema(path, key)` loads and compiles one schema file and raises
+    `ConfigError` naming `key` when it cannot.
+    """
+    validators = {}
+    for i, route in enumerate(config.routes):
+        if route.schema is not None:
+            validators[route.path] = compile_schema(route.schema, f"route[{i}].schema")
+    spool_dir = config.spool.dir
+    try:
+        os.makedirs(spool_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"spool.dir: cannot create {spool_dir}: {e.strerror}") from None
+    if not os.access(spool_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"spool.dir: not writable: {spool_dir}")
+    return validators
+
+
+def load_config(path: str, compile_schema: Callable[[str, str], Any]) -> Tuple[Config, dict]:
+    """Read, parse and check the config file at `path`.
+
+    Relative paths inside it resolve against the current directory (the
+    daemon's working directory, as for twistd's own ``--pidfile``).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path} is not UTF-8") from None
+    config = config_from_string(text, base_dir=os.getcwd())
+    return config, check_environment(config, compile_schema)

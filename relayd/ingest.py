@@ -1,0 +1,401 @@
+"""HTTP ingest: POST <route> -> validated messages in the buffer -> 2xx.
+
+The Klein app (`IngestApp`) is the API surface: route lookup, method and
+length checks, body parsing (`validation`), envelope encoding (`codec`),
+the buffer offer, and the ack.  Every `Problem` raised on the way becomes an
+``application/problem+json`` response in one place (`_problem`), and
+nothing is enqueued before the whole request validated.
+
+twisted.web needs three guards Klein cannot give (CONVENTIONS.md):
+
+- `IngestChannel` decides 413 from Content-Length *before* the body is read
+  (twisted.web buffers whole bodies and has no cap of its own) and counts
+  chunked bodies as they arrive, closing the connection at the cap;
+- `IngestRequest` keeps bodies in memory (no temp files: the cap is small)
+  and skips the email-package form parsing (`parsePOSTFormSubmission`);
+- `IngestSite` writes no access log (34% of a request's cost here) and
+  tracks connections so a graceful stop can close idle keep-alives.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from io import BytesIO
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+from relayd.buffer import RingBuffer, Waiter
+from relayd.codec import EncodeError, encode_envelope
+from relayd.config import RouteConfig
+from relayd.ids import IdGenerator
+from relayd.listener import ListenerService
+from relayd.metrics import Metrics, RouteMetrics
+from relayd.problems import (
+    PROBLEM_CONTENT_TYPE,
+    BadRequest,
+    LengthRequired,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Problem,
+    ShuttingDown,
+    StoreTimeout,
+    render_problem,
+)
+from relayd.redis import RedisClient
+from relayd.validation import BodyParser, Validator
+
+JSON_CONTENT_TYPE = b"application/json"
+RETRY_AFTER_OVERLOAD = 1  # seconds: the forwarder drains a full buffer in well under that
+RETRY_AFTER_NOT_READY = 5  # seconds: Redis reconnect backoff is capped at 5 s
+ACK_SWEEP_INTERVAL = 0.25  # seconds: granularity of the stored-ack timeout
+
+
+class IngestRoute:
+    """One configured route, ready for the hot path."""
+
+    def __init__(self, config: RouteConfig, validator: Optional[Validator], metrics: RouteMetrics) -> None:
+        self.path = config.path
+        self.path_bytes = config.path.encode()
+        self.list_key = config.list.encode()
+        self.stored = config.ack == "stored"
+        self.envelope = config.format == "envelope"
+        self.max_body = config.max_body
+        self.parser = BodyParser(validator)
+        self.metrics = metrics
+
+
+class IngestApp:
+    """The Klein application for ingest routes; dependencies injected."""
+
+    _app = Klein()
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock,  # type: ignore[no-untyped-def]
+        routes: List[IngestRoute],
+        buffer: RingBuffer,
+        redis: RedisClient,
+        ids: IdGenerator,
+        metrics: Metrics,
+        ack_timeout: float,
+    ) -> None:
+        self._clock = clock
+        self._routes: Dict[bytes, IngestRoute] = {r.path_bytes: r for r in routes}
+        self._buffer = buffer
+        self._redis = redis
+        self._ids = ids
+        self._metrics = metrics
+        self._ack_timeout = ack_timeout
+        self._pending_acks: Deque[Tuple[float, Waiter, int]] = deque()
+        self._sweeper = LoopingCall(self._expire_acks)
+        self._sweeper.clock = clock
+        self.stopping = False
+        self.active = 0  # requests being handled (for graceful stop)
+        self._idle: Optional[Deferred] = None
+
+    # -- limits used by the HTTP layer -------------------------------------
+
+    def body_limit(self, path: bytes) -> int:
+        """The body cap for a request path (query ignored)."""
+        route = self._routes.get(path.split(b"?", 1)[0])
+        if route is not None:
+            return route.max_body
+        return max(r.max_body for r in self._routes.values())
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the stored-ack timeout sweeper."""
+        self._sweeper.start(ACK_SWEEP_INTERVAL, now=False)
+
+    def stop_accepting(self) -> Deferred:
+        """Refuse new requests; fire when every in-flight request was answered."""
+        self.stopping = True
+        if self.active == 0:
+            return succeed(None)
+        self._idle = Deferred()
+        return self._idle
+
+    def stop(self) -> None:
+        """Stop the sweeper."""
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def _request_done(self, result: Any) -> Any:
+        self.active -= 1
+        if self.active == 0 and self._idle is not None:
+            idle, self._idle = self._idle, None
+            idle.callback(None)
+        return result
+
+    # -- the one route ------------------------------------------------------
+
+    @_app.route("/", branch=True, strict_slashes=False)
+    def ingest(self, request: Request) -> Any:
+        """Handle any request: route lookup, then the POST path."""
+        route = self._routes.get(request.path)
+        if route is None:
+            raise NotFound(f"no route at {request.path.decode('utf-8', 'replace')}")
+        if request.method != b"POST":
+            route.metrics.rejected("method")
+            raise MethodNotAllowed(
+                f"{request.method.decode('ascii', 'replace')} is not allowed here; use POST",
+                headers=((b"Allow", b"POST"),),
+            )
+        if self.stopping:
+            request.setHeader(b"Connection", b"close")
+            raise ShuttingDown("relayd is shutting down", retry_after=RETRY_AFTER_NOT_READY)
+        started = self._clock.seconds()
+        try:
+            result = self._accept(request, route, started)
+        except Problem as p:
+            route.metrics.rejected(p.reason)
+            raise
+        if isinstance(result, Deferred):
+            self.active += 1
+            result.addBoth(self._request_done)
+        return result
+
+    def _accept(self, request: Request, route: IngestRoute, started: float) -> Any:
+        headers = request.requestHeaders
+        if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
+            raise LengthRequired("a POST needs Content-Length (or chunked transfer encoding)")
+        body = request.content.read()
+        ctype = headers.getRawHeaders(b"content-type")
+        parsed = route.parser.parse(body, ctype[0] if ctype else None)
+        count = len(parsed.values)
+        if count == 1:
+            ids = [self._ids.next_id()]
+        else:
+            ids = self._ids.next_ids(count)
+        if route.envelope:
+            path = route.path
+            ct = parsed.content_type
+            try:
+                items = [encode_envelope(i, started, path, ct, v) for i, v in zip(ids, parsed.values)]
+            except EncodeError as e:
+                raise BadRequest(f"body has no strict JSON representation: {e}") from None
+        else:
+            items = parsed.raws
+        if route.stored:
+            if not self._redis.ready:
+                raise NotReady("Redis is not reachable and nothing can be stored", retry_after=RETRY_AFTER_NOT_READY)
+            waiter = Waiter(count)
+            if not self._buffer.offer(route.list_key, items, waiter):
+                raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
+            route.metrics.ingested.inc(count)
+            self._pending_acks.append((started + self._ack_timeout, waiter, count))
+            d = waiter.deferred
+            d.addCallback(self._acknowledge, request, route, ids, started, parsed.batch)
+            return d
+        if not self._buffer.offer(route.list_key, items, None):
+            raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
+        route.metrics.ingested.inc(count)
+        return self._acknowledge(None, request, route, ids, started, parsed.batch)
+
+    def _acknowledge(
+        self, _: object, request: Request, route: IngestRoute, ids: List[str], started: float, batch: bool
+    ) -> bytes:
+        request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
+        route.metrics.latency.observe(self._clock.seconds() - started)
+        if not batch:
+            return b'{"status":"OK","id":"%s"}' % ids[0].encode()
+        return b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())
+
+    def _expire_acks(self) -> None:
+        """Answer 503 to stored-ack requests that waited past the ack timeout."""
+        now = self._clock.seconds()
+        pending = self._pending_acks
+        while pending:
+            deadline, waiter, count = pending[0]
+            if waiter.deferred.called:
+                pending.popleft()
+                continue
+            if deadline > now:
+                break
+            pending.popleft()
+            waiter.cancelled = True
+            if waiter.taken:
+                detail = (
+                    f"not stored within {self._ack_timeout:g}s; {waiter.taken} of {count} messages "
+                    "were being pushed and may still arrive (delivery is at-least-once)"
+                )
+            else:
+                detail = f"not stored within {self._ack_timeout:g}s; nothing was stored"
+            waiter.deferred.errback(StoreTimeout(detail, retry_after=RETRY_AFTER_NOT_READY))
+
+    @_app.handle_errors(Problem)
+    def _problem(self, request: Request, failure: Any) -> bytes:
+        problem = failure.value
+        return write_problem(request, problem)
+
+    @_app.handle_errors(CancelledError)
+    def _cancelled(self, request: Request, failure: Any) -> bytes:
+        return b""  # the client went away; nothing to answer
+
+    def resource(self) -> Any:
+        """The twisted.web resource of this app."""
+        return self._app.resource()
+
+
+def write_problem(request: Request, problem: Problem) -> bytes:
+    """Set status and headers of a problem response; return its body."""
+    request.setResponseCode(problem.status)
+    request.setHeader(b"Content-Type", PROBLEM_CONTENT_TYPE)
+    if problem.retry_after is not None:
+        request.setHeader(b"Retry-After", b"%d" % problem.retry_after)
+    for name, value in problem.headers:
+        request.setHeader(name, value)
+    return render_problem(problem, instance=request.path.decode("utf-8", "replace"))
+
+
+def _raw_problem(problem: Problem) -> bytes:
+    """A complete HTTP/1.1 response for errors raised before a Request exists."""
+    body = render_problem(problem)
+    head = (
+        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        % (problem.status, problem.title.encode(), PROBLEM_CONTENT_TYPE, len(body))
+    )
+    return head + body
+
+
+class IngestRequest(Request):
+    """A Request that keeps bodies in memory, bounded, and parses no forms."""
+
+    _body_limit = 0
+    _body_seen = 0
+    _rejected = False
+
+    def __init__(self, channel: HTTPChannel, *args: Any, **kwargs: Any) -> None:
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(channel, *args, **kwargs)
+
+    def gotLength(self, length: Optional[int]) -> None:
+        """Always a BytesIO (Twisted uses temp files above 100 kB or when chunked)."""
+        self.content = BytesIO()
+        self._body_limit = self.channel.body_limit
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Append body bytes, cutting off a chunked body at the route's cap."""
+        if self._rejected:
+            return
+        self._body_seen += len(data)
+        if self._body_seen > self._body_limit:
+            self._rejected = True
+            self.channel.reject(PayloadTooLarge(f"body exceeds {self._body_limit} bytes"))
+            return
+        self.content.write(data)
+
+    def process(self) -> None:
+        """Dispatch to the resource unless the body was already refused."""
+        if not self._rejected:
+            super().process()
+
+
+class IngestChannel(HTTPChannel):
+    """An HTTPChannel that refuses oversized bodies before reading them."""
+
+    body_limit = 0
+
+    def connectionMade(self) -> None:
+        """Register with the site (graceful stop closes idle connections)."""
+        super().connectionMade()
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        """Unregister from the site."""
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
+    def allHeadersReceived(self) -> None:
+        """Decide 413 from Content-Length, before any body byte is read."""
+        self.body_limit = self.site.body_limit(self._path)
+        if self.length is not None and self.length > self.body_limit:
+            self.reject(PayloadTooLarge(f"Content-Length {self.length} exceeds the route's max_body of {self.body_limit} bytes"))
+            return
+        super().allHeadersReceived()
+
+    def reject(self, problem: Problem) -> None:
+        """Answer `problem` at once and close, ignoring whatever else arrives."""
+        self.site.on_reject(problem)
+        self.transport.write(_raw_problem(problem))
+        self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        self.loseConnection()
+
+    @property
+    def idle(self) -> bool:
+        """No request is being received or answered on this connection."""
+        return not self.requests
+
+
+class IngestSite(Site):
+    """A Site without access log, with bounded bodies and connection tracking."""
+
+    protocol = IngestChannel
+    requestFactory = IngestRequest
+
+    def __init__(self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: Any) -> None:
+        super().__init__(app.resource(), timeout=idle_timeout, reactor=reactor)
+        self.body_limit = app.body_limit
+        self.channels: Set[IngestChannel] = set()
+        self._rejected = metrics.rejected
+
+    def on_reject(self, problem: Problem) -> None:
+        """Count a request refused at the HTTP layer."""
+        self._rejected.labels(route="", reason=problem.reason).inc()
+
+    def log(self, request: Request) -> None:
+        """No access log: per-request logging costs a third of the request."""
+
+
+class IngestService(ListenerService):
+    """Listens for ingest traffic; stops gracefully.
+
+    Stop order: stop listening, refuse new requests on open connections,
+    close idle keep-alives, wait for in-flight requests (stored acks need the
+    forwarder, which is stopped after this), then close what remains.
+    """
+
+    def __init__(self, endpoint: Any, site: IngestSite, app: IngestApp, timeout: float, clock: Any) -> None:
+        super().__init__(endpoint, site, "ingest")
+        self._site = site
+        self._app = app
+        self._timeout = timeout
+        self._clock = clock
+
+    def startService(self) -> None:
+        """Bind (if not yet) and start the ack-timeout sweeper."""
+        super().startService()
+        self._app.start()
+
+    async def _stop(self) -> None:
+        await ListenerService.stopService(self)
+        drained = self._app.stop_accepting()
+        for channel in list(self._site.channels):
+            if channel.idle:
+                channel.loseConnection()
+        timeout = self._clock.callLater(self._timeout, drained.cancel)
+        try:
+            await drained
+        except CancelledError:
+            self._log.warn("shutdown: in-flight requests still open after {t}s", t=self._timeout)
+        else:
+            if timeout.active():
+                timeout.cancel()
+        for channel in list(self._site.channels):
+            channel.loseConnection()
+        self._app.stop()
+
+    def stopService(self) -> Deferred:
+        """Stop listening and drain in-flight requests."""
+        return Deferred.fromCoroutine(self._stop())

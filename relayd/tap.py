@@ -1,0 +1,165 @@
+"""The twistd plugin's entry: ``twistd [-n] relayd --config PATH``.
+
+`makeService` is the composition root: the only place that touches the
+global reactor, reads the config file, and wires the parts together.  A bad
+config ends the process here, before any port is bound, with one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, Dict, List, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from relayd.admin import AdminApp
+from relayd.buffer import RingBuffer
+from relayd.config import Config, ConfigError, load_config
+from relayd.forwarder import Forwarder
+from relayd.ids import IdGenerator
+from relayd.ingest import IngestApp, IngestRoute, IngestService, IngestSite
+from relayd.listener import ListenerService
+from relayd.metrics import Metrics
+from relayd.redis import RedisClient
+from relayd.validation import compile_schema_file
+
+
+class Options(usage.Options):
+    """Command line of the twistd plugin."""
+
+    synopsis = "--config PATH [--listen ENDPOINT] [--admin ENDPOINT]"
+    optParameters = [
+        ["config", "c", "etc/relayd.conf", "Path to the TOML config file."],
+        ["listen", None, None, "Override [server] listen (a Twisted endpoint string)."],
+        ["admin", None, None, "Override [server] admin (a Twisted endpoint string)."],
+        ["workers", None, None, 'Override [server] workers (an integer or "auto").'],
+    ]
+
+
+class RelayService(MultiService):
+    """The daemon's service tree, stopped one child at a time in reverse order.
+
+    `MultiService` stops children concurrently; relayd needs a strict order
+    for a lossless stop: admin, then ingest (no new messages, in-flight
+    requests answered), then the forwarder (buffer pushed out), then Redis.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self._reactor = reactor
+
+    async def _stop_in_order(self) -> None:
+        clean = True
+        for child in reversed(list(self)):
+            try:
+                result = await child.stopService()
+            except Exception:
+                self._log.failure("error stopping {service}", service=child)
+                clean = False
+            else:
+                clean = clean and result is not False
+        if clean:
+            # twistd re-raises the stop signal on exit (status 143 for
+            # SIGTERM); the contract promises 0 after a lossless stop.
+            self._reactor._exitSignal = None
+        self._log.info("relayd stopped (clean={clean})", clean=clean)
+
+    def stopService(self) -> Deferred:
+        """Stop children sequentially; fires when all have drained."""
+        self.running = 0
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+
+
+def build_service(config: Config, validators: Dict[str, Any], reactor: Any) -> RelayService:
+    """Wire one relayd process from a validated config (no I/O until started)."""
+    metrics = Metrics()
+    buffer = RingBuffer(config.buffer.max_messages, config.buffer.max_bytes)
+    metrics.watch(metrics.buffer_messages, lambda: buffer.messages)
+    metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
+    redis = RedisClient(reactor, config.redis)
+    metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
+    forwarder = Forwarder(
+        reactor,
+        buffer,
+        redis,
+        metrics,
+        batch_messages=config.redis.batch_messages,
+        batch_bytes=config.redis.batch_bytes,
+        max_in_flight=config.redis.max_in_flight,
+        shutdown_timeout=config.server.shutdown_timeout,
+    )
+    shutdown_timeout = config.server.shutdown_timeout
+    routes: List[IngestRoute] = [
+        IngestRoute(r, validators.get(r.path), metrics.route(r.path)) for r in config.routes
+    ]
+    app = IngestApp(
+        reactor, routes, buffer, redis, IdGenerator(reactor.seconds), metrics, config.buffer.ack_timeout
+    )
+    site = IngestSite(app, metrics, config.server.idle_timeout, reactor)
+    ingest = IngestService(
+        serverFromString(reactor, config.server.listen), site, app, shutdown_timeout, reactor
+    )
+    listening = {"ingest": False}
+    ingest.listening.addCallback(lambda _: listening.update(ingest=True))
+
+    def readiness() -> Dict[str, bool]:
+        return {"ingest_listening": listening["ingest"], "redis": redis.ready}
+
+    admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
+    admin_site.log = lambda request: None  # type: ignore[method-assign]
+    admin = ListenerService(serverFromString(reactor, config.server.admin), admin_site, "admin")
+
+    root = RelayService(reactor)
+    for child in (redis, forwarder, ingest, admin):
+        child.setServiceParent(root)
+    return root
+
+
+def _apply_overrides(config: Config, options: Options) -> Config:
+    import attrs
+
+    server = config.server
+    if options["listen"]:
+        server = attrs.evolve(server, listen=options["listen"])
+    if options["admin"]:
+        server = attrs.evolve(server, admin=options["admin"])
+    if options["workers"]:
+        w = options["workers"]
+        if w != "auto" and not (w.isdigit() and int(w) >= 1):
+            raise ConfigError(f'--workers: expected an integer >= 1 or "auto", got {w!r}')
+        server = attrs.evolve(server, workers=w if w == "auto" else int(w))
+    return attrs.evolve(config, server=server)
+
+
+def makeService(options: Options, reactor: Optional[Any] = None) -> RelayService:
+    """twistd entry point: load and validate the config, then build the tree."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    try:
+        config, validators = load_config(options["config"], compile_schema_file)
+        config = _apply_overrides(config, options)
+    except ConfigError as e:
+        sys.stderr.write(f"relayd: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(2)
+    log = Logger(namespace="relayd")
+    if config.server.workers != 1:
+        log.warn("server.workers = {workers}: this version runs one process", workers=config.server.workers)
+
+    def on_sighup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(log.warn, "SIGHUP: config reload is not implemented yet; config unchanged")
+
+    signal.signal(signal.SIGHUP, on_sighup)
+    return build_service(config, validators, reactor)
