@@ -26,7 +26,10 @@ import tempfile
 import time
 import unittest
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import (
+    Any,
+)
 
 #: The checkout this file lives in (``tests/..``): relayd and its plugin.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +44,8 @@ STOP_TIMEOUT = 30.0
 #: Per-request socket timeout of the HTTP client, seconds.
 HTTP_TIMEOUT = 30.0
 
-Headers = Dict[str, str]
-Response = Tuple[int, Headers, bytes]
+Headers = dict[str, str]
+Response = tuple[int, Headers, bytes]
 
 
 class TimeoutExpired(AssertionError):
@@ -58,7 +61,7 @@ def wait_for(
     naming `what` (and the last exception, if any) after `timeout` seconds.
     """
     deadline = time.monotonic() + timeout
-    last_error: Optional[BaseException] = None
+    last_error: BaseException | None = None
     while True:
         try:
             value = condition()
@@ -174,10 +177,10 @@ class RespClient:
         finally:
             self._sock.close()
 
-    def __enter__(self) -> "RespClient":
+    def __enter__(self) -> RespClient:  # noqa: PYI034 - 3.9 has no typing.Self
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -191,10 +194,10 @@ class RedisServer:
 
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
 
-    def __init__(self, test: unittest.TestCase, port: Optional[int] = None) -> None:
+    def __init__(self, test: unittest.TestCase, port: int | None = None) -> None:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="relayd-redis-")
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self._paused = False
         test.addCleanup(shutil.rmtree, self.dir, True)
         test.addCleanup(self._cleanup)
@@ -207,7 +210,7 @@ class RedisServer:
 
     def start(self) -> None:
         """Start the server and wait until it answers PING."""
-        self._log = open(os.path.join(self.dir, "redis.log"), "ab")
+        self._log = open(os.path.join(self.dir, "redis.log"), "ab")  # noqa: SIM115 - lives as long as the child
         self.proc = subprocess.Popen(
             [
                 self.binary,
@@ -250,11 +253,11 @@ class RedisServer:
         """``LLEN key``."""
         return int(self.command("LLEN", key))
 
-    def items(self, list_key: str) -> List[bytes]:
+    def items(self, list_key: str) -> list[bytes]:
         """The list's items oldest first (RPOP order), without removing them."""
         return list(reversed(self.command("LRANGE", list_key, 0, -1)))
 
-    def drain(self, list_key: str) -> List[bytes]:
+    def drain(self, list_key: str) -> list[bytes]:
         """Atomically take every item of the list; oldest first (RPOP order)."""
         with self.client() as c:
             c.send("MULTI")
@@ -344,7 +347,7 @@ def _toml_value(value: Any) -> str:
 
 def to_toml(tables: Mapping[str, Mapping[str, Any]], routes: Sequence[Mapping[str, Any]]) -> str:
     """Render ``{table: {key: value}}`` plus ``[[route]]`` entries as TOML."""
-    lines: List[str] = []
+    lines: list[str] = []
     for name, table in tables.items():
         lines.append(f"[{name}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
@@ -356,7 +359,7 @@ def to_toml(tables: Mapping[str, Mapping[str, Any]], routes: Sequence[Mapping[st
     return "\n".join(lines)
 
 
-def twistd_command() -> List[str]:
+def twistd_command() -> list[str]:
     """The argv prefix that runs twistd from the same interpreter as the tests."""
     script = os.path.join(os.path.dirname(sys.executable), "twistd")
     if os.path.exists(script):
@@ -379,28 +382,28 @@ class RelaydProcess:
         test: unittest.TestCase,
         routes: Sequence[Mapping[str, Any]] = (),
         redis_url: str = "redis://127.0.0.1:6379/0",
-        spool_dir: Optional[str] = None,
-        server: Optional[Mapping[str, Any]] = None,
-        spool: Optional[Mapping[str, Any]] = None,
-        redis: Optional[Mapping[str, Any]] = None,
-        buffer: Optional[Mapping[str, Any]] = None,
-        config_text: Optional[str] = None,
-        files: Optional[Mapping[str, Any]] = None,
+        spool_dir: str | None = None,
+        server: Mapping[str, Any] | None = None,
+        spool: Mapping[str, Any] | None = None,
+        redis: Mapping[str, Any] | None = None,
+        buffer: Mapping[str, Any] | None = None,
+        config_text: str | None = None,
+        files: Mapping[str, Any] | None = None,
         wait_ready: bool = True,
-        ingest_port: Optional[int] = None,
-        admin_port: Optional[int] = None,
+        ingest_port: int | None = None,
+        admin_port: int | None = None,
     ) -> None:
         self.dir = tempfile.mkdtemp(prefix="relayd-")
         test.addCleanup(shutil.rmtree, self.dir, True)
         test.addCleanup(self._cleanup)
         self.ingest_port = ingest_port or free_port()
         self.admin_port = admin_port or free_port()
-        self.proc: Optional[subprocess.Popen] = None
-        self._conn: Optional[http.client.HTTPConnection] = None
+        self.proc: subprocess.Popen | None = None
+        self._conn: http.client.HTTPConnection | None = None
         for name, content in (files or {}).items():
             self.write_file(name, content)
         if config_text is None:
-            tables: Dict[str, Dict[str, Any]] = {
+            tables: dict[str, dict[str, Any]] = {
                 "server": {
                     "listen": f"tcp:{self.ingest_port}:interface=127.0.0.1",
                     "admin": f"tcp:{self.admin_port}:interface=127.0.0.1",
@@ -429,7 +432,7 @@ class RelaydProcess:
         return path
 
     @property
-    def argv(self) -> List[str]:
+    def argv(self) -> list[str]:
         """The command line relayd runs with."""
         return twistd_command() + ["-n", "--pidfile=", "relayd", "--config", self.config_path]
 
@@ -438,8 +441,8 @@ class RelaydProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
-        self._stdout = open(os.path.join(self.dir, "stdout.log"), "ab")
-        self._stderr = open(os.path.join(self.dir, "stderr.log"), "ab")
+        self._stdout = open(os.path.join(self.dir, "stdout.log"), "ab")  # noqa: SIM115 - lives as long as the child
+        self._stderr = open(os.path.join(self.dir, "stderr.log"), "ab")  # noqa: SIM115 - lives as long as the child
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             self.argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=self._stderr
@@ -477,8 +480,8 @@ class RelaydProcess:
         self,
         method: str,
         path: str,
-        body: Optional[bytes] = None,
-        headers: Optional[Mapping[str, str]] = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
         timeout: float = HTTP_TIMEOUT,
         keep_alive: bool = True,
     ) -> Response:
@@ -507,7 +510,7 @@ class RelaydProcess:
                 self._conn = None
             raise
 
-    def post(self, path: str, body: bytes, headers: Optional[Mapping[str, str]] = None, **kw: Any) -> Response:
+    def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None, **kw: Any) -> Response:
         """``POST path`` with `body` (``Content-Type: application/json`` unless given)."""
         h = {"Content-Type": "application/json"}
         h.update(headers or {})
@@ -623,7 +626,7 @@ def json_body(response: Response) -> Any:
         raise AssertionError(f"status {status}: body is not JSON: {body[:500]!r}") from None
 
 
-def decode_item(item: bytes) -> Tuple[Optional[Dict[str, Any]], Any]:
+def decode_item(item: bytes) -> tuple[dict[str, Any] | None, Any]:
     """Split a Redis item into ``(envelope or None, body value)``.
 
     An envelope is a JSON object with ``id`` and ``body``; anything else is a
@@ -645,12 +648,12 @@ class OracleReport:
         self.items = 0
         self.unique = 0
         self.duplicates = 0
-        self.missing: List[str] = []
-        self.unknown: List[str] = []
-        self.mismatched: List[str] = []
-        self.undecodable: List[bytes] = []
+        self.missing: list[str] = []
+        self.unknown: list[str] = []
+        self.mismatched: list[str] = []
+        self.undecodable: list[bytes] = []
 
-    def problems(self) -> List[str]:
+    def problems(self) -> list[str]:
         """Human-readable list of violations (empty when all is well)."""
         out = []
         if self.missing:
@@ -679,11 +682,11 @@ class Oracle:
     def __init__(self, route: str = "") -> None:
         self.route = route
         self.run = uuid.uuid4().hex[:8]
-        self.sent: Dict[str, Any] = {}
-        self.acked: Dict[str, str] = {}  # cid -> relayd id
+        self.sent: dict[str, Any] = {}
+        self.acked: dict[str, str] = {}  # cid -> relayd id
         self._n = 0
 
-    def new_message(self, **extra: Any) -> Tuple[str, Any]:
+    def new_message(self, **extra: Any) -> tuple[str, Any]:
         """A fresh unique message body (a JSON object) and its cid."""
         self._n += 1
         cid = f"{self.run}-{self._n:07d}"
@@ -698,7 +701,7 @@ class Oracle:
         assert cid in self.sent, f"acknowledging {cid} that was never sent"
         self.acked[cid] = message_id
 
-    def post(self, relayd: RelaydProcess, path: str, **extra: Any) -> Optional[Response]:
+    def post(self, relayd: RelaydProcess, path: str, **extra: Any) -> Response | None:
         """Send one new message; acknowledge it on 2xx.  None on a transport error."""
         cid, body = self.new_message(**extra)
         self.send(cid, body)
@@ -713,7 +716,7 @@ class Oracle:
     def check(self, redis: RedisServer, list_key: str) -> OracleReport:
         """Drain `list_key` and compare with what was sent and acknowledged."""
         report = OracleReport()
-        seen: Dict[str, int] = {}
+        seen: dict[str, int] = {}
         for item in redis.drain(list_key):
             report.items += 1
             envelope, body = decode_item(item)

@@ -166,7 +166,7 @@ class OracleTests(unittest.TestCase):
 
     def test_flags_payload_and_id_mismatch(self) -> None:
         """A changed body or a different envelope id is reported as a mismatch."""
-        (cid, body, mid), (cid2, body2, mid2) = self._sent_and_acked(2)
+        (cid, body, mid), (cid2, body2, _mid2) = self._sent_and_acked(2)
         self._push(cid, {**body, "n": -1}, mid)
         self._push(cid2, body2, "other-id")
         self.assertEqual(len(self.oracle.check(self.redis, "l").mismatched), 2)
