@@ -45,14 +45,19 @@ DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
 DEFAULT_ACK_TIMEOUT = 10.0  # seconds a stored-ack request may wait before 503
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds to push the buffer out on SIGTERM (< systemd's 90 s)
 DEFAULT_IDLE_TIMEOUT = 60.0  # keep-alive idle timeout, seconds (nginx: 75 s)
+DEFAULT_LISTEN = "tcp:8080"
+DEFAULT_ADMIN = "tcp:9090:interface=127.0.0.1"  # admin stays on localhost unless asked
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_SPOOL_DIR = "var/spool"
+DEFAULT_SPOOL_BYTES = 1024**3
 
 
 @attrs.frozen
 class ServerConfig:
     """The `[server]` table: where relayd listens and how many processes."""
 
-    listen: str = "tcp:8080"
-    admin: str = "tcp:9090:interface=127.0.0.1"
+    listen: str = DEFAULT_LISTEN
+    admin: str = DEFAULT_ADMIN
     workers: Any = 1  # int >= 1, or "auto"
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -62,7 +67,7 @@ class ServerConfig:
 class RedisConfig:
     """The `[redis]` table: the target server and the forwarder's batching."""
 
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = DEFAULT_REDIS_URL
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
@@ -88,8 +93,8 @@ class BufferConfig:
 class SpoolConfig:
     """The `[spool]` table: local disk spillover."""
 
-    dir: str = "var/spool"
-    max_bytes: int = 1024**3
+    dir: str = DEFAULT_SPOOL_DIR
+    max_bytes: int = DEFAULT_SPOOL_BYTES
     fsync: str = "batch"
 
 
@@ -199,8 +204,8 @@ def _parse_server(data: Mapping[str, Any]) -> ServerConfig:
     if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise ConfigError(f'server.workers: expected an integer >= 1 or "auto", got {workers!r}')
     return ServerConfig(
-        listen=_typed(t, "listen", str, ServerConfig.listen, "server"),
-        admin=_typed(t, "admin", str, ServerConfig.admin, "server"),
+        listen=_typed(t, "listen", str, DEFAULT_LISTEN, "server"),
+        admin=_typed(t, "admin", str, DEFAULT_ADMIN, "server"),
         workers=workers,
         shutdown_timeout=_positive(
             _typed(t, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, "server"), "server.shutdown_timeout"
@@ -218,7 +223,7 @@ def _parse_redis(data: Mapping[str, Any]) -> RedisConfig:
         ("url", "reply_timeout", "connect_timeout", "batch_messages", "batch_bytes", "max_in_flight"),
         "redis",
     )
-    url = _typed(t, "url", str, RedisConfig.url, "redis")
+    url = _typed(t, "url", str, DEFAULT_REDIS_URL, "redis")
     m = _REDIS_URL_RE.match(url)
     if not m:
         raise ConfigError(f"redis.url: expected redis://[user:password@]host[:port][/db], got {url!r}")
@@ -270,8 +275,8 @@ def _parse_spool(data: Mapping[str, Any], base_dir: str) -> SpoolConfig:
     t = _table(data, "spool")
     _check_keys(t, ("dir", "max_bytes", "fsync"), "spool")
     return SpoolConfig(
-        dir=_resolve(_typed(t, "dir", str, SpoolConfig.dir, "spool"), base_dir),
-        max_bytes=_positive(parse_size(t.get("max_bytes", 1024**3), "spool.max_bytes"), "spool.max_bytes"),
+        dir=_resolve(_typed(t, "dir", str, DEFAULT_SPOOL_DIR, "spool"), base_dir),
+        max_bytes=_positive(parse_size(t.get("max_bytes", DEFAULT_SPOOL_BYTES), "spool.max_bytes"), "spool.max_bytes"),
         fsync=_choice(_typed(t, "fsync", str, "batch", "spool"), FSYNC_POLICIES, "spool.fsync"),
     )
 

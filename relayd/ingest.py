@@ -27,7 +27,7 @@ from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
 from relayd.buffer import RingBuffer, Waiter
@@ -142,7 +142,7 @@ class IngestApp:
 
     @_app.route("/", branch=True, strict_slashes=False)
     def ingest(self, request: Request) -> Any:
-        """Handle any request: route lookup, then the POST path."""
+        """Everything off the hot path: unknown routes, wrong methods."""
         route = self._routes.get(request.path)
         if route is None:
             raise NotFound(f"no route at {request.path.decode('utf-8', 'replace')}")
@@ -152,6 +152,16 @@ class IngestApp:
                 f"{request.method.decode('ascii', 'replace')} is not allowed here; use POST",
                 headers=((b"Allow", b"POST"),),
             )
+        return self.post(request, route)
+
+    def route_for(self, request: Request) -> Optional[IngestRoute]:
+        """The route of a POST to a configured path (the hot path), else None."""
+        if request.method == b"POST":
+            return self._routes.get(request.path)
+        return None
+
+    def post(self, request: Request, route: IngestRoute) -> Any:
+        """Accept one POST: the response body, or a Deferred of it (stored acks)."""
         if self.stopping:
             request.setHeader(b"Connection", b"close")
             raise ShuttingDown("relayd is shutting down", retry_after=RETRY_AFTER_NOT_READY)
@@ -165,6 +175,23 @@ class IngestApp:
             self.active += 1
             result.addBoth(self._request_done)
         return result
+
+    def serve(self, request: Request, route: IngestRoute) -> None:
+        """The hot path without Klein's per-request machinery (see module doc).
+
+        Same domain code as the Klein route (`post`), same problem rendering
+        (`write_problem`); only URL mapping and result adaptation are skipped.
+        """
+        try:
+            result = self.post(request, route)
+        except Problem as p:
+            _finish(request, write_problem(request, p))
+            return
+        if isinstance(result, Deferred):
+            gone = request.notifyFinish()  # fires with an error if the client leaves
+            result.addCallbacks(_finish_unless_gone, _fail_unless_gone, (request, gone), None, (request, gone))
+        else:
+            _finish(request, result)
 
     def _accept(self, request: Request, route: IngestRoute, started: float) -> Any:
         headers = request.requestHeaders
@@ -208,9 +235,12 @@ class IngestApp:
     ) -> bytes:
         request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
         route.metrics.latency.observe(self._clock.seconds() - started)
-        if not batch:
-            return b'{"status":"OK","id":"%s"}' % ids[0].encode()
-        return b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())
+        if batch:
+            body = b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())
+        else:
+            body = b'{"status":"OK","id":"%s"}' % ids[0].encode()
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
 
     def _expire_acks(self) -> None:
         """Answer 503 to stored-ack requests that waited past the ack timeout."""
@@ -248,6 +278,25 @@ class IngestApp:
         return self._app.resource()
 
 
+def _finish(request: Request, body: bytes) -> None:
+    request.write(body)
+    request.finish()
+
+
+def _finish_unless_gone(body: bytes, request: Request, gone: Deferred) -> None:
+    if not gone.called:
+        _finish(request, body)
+
+
+def _fail_unless_gone(failure: Any, request: Request, gone: Deferred) -> None:
+    if gone.called:
+        return None
+    if failure.check(Problem):
+        _finish(request, write_problem(request, failure.value))
+        return None
+    return failure
+
+
 def write_problem(request: Request, problem: Problem) -> bytes:
     """Set status and headers of a problem response; return its body."""
     request.setResponseCode(problem.status)
@@ -256,7 +305,9 @@ def write_problem(request: Request, problem: Problem) -> bytes:
         request.setHeader(b"Retry-After", b"%d" % problem.retry_after)
     for name, value in problem.headers:
         request.setHeader(name, value)
-    return render_problem(problem, instance=request.path.decode("utf-8", "replace"))
+    body = render_problem(problem, instance=request.path.decode("utf-8", "replace"))
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
 
 
 def _raw_problem(problem: Problem) -> bytes:
@@ -297,9 +348,21 @@ class IngestRequest(Request):
         self.content.write(data)
 
     def process(self) -> None:
-        """Dispatch to the resource unless the body was already refused."""
-        if not self._rejected:
+        """Serve POSTs to routes directly; everything else through Klein.
+
+        Skipped on the hot path: the Server header, Twisted's resource
+        traversal and Klein's URL map binding (together ~45% of a request).
+        """
+        if self._rejected:
+            return
+        site = self.channel.site
+        route = site.app.route_for(self)
+        if route is None:
             super().process()
+            return
+        self.site = site
+        self.setHeader(b"Date", site.date_header())
+        site.app.serve(self, route)
 
 
 class IngestChannel(HTTPChannel):
@@ -346,7 +409,11 @@ class IngestSite(Site):
 
     def __init__(self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: Any) -> None:
         super().__init__(app.resource(), timeout=idle_timeout, reactor=reactor)
+        self.app = app
         self.body_limit = app.body_limit
+        self._clock = reactor
+        self._date_second = -1
+        self._date = b""
         self.channels: Set[IngestChannel] = set()
         self._rejected = metrics.rejected
 
@@ -356,6 +423,14 @@ class IngestSite(Site):
 
     def log(self, request: Request) -> None:
         """No access log: per-request logging costs a third of the request."""
+
+    def date_header(self) -> bytes:
+        """The Date header value, formatted once per second."""
+        now = int(self._clock.seconds())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = datetimeToString(now)
+        return self._date
 
 
 class IngestService(ListenerService):
