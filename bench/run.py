@@ -63,6 +63,7 @@ BATCH_LINES = 1000
 TARGETS_TEXT = {
     "nginx": "nginx `return 200` (1 worker, access_log off)",
     "twisted-web": "raw twisted.web Resource + ujson, in-memory list (no Redis)",
+    "klein": "same work as raw twisted.web, routed by Klein (no Redis)",
     "naive": "Starlette + uvicorn, 1 LPUSH/request (redis.asyncio)",
     "relayd-stored": 'relayd, ack = "stored"',
     "relayd-accepted": 'relayd, ack = "accepted"',
@@ -233,8 +234,7 @@ def http(method: str, url: str, body: bytes | None = None, ctype: str = "applica
 class Redis:
     def __init__(self, workdir: Path, results: Path):
         self.port = free_port()
-        d = workdir / "redis"
-        d.mkdir()
+        d = Path(tempfile.mkdtemp(prefix="redis-", dir=workdir))
         self.proc = Proc("redis", ["taskset", "-c", SERVER_CORE, "redis-server", "--port", str(self.port),
                                    "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                                    "--dir", str(d), "--protected-mode", "no"],
@@ -277,16 +277,42 @@ def wrk_cmd(url: str, script: str, duration: int, conns: int) -> list[str]:
             "-s", script, url]
 
 
+def proc_stat() -> dict[str, list[int]]:
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu"):
+                name, *vals = line.split()
+                out[name] = [int(v) for v in vals]
+    return out
+
+
+def core_usage(a: dict, b: dict) -> dict:
+    """Per-core busy% and steal% between two /proc/stat snapshots."""
+    res = {}
+    for name in b:
+        if name == "cpu" or name not in a:
+            continue
+        d = [y - x for x, y in zip(a[name], b[name])]
+        # user nice system idle iowait irq softirq steal guest guest_nice
+        total = sum(d[:8]) or 1
+        idle = d[3] + d[4]
+        res[name] = {"busy": 100.0 * (total - idle - d[7]) / total, "steal": 100.0 * d[7] / total}
+    return res
+
+
 def run_wrk(url: str, script: str, duration: int, conns: int, outfile: Path,
-            server: list[Proc] | None = None) -> dict:
+            server: list[Proc] | None = None, status_hook: bool = True) -> dict:
     cmd = wrk_cmd(url, script, duration, conns)
-    env = dict(os.environ, BATCH_LINES=str(BATCH_LINES))
+    env = dict(os.environ, BATCH_LINES=str(BATCH_LINES), WRK_STATUS_HOOK="1" if status_hook else "0")
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0 = [p.cpu() for p in server or []]
+    st0 = proc_stat()
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, env=env,
                          cwd=ROOT)
     wall = time.monotonic() - t0
+    st1 = proc_stat()
     cpu1 = [p.cpu() for p in server or []]
     after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     outfile.write_text("$ " + shlex.join(cmd) + "\n" + out.stdout + out.stderr)
@@ -304,6 +330,14 @@ def run_wrk(url: str, script: str, duration: int, conns: int, outfile: Path,
                + (after_children.ru_stime - before_children.ru_stime))
     r["wrk_cpu_pct"] = 100 * wrk_cpu / wall
     r["server_cpu_pct"] = [100 * (b - a) / wall for a, b in zip(cpu0, cpu1)]
+    cores = core_usage(st0, st1)
+    r["cores"] = cores
+    r["steal_pct"] = sum(c["steal"] for c in cores.values())
+    # CPU that neither the server(s) nor wrk used: other processes on the box
+    # (e.g. someone's test suite), in % of one core. Includes a little kernel
+    # work (softirq) that isn't charged to any process.
+    r["foreign_cpu_pct"] = max(0.0, sum(c["busy"] for c in cores.values()) - sum(r["server_cpu_pct"])
+                               - r["wrk_cpu_pct"])
     r["cmd"] = shlex.join(cmd)
     return r
 
@@ -365,6 +399,7 @@ class Target:
     name = ""
     script = "bench/post.lua"
     batch = 1
+    status_hook = True
     redis_key: str | None = None
     clean_exit_required = False  # relayd's contract: SIGTERM -> exit 0
 
@@ -397,10 +432,10 @@ class Target:
 
 class Nginx(Target):
     name = "nginx"
+    status_hook = False
 
     def start(self) -> None:
-        tmp = self.ctx.workdir / "nginx"
-        tmp.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix="nginx-", dir=self.ctx.workdir))
         conf = tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(tmp=tmp, port=self.port))
         shutil.copy(conf, self.ctx.results / "nginx.conf")
@@ -421,6 +456,17 @@ class TwistedWeb(Target):
         self.procs.append(p)
         if not wait_tcp(self.port, p, 15):
             raise RuntimeError("ref_twisted_web did not start: " + p.tail())
+
+
+class KleinRef(TwistedWeb):
+    name = "klein"
+
+    def start(self) -> None:
+        p = Proc("klein", ["taskset", "-c", SERVER_CORE, VENV_PY, BENCH / "ref_klein.py", str(self.port)],
+                 self.ctx.results / "klein.log", cwd=ROOT)
+        self.procs.append(p)
+        if not wait_tcp(self.port, p, 15):
+            raise RuntimeError("ref_klein did not start: " + p.tail())
 
 
 class Naive(Target):
@@ -453,8 +499,7 @@ class Relayd(Target):
 
     def start(self) -> None:
         self.ctx.redis.cli("DEL", self.redis_key)
-        d = self.ctx.workdir / self.name
-        d.mkdir()
+        d = Path(tempfile.mkdtemp(prefix=self.name + "-", dir=self.ctx.workdir))
         self.admin = free_port()
         conf = d / "relayd.conf"
         conf.write_text(RELAYD_CONF.format(port=self.port, admin=self.admin, redis_url=self.ctx.redis.url,
@@ -496,7 +541,7 @@ class RelaydNdjsonAccepted(RelaydNdjson):
     ack = "accepted"
 
 
-TARGET_CLASSES = {c.name: c for c in (Nginx, TwistedWeb, Naive, Relayd, RelaydAccepted, RelaydNdjson,
+TARGET_CLASSES = {c.name: c for c in (Nginx, TwistedWeb, KleinRef, Naive, Relayd, RelaydAccepted, RelaydNdjson,
                                        RelaydNdjsonAccepted)}
 
 
@@ -551,8 +596,15 @@ def short_frame(frame: str) -> str:
     return f"{func} ({path})"
 
 
+# Leaf frames of threads that are blocked, not running (py-spy's own idle
+# detection misses some futex waits, e.g. Twisted's thread pool workers).
+IDLE_LEAVES = ("Condition.wait (threading.py", "Event.wait (threading.py", "Queue.get (queue.py",
+               "_wait_for_tstate_lock (threading.py")
+
+
 def analyze_pyspy(raw: Path, top: int = 15) -> dict:
     total = 0
+    idle = 0
     self_t: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
     cat_self: collections.Counter = collections.Counter()
@@ -569,6 +621,9 @@ def analyze_pyspy(raw: Path, top: int = 15) -> dict:
         if frames and frames[0].startswith("process ") or frames and frames[0].startswith("thread "):
             frames = [f for f in frames if not (f.startswith("process ") or f.startswith("thread "))]
         if not frames:
+            continue
+        if any(w in frames[-1] for w in IDLE_LEAVES):
+            idle += n
             continue
         total += n
         # py-spy raw/collapsed format is root-first: the last frame is the leaf
@@ -590,6 +645,7 @@ def analyze_pyspy(raw: Path, top: int = 15) -> dict:
     pct = (lambda v: 100.0 * v / total) if total else (lambda v: 0.0)
     return {
         "samples": total,
+        "idle_samples": idle,
         "self": [(f, pct(v)) for f, v in self_t.most_common(top)],
         "inclusive": [(f, pct(v)) for f, v in incl.most_common(top + 10)],
         "cat_self": [(c, pct(v)) for c, v in cat_self.most_common()],
@@ -605,6 +661,7 @@ def profile_target(ctx: "Ctx", cls, duration: int) -> dict:
         ok, why = t.ready()
         if not ok:
             raise RuntimeError(why)
+        wait_for_quiet(ctx, f"profile {t.name}")
         run_wrk(t.url, t.script, ctx.args.warmup, ctx.args.connections,
                 ctx.results / f"profile-{t.name}-warmup.txt")
         raw = ctx.results / f"profile-{t.name}.pyspy.txt"
@@ -644,16 +701,38 @@ class Ctx:
         self.workdir = workdir
         self.results = results
         self.redis: Redis | None = None
+        self.quiet_budget = float(args.quiet_budget)
         head, tail = '{"message":"this is a lead message ', '","shop":"a23m07b23"}'
         self.sample_body = (head + "x" * (200 - len(head) - len(tail)) + tail).encode()
         self.sample_ndjson = b"\n".join([self.sample_body] * 3) + b"\n"
 
 
-def measure(ctx: Ctx, name: str) -> dict:
+def wait_for_quiet(ctx: Ctx, tag: str) -> float:
+    """Wait (bounded) until the rest of the box is quiet: other engineers'
+    test suites share these 2 cores and can halve a Python server's rate.
+    Returns the last 1-second reading of busy CPU in % of one core."""
+    a = ctx.args
+    deadline = time.monotonic() + min(a.quiet_wait, max(0.0, ctx.quiet_budget))
+    t0 = time.monotonic()
+    while True:
+        s0 = proc_stat()
+        time.sleep(1.0)
+        busy = sum(c["busy"] for c in core_usage(s0, proc_stat()).values())
+        if busy <= a.quiet_threshold or time.monotonic() >= deadline:
+            break
+        if time.monotonic() - t0 < 1.5:
+            log(f"{tag}: box busy ({busy:.0f}% of a core used by others); waiting up to "
+                f"{deadline - time.monotonic():.0f}s for <= {a.quiet_threshold:.0f}%")
+    ctx.quiet_budget -= time.monotonic() - t0
+    return busy
+
+
+def measure(ctx: Ctx, name: str, rnd: int) -> dict:
     cls = TARGET_CLASSES[name]
     t = cls(ctx)
-    row: dict = {"name": name, "desc": TARGETS_TEXT[name], "batch": t.batch, "notes": t.notes}
-    log(f"{name}: starting server")
+    tag = f"{name}-r{rnd}"
+    row: dict = {"name": name, "round": rnd, "desc": TARGETS_TEXT[name], "batch": t.batch, "notes": t.notes}
+    log(f"{tag}: starting server")
     try:
         t.start()
         ok, why = t.ready()
@@ -661,9 +740,11 @@ def measure(ctx: Ctx, name: str) -> dict:
             raise RuntimeError(why)
         if getattr(t, "cmdline", None):
             row["server_cmd"] = t.cmdline
-        log(f"{name}: {why}")
-        log(f"{name}: warm-up {ctx.args.warmup}s")
-        run_wrk(t.url, t.script, ctx.args.warmup, ctx.args.connections, ctx.results / f"{name}-warmup.txt")
+        log(f"{tag}: {why}")
+        row["pre_other_cpu_pct"] = wait_for_quiet(ctx, tag)
+        log(f"{tag}: warm-up {ctx.args.warmup}s")
+        run_wrk(t.url, t.script, ctx.args.warmup, ctx.args.connections, ctx.results / f"{tag}-warmup.txt",
+                status_hook=t.status_hook)
         if t.redis_key:
             ctx.redis.settle(t.redis_key, quiet=0.5, limit=15)
             ctx.redis.cli("DEL", t.redis_key)
@@ -672,9 +753,9 @@ def measure(ctx: Ctx, name: str) -> dict:
             if stray:
                 ctx.redis.cli("DEL", t.redis_key)
         servers = list(t.procs) + ([ctx.redis.proc] if t.redis_key else [])
-        log(f"{name}: measuring {ctx.args.duration}s")
-        r = run_wrk(t.url, t.script, ctx.args.duration, ctx.args.connections, ctx.results / f"{name}.txt",
-                    server=servers)
+        log(f"{tag}: measuring {ctx.args.duration}s")
+        r = run_wrk(t.url, t.script, ctx.args.duration, ctx.args.connections, ctx.results / f"{tag}.txt",
+                    server=servers, status_hook=t.status_hook)
         row.update(r)
         row["server_cpu_pct_app"] = r["server_cpu_pct"][0] if r["server_cpu_pct"] else None
         row["server_cpu_pct_redis"] = r["server_cpu_pct"][1] if len(r["server_cpu_pct"]) > 1 else None
@@ -691,7 +772,8 @@ def measure(ctx: Ctx, name: str) -> dict:
             ctx.redis.cli("DEL", t.redis_key)
         problems = []
         if row["non2xx"]:
-            problems.append(f"{row['non2xx']} non-2xx responses")
+            codes = ", ".join(f"{n} x {c}" for c, n in sorted(r.get("statuses", {}).items()) if not c.startswith("2"))
+            problems.append(f"{row['non2xx']} non-2xx responses" + (f" ({codes})" if codes else ""))
         if row["sock_errors"]:
             problems.append(f"socket errors connect/read/write/timeout = {r['err_connect']}/{r['err_read']}/"
                             f"{r['err_write']}/{r['err_timeout']}")
@@ -702,17 +784,49 @@ def measure(ctx: Ctx, name: str) -> dict:
                 problems.append(f"{p.name} died during the run (status {p.p.returncode})")
         row["problems"] = problems
         row["valid"] = not problems
-        log(f"{name}: {row['rps']:.0f} req/s, p50 {row['lat_p50_us']}us p99 {row['lat_p99_us']}us, "
+        log(f"{tag}: {row['rps']:.0f} req/s, p50 {row['lat_p50_us']}us p99 {row['lat_p99_us']}us, "
             f"non2xx {row['non2xx']}, cpu {['%.0f%%' % c for c in r['server_cpu_pct']]}, "
             f"wrk {r['wrk_cpu_pct']:.0f}%" + (f", LLEN {row['llen']}" if t.redis_key else "")
             + ("" if row["valid"] else f"  INVALID: {problems}"))
     except Exception as e:  # noqa: BLE001 - a broken target must not sink the others
         row["error"] = str(e)
         row["valid"] = False
-        log(f"{name}: NOT MEASURED: {e}")
+        log(f"{tag}: NOT MEASURED: {e}")
     finally:
         t.stop()
     return row
+
+
+def aggregate(all_rows: list[dict], targets: list[str]) -> list[dict]:
+    """One row per target: the round with the median req/s, plus the spread
+    and every round's problems."""
+    out = []
+    for name in targets:
+        rr = [r for r in all_rows if r["name"] == name]
+        measured = sorted((r for r in rr if "error" not in r), key=lambda r: r["rps"])
+        if not measured:
+            agg = dict(rr[0])
+            agg["rounds"] = len(rr)
+            out.append(agg)
+            continue
+        agg = dict(measured[(len(measured) - 1) // 2])
+        agg["rounds"] = len(rr)
+        agg["rounds_measured"] = len(measured)
+        agg["rps_min"], agg["rps_max"] = measured[0]["rps"], measured[-1]["rps"]
+        agg["non2xx_total"] = sum(r["non2xx"] for r in measured)
+        agg["foreign_max"] = max(r["foreign_cpu_pct"] for r in measured)
+        problems = []
+        for r in rr:
+            if "error" in r:
+                problems.append(f"round {r['round']}: not measured: {r['error'].splitlines()[0]}")
+            for pr in r.get("problems", []):
+                problems.append(f"round {r['round']}: {pr}")
+        agg["problems"] = problems
+        agg["valid"] = not problems
+        if any("llen_ok" in r for r in measured):
+            agg["llen_ok"] = all(r.get("llen_ok") for r in measured)
+        out.append(agg)
+    return out
 
 
 def cmd_output(cmd: list[str]) -> str:
@@ -772,12 +886,13 @@ def fmt_us(us) -> str:
 
 
 def ratio(a: dict | None, b: dict | None, key: str = "rps") -> float | None:
-    if not a or not b or "error" in a or "error" in b or not b.get(key):
+    if not a or not b or key not in a or not b.get(key):
         return None
     return a[key] / b[key]
 
 
-def render(ctx: Ctx, rows: list[dict], info: dict, profiles: dict, started: str, took: float) -> str:
+def render(ctx: Ctx, rows: list[dict], all_rows: list[dict], info: dict, profiles: dict, started: str,
+           took: float) -> str:
     a = ctx.args
     by = {r["name"]: r for r in rows}
     L: list[str] = []
@@ -827,18 +942,26 @@ def render(ctx: Ctx, rows: list[dict], info: dict, profiles: dict, started: str,
     w("## Results")
     w("")
     w(f"Body: one ~200 B JSON lead per request (`{ctx.sample_body[:60].decode()}...`), keep-alive, "
-      f"{a.connections} connections, {a.duration} s.")
+      f"{a.connections} connections, {a.duration} s per round, {a.rounds} interleaved round(s) "
+      "(every target once per round, in order). Each row is the round with the median req/s; "
+      "the range is min–max over rounds; p50/p99 and CPU are from the median round; non-2xx is summed over "
+      "all rounds.")
     w("")
-    w("| target | req/s | msgs/s | p50 | p99 | non-2xx | server CPU | Redis CPU | wrk CPU | valid |")
-    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    w("| target | req/s (median) | range | msgs/s | p50 | p99 | non-2xx | server CPU | Redis CPU | wrk CPU "
+      "| other CPU (max) | valid |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        if "error" in r:
-            w(f"| {r['desc']} | not measured | | | | | | | | **no**: {r['error'].splitlines()[0][:160]} |")
+        if "rps" not in r:
+            w(f"| {r['desc']} | not measured | | | | | | | | | | **no**: {r['error'].splitlines()[0][:200]} |")
             continue
         red = f"{r['server_cpu_pct_redis']:.0f}%" if r.get("server_cpu_pct_redis") is not None else "–"
-        w(f"| {r['desc']} | {r['rps']:,.0f} | {r['msgs_per_s']:,.0f} | {fmt_us(r['lat_p50_us'])} | "
-          f"{fmt_us(r['lat_p99_us'])} | {r['non2xx']} | {r['server_cpu_pct_app']:.0f}% | {red} | "
-          f"{r['wrk_cpu_pct']:.0f}% | {'yes' if r['valid'] else '**NO**: ' + '; '.join(r['problems'])} |")
+        w(f"| {r['desc']} | {r['rps']:,.0f} | {r['rps_min']:,.0f}–{r['rps_max']:,.0f} | {r['msgs_per_s']:,.0f} | "
+          f"{fmt_us(r['lat_p50_us'])} | {fmt_us(r['lat_p99_us'])} | {r['non2xx_total']} | "
+          f"{r['server_cpu_pct_app']:.0f}% | {red} | {r['wrk_cpu_pct']:.0f}% | {r['foreign_max']:.0f}% | "
+          f"{'yes' if r['valid'] else '**NO**: ' + '; '.join(r['problems'])[:600]} |")
+    w("")
+    w("*other CPU* = CPU used on the box by anything but the server, Redis and wrk during the run, in % of one "
+      "core (other people's test suites share this machine). Above ~10% the row is disturbed: compare rounds.")
     w("")
     w("### Ratios (same run)")
     w("")
@@ -858,19 +981,20 @@ def render(ctx: Ctx, rows: list[dict], info: dict, profiles: dict, started: str,
         rrow(f"relayd ({mode}) / naive Starlette", ratio(rel, by.get("naive")), 2.2)
         rrow(f"relayd ({mode}) / nginx", ratio(rel, by.get("nginx")))
     rrow("raw twisted.web / nginx", ratio(by.get("twisted-web"), by.get("nginx")))
+    rrow("Klein-routed / raw twisted.web (Klein's cost)", ratio(by.get("klein"), by.get("twisted-web")))
     rrow("naive / raw twisted.web", ratio(by.get("naive"), by.get("twisted-web")))
     for n in ("relayd-ndjson", "relayd-ndjson-accepted"):
         r = by.get(n)
         if r is None:
             continue
-        val = None if "error" in r else r["msgs_per_s"]
+        val = r.get("msgs_per_s")
         label = f"NDJSON batch msgs/s into Redis ({'stored' if n == 'relayd-ndjson' else 'accepted'}, 1 core)"
         if val is None:
             w(f"| {label} | n/a | >= 250,000 | not measured |")
         else:
             w(f"| {label} | {val:,.0f} | >= 250,000 | {'meets' if val >= 250_000 else '**misses**'} |")
     w("")
-    redis_rows = [r for r in rows if "llen" in r]
+    redis_rows = [r for r in all_rows if "llen" in r]
     if redis_rows:
         w("### Redis check")
         w("")
@@ -879,10 +1003,11 @@ def render(ctx: Ctx, rows: list[dict], info: dict, profiles: dict, started: str,
           "in flight when wrk stops, so LLEN may exceed the acknowledged count by at most "
           f"{a.connections} x lines; it must never be lower (that would be an acknowledged message lost).")
         w("")
-        w("| target | acknowledged msgs | LLEN | ok |")
-        w("|---|---:|---:|---|")
+        w("| target | round | acknowledged msgs | LLEN | ok |")
+        w("|---|---:|---:|---:|---|")
         for r in redis_rows:
-            w(f"| {r['name']} | {r['ok'] * r['batch']:,} | {r['llen']:,} | {'yes' if r['llen_ok'] else '**NO**'} |")
+            w(f"| {r['name']} | {r['round']} | {r['ok'] * r['batch']:,} | {r['llen']:,} | "
+              f"{'yes' if r['llen_ok'] else '**NO**'} |")
         w("")
         sample = next((r["sample_item"] for r in redis_rows if r["name"].startswith("relayd") and r.get("sample_item")),
                       None)
@@ -893,7 +1018,7 @@ def render(ctx: Ctx, rows: list[dict], info: dict, profiles: dict, started: str,
             w(sample[:300])
             w("```")
             w("")
-    notes = [(r["name"], n) for r in rows for n in r.get("notes", [])]
+    notes = sorted({(r["name"], n) for r in all_rows for n in r.get("notes", [])})
     if notes:
         w("Notes: " + "; ".join(f"{n}: {x}" for n, x in notes) + ".")
         w("")
@@ -914,7 +1039,8 @@ def render(ctx: Ctx, rows: list[dict], info: dict, profiles: dict, started: str,
                 w(f"Not profiled: {p['error'][:300]}")
                 w("")
                 continue
-            w(f"{p['samples']:,} samples; {p['rps_under_profiler']:,.0f} req/s while sampled.")
+            w(f"{p['samples']:,} on-CPU samples ({p.get('idle_samples', 0):,} samples of blocked threads, e.g. "
+              f"thread-pool workers in Condition.wait, dropped); {p['rps_under_profiler']:,.0f} req/s while sampled.")
             w("")
             w("| category | self % | inclusive % |")
             w("|---|---:|---:|")
@@ -966,10 +1092,16 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="seconds of warm-up per target (default 3)")
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds over all targets; the median round is reported (default 3)")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS),
                     help=f"comma list, default all: {','.join(ALL_TARGETS)}")
+    ap.add_argument("--quiet-threshold", type=float, default=15,
+                    help="before each target, wait until the box's other CPU use is <= this %% of a core")
+    ap.add_argument("--quiet-wait", type=float, default=60, help="max seconds to wait for quiet per target")
+    ap.add_argument("--quiet-budget", type=float, default=600, help="max seconds of quiet-waiting per run")
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile runs")
-    ap.add_argument("--profile-targets", default="relayd-stored,twisted-web")
+    ap.add_argument("--profile-targets", default="relayd-stored,twisted-web,klein")
     ap.add_argument("--profile-duration", type=int, default=10)
     ap.add_argument("--profile-notes", default=str(BENCH / "profile_notes.md"),
                     help="markdown appended to the Profile section if the file exists")
@@ -995,16 +1127,19 @@ def main() -> int:
         if t not in TARGET_CLASSES:
             raise SystemExit(f"unknown target {t!r}; known: {', '.join(ALL_TARGETS)}")
     rows: list[dict] = []
+    all_rows: list[dict] = []
     profiles: dict = {}
     try:
         if any(TARGET_CLASSES[t].redis_key for t in targets):
             ctx.redis = Redis(workdir, results)
-        for t in targets:
-            rows.append(measure(ctx, t))
+        for rnd in range(1, args.rounds + 1):
+            for t in targets:
+                all_rows.append(measure(ctx, t, rnd))
+        rows = aggregate(all_rows, targets)
         if not args.no_profile:
             for name in [p for p in args.profile_targets.split(",") if p]:
-                if name.startswith("relayd") and any(r["name"].startswith("relayd") and "error" in r for r in rows) \
-                        and not any(r["name"].startswith("relayd") and "error" not in r for r in rows):
+                if name.startswith("relayd") and not any(r["name"].startswith("relayd") and "error" not in r
+                                                         for r in all_rows):
                     profiles[name] = {"error": "relayd did not run in this session"}
                     continue
                 if TARGET_CLASSES[name].redis_key and ctx.redis is None:
@@ -1019,9 +1154,10 @@ def main() -> int:
             ctx.redis.proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     info = machine_info()
-    md = render(ctx, rows, info, profiles, started, time.monotonic() - t0)
+    md = render(ctx, rows, all_rows, info, profiles, started, time.monotonic() - t0)
     (results / "benchmarks.md").write_text(md)
-    (results / "rows.json").write_text(json.dumps({"rows": rows, "profiles": profiles, "machine": info},
+    (results / "rows.json").write_text(json.dumps({"rows": rows, "all_rows": all_rows, "profiles": profiles,
+                                                   "machine": info},
                                                   indent=1, default=str))
     if args.doc != "-":
         Path(args.doc).write_text(md)
