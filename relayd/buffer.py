@@ -41,9 +41,13 @@ class Waiter:
         self.cancelled = False
 
     def stored(self, count: int = 1) -> None:
-        """Record that `count` of its messages are stored; fire when all are."""
+        """Record that `count` of its messages are stored; fire when all are.
+
+        The Deferred may already have fired: the ack timed out, or the
+        client went away and the request cancelled it.
+        """
         self.remaining -= count
-        if self.remaining == 0 and not self.cancelled:
+        if self.remaining == 0 and not self.cancelled and not self.deferred.called:
             self.deferred.callback(None)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import unquote
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import attrs
@@ -67,7 +68,7 @@ class ServerConfig:
 class RedisConfig:
     """The `[redis]` table: the target server and the forwarder's batching."""
 
-    url: str = DEFAULT_REDIS_URL
+    url: str = attrs.field(default=DEFAULT_REDIS_URL, repr=False)  # may hold the password
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
@@ -235,8 +236,8 @@ def _parse_redis(data: Mapping[str, Any]) -> RedisConfig:
         host=m.group("host").strip("[]"),
         port=port,
         db=int(m.group("db") or 0),
-        username=m.group("user") or None,
-        password=m.group("password") if m.group("password") is not None else None,
+        username=unquote(m.group("user")) if m.group("user") else None,
+        password=unquote(m.group("password")) if m.group("password") is not None else None,
         reply_timeout=_positive(
             _typed(t, "reply_timeout", float, DEFAULT_REPLY_TIMEOUT, "redis"), "redis.reply_timeout"
         ),

@@ -1,0 +1,120 @@
+"""The bounded buffer: bounds hold, order holds, accounting balances."""
+
+from __future__ import annotations
+
+import unittest
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from relayd.buffer import ENTRY_OVERHEAD, RingBuffer, Waiter
+
+
+class BufferMachine(RuleBasedStateMachine):
+    """Random offers, takes, releases, requeues and cancellations against a model."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffer = RingBuffer(max_messages=20, max_bytes=20 * (ENTRY_OVERHEAD + 8))
+        self.model = []  # queued entries, in order
+        self.in_flight = []  # batches taken, not yet released or requeued
+        self.counter = 0
+        self.waiters = []
+
+    @rule(count=st.integers(1, 6), size=st.integers(0, 16), key=st.sampled_from([b"a", b"b"]), stored=st.booleans())
+    def offer(self, count, size, key, stored):
+        """Offers are all-or-nothing and refused exactly when over a bound."""
+        items = []
+        for _ in range(count):
+            self.counter += 1
+            items.append(b"%d" % self.counter + b"x" * size)
+        waiter = Waiter(count) if stored else None
+        fits = self.buffer.has_room(count, sum(map(len, items)))
+        accepted = self.buffer.offer(key, items, waiter)
+        assert accepted == fits
+        if accepted:
+            self.model.extend((key, item, waiter) for item in items)
+            if waiter is not None:
+                self.waiters.append(waiter)
+
+    @rule(n=st.integers(1, 8))
+    def take(self, n):
+        """Take returns the oldest live entries in order, dropping cancelled ones it passes."""
+        batch = self.buffer.take(n, 10**9)
+        expected = []
+        while self.model and len(expected) < n:
+            entry = self.model.pop(0)
+            if entry[2] is not None and entry[2].cancelled:
+                continue
+            expected.append(entry)
+        assert batch == expected
+        if batch:
+            self.in_flight.append(batch)
+
+    @precondition(lambda self: self.in_flight)
+    @rule(i=st.integers(0, 10))
+    def release(self, i):
+        """A stored batch leaves the accounting."""
+        batch = self.in_flight.pop(i % len(self.in_flight))
+        self.buffer.release(batch)
+
+    @precondition(lambda self: self.in_flight)
+    @rule()
+    def requeue_last(self):
+        """A failed batch goes back to the front, in order."""
+        batch = self.in_flight.pop()
+        self.buffer.requeue(batch)
+        self.model = list(batch) + self.model
+
+    @precondition(lambda self: self.waiters)
+    @rule(i=st.integers(0, 10))
+    def cancel(self, i):
+        """A cancelled waiter's queued entries are never taken again."""
+        self.waiters[i % len(self.waiters)].cancelled = True
+
+    @invariant()
+    def bounded(self):
+        """Never more than the bounds, counting in-flight entries."""
+        assert self.buffer.messages <= self.buffer.max_messages
+        assert self.buffer.bytes <= self.buffer.max_bytes
+
+    @invariant()
+    def accounting_matches(self):
+        """messages/bytes equal queued (incl. cancelled, until skipped) plus in flight."""
+        queued = list(self.buffer._queue)
+        flying = [e for b in self.in_flight for e in b]
+        everything = queued + flying
+        assert self.buffer.messages == len(everything)
+        assert self.buffer.bytes == sum(len(e[1]) + ENTRY_OVERHEAD for e in everything)
+
+
+class BufferStateTests(BufferMachine.TestCase):
+    """Run the state machine."""
+
+
+class WaiterTests(unittest.TestCase):
+    """A waiter fires once, when its last message is stored."""
+
+    def test_fires_after_all(self):
+        """Two messages: nothing after one, fired after two."""
+        w = Waiter(2)
+        fired = []
+        w.deferred.addCallback(fired.append)
+        w.stored()
+        self.assertEqual(fired, [])
+        w.stored()
+        self.assertEqual(fired, [None])
+
+    def test_cancelled_never_fires(self):
+        """A cancelled waiter stays silent when its messages land later."""
+        w = Waiter(1)
+        w.cancelled = True
+        w.stored()
+        self.assertFalse(w.deferred.called)
+
+    def test_client_gone(self):
+        """A waiter whose Deferred was cancelled (client left) tolerates a late store."""
+        w = Waiter(1)
+        w.deferred.addErrback(lambda f: None)
+        w.deferred.cancel()
+        w.stored()  # must not raise AlreadyCalledError

@@ -1,0 +1,56 @@
+"""Envelope encoding and NDJSON splitting."""
+
+from __future__ import annotations
+
+import json
+import unittest
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relayd.codec import EncodeError, decode_envelope, encode_envelope, split_ndjson
+from tests.strategies import json_values
+
+
+class EnvelopeTests(unittest.TestCase):
+    """The envelope is strict JSON and round-trips."""
+
+    @given(json_values(), st.floats(0, 2e9, allow_nan=False), st.text(min_size=1, max_size=10))
+    def test_round_trip(self, body, ts, route):
+        """decode(encode(x)) gives back every field; the stdlib parser agrees."""
+        item = encode_envelope("id1", ts, "/" + route, "application/json", body)
+        env = decode_envelope(item)
+        strict = json.loads(item.decode("utf-8"))
+        self.assertEqual(env, strict)
+        self.assertEqual(env["id"], "id1")
+        self.assertEqual(env["route"], "/" + route)
+        self.assertEqual(env["body"], json.loads(json.dumps(body)))
+        self.assertAlmostEqual(env["ts"], ts, delta=max(1e-6 * abs(ts), 1e-9))
+
+    def test_rejects_nan_and_surrogates(self):
+        """Values without a strict JSON form are refused, not pushed."""
+        for body in (float("nan"), float("inf"), {"a": "\ud800"}):
+            with self.subTest(body=body), self.assertRaises(EncodeError):
+                encode_envelope("id", 1.0, "/r", None, body)
+
+    def test_decode_rejects_other_json(self):
+        """A JSON value that is not an envelope is an error."""
+        with self.assertRaises(ValueError):
+            decode_envelope(b'{"id": 1}')
+
+
+class NdjsonTests(unittest.TestCase):
+    """Splitting keeps line numbers the sender can see."""
+
+    @given(st.lists(st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"")), max_size=20), st.booleans())
+    def test_split_matches_lines(self, lines, crlf):
+        """Non-blank lines come back in order with their 1-based numbers."""
+        sep = b"\r\n" if crlf else b"\n"
+        body = sep.join(lines)
+        got = dict(split_ndjson(body))
+        self.assertEqual(sorted(got), [n for n, line in enumerate(lines, 1) if line.strip()])
+        for n, line in got.items():
+            original = lines[n - 1]
+            if not crlf or n == len(lines):
+                original = original[:-1] if original.endswith(b"\r") else original
+            self.assertEqual(line, original)
