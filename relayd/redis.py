@@ -18,7 +18,7 @@ protocol and drives the connection with Twisted's own `ClientService`:
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
@@ -52,13 +52,6 @@ class RelaydRedisProtocol(txredisapi.RedisProtocol):
                 arg = arg.encode("utf-8") if isinstance(arg, str) else str(arg).encode("ascii")
             append(b"$%d\r\n%s\r\n" % (len(arg), arg))
         return b"".join(parts)
-
-    def connectionLost(self, why):  # type: ignore[no-untyped-def]
-        """Tell the owner first, so no command is issued on a dead connection."""
-        lost = getattr(self, "on_lost", None)
-        if lost is not None:
-            lost(self)
-        super().connectionLost(why)
 
 
 class _ProtocolFactory(Factory):
@@ -121,14 +114,16 @@ class RedisClient(Service):
             yield proto.execute_command(b"AUTH", *args)
         if cfg.db:
             yield proto.execute_command(b"SELECT", cfg.db)
-        proto.on_lost = self._lost
+        # `proto` is ClientService's proxy of our protocol; whenDisconnected
+        # fires before pending replies fail, so nothing is sent on a dead link.
+        proto.whenDisconnected().addCallback(lambda _: self._lost(proto))
         self._proto = proto
         self._log.info("redis connected to {host}:{port} db {db}", host=cfg.host, port=cfg.port, db=cfg.db)
         self._was_down_logged = False
         for listener in list(self._ready_listeners):
             listener()
 
-    def _lost(self, proto: RelaydRedisProtocol) -> None:
+    def _lost(self, proto: Any) -> None:
         if self._proto is proto:
             self._proto = None
             if not self._was_down_logged:
