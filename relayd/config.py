@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import unquote
 from typing import Any, Callable, Mapping, Optional, Tuple
+from urllib.parse import unquote
 
 import attrs
 

@@ -22,7 +22,7 @@ BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 class RouteMetrics:
     """The pre-bound children of one route's series."""
 
-    def __init__(self, metrics: "Metrics", route: str) -> None:
+    def __init__(self, metrics: Metrics, route: str) -> None:
         self.ingested = metrics.ingested.labels(route=route)
         self.latency = metrics.request_latency.labels(route=route)
         self._rejected = metrics.rejected

@@ -153,7 +153,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> RelayService
     except ConfigError as e:
         sys.stderr.write(f"relayd: {e}\n")
         sys.stderr.flush()
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     log = Logger(namespace="relayd")
     if config.server.workers != 1:
         log.warn("server.workers = {workers}: this version runs one process", workers=config.server.workers)

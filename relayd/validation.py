@@ -23,7 +23,7 @@ import ujson
 
 from relayd.codec import split_ndjson
 from relayd.config import ConfigError
-from relayd.problems import InvalidBatch, MalformedJSON, SchemaViolation, UnsupportedMediaType, BadRequest
+from relayd.problems import BadRequest, InvalidBatch, MalformedJSON, SchemaViolation, UnsupportedMediaType
 
 NDJSON = "application/x-ndjson"
 JSON = "application/json"

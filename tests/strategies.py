@@ -12,6 +12,90 @@ settings.register_profile("dev", deadline=None, max_examples=30)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+# --- core relay ---
+
+from hypothesis import strategies as st  # noqa: E402
+
+_ASCII_KEY = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-:.", min_size=1, max_size=20)
+
+
+def route_paths():
+    """Absolute URL paths a route may use."""
+    return st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=12), min_size=1, max_size=3).map(
+        lambda parts: "/" + "/".join(parts)
+    )
+
+
+def sizes():
+    """(config text, expected bytes) pairs for size strings."""
+    units = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "KB": 1000, "MB": 1000**2}
+    return st.tuples(st.integers(1, 4096), st.sampled_from(sorted(units))).map(
+        lambda t: (f"{t[0]}{t[1]}", t[0] * units[t[1]])
+    )
+
+
+@st.composite
+def configs(draw):
+    """A valid config as (TOML text, dict of expected values)."""
+    n = draw(st.integers(1, 4))
+    paths = draw(st.lists(route_paths(), min_size=n, max_size=n, unique=True))
+    routes = []
+    for path in paths:
+        max_body = draw(sizes())
+        routes.append(
+            {
+                "path": path,
+                "list": draw(_ASCII_KEY),
+                "ack": draw(st.sampled_from(["stored", "accepted"])),
+                "format": draw(st.sampled_from(["envelope", "body"])),
+                "max_body": max_body,
+            }
+        )
+    workers = draw(st.one_of(st.integers(1, 64), st.just("auto")))
+    port = draw(st.integers(1, 65535))
+    db = draw(st.integers(0, 15))
+    spool_bytes = draw(sizes())
+    fsync = draw(st.sampled_from(["always", "batch", "never"]))
+    text = (
+        "[server]\n"
+        f'listen = "tcp:{port}"\n'
+        f"workers = {workers if workers != 'auto' else chr(34) + 'auto' + chr(34)}\n"
+        "[redis]\n"
+        f'url = "redis://10.0.0.1:{port}/{db}"\n'
+        "[spool]\n"
+        f'dir = "/var/lib/relayd"\nmax_bytes = "{spool_bytes[0]}"\nfsync = "{fsync}"\n'
+    )
+    for r in routes:
+        text += (
+            "[[route]]\n"
+            f'path = "{r["path"]}"\nlist = "{r["list"]}"\nack = "{r["ack"]}"\n'
+            f'format = "{r["format"]}"\nmax_body = "{r["max_body"][0]}"\n'
+        )
+    expected = {
+        "port": port,
+        "db": db,
+        "workers": workers,
+        "spool_bytes": spool_bytes[1],
+        "fsync": fsync,
+        "routes": [(r["path"], r["list"], r["ack"], r["format"], r["max_body"][1]) for r in routes],
+    }
+    return text, expected
+
+
+def json_values(max_leaves=20):
+    """Strict-JSON values (no NaN/Infinity, no lone surrogates)."""
+    text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**53), 2**53),
+        st.floats(allow_nan=False, allow_infinity=False, width=32), text,
+    )
+    return st.recursive(
+        scalars,
+        lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(text, children, max_size=4)),
+        max_leaves=max_leaves,
+    )
+
+
 # --- spool ---
 
 from hypothesis import strategies as st  # noqa: E402,F811
