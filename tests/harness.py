@@ -415,6 +415,7 @@ class RelaydProcess:
             }
             if buffer:
                 tables["buffer"] = dict(buffer)
+            self.tables = tables
             config_text = to_toml(tables, routes)
         self.config_path = self.write_file("relayd.conf", config_text)
         self.start(wait_ready=wait_ready)
@@ -430,6 +431,10 @@ class RelaydProcess:
         with open(path, "wb") as f:
             f.write(content)
         return path
+
+    def rewrite_config(self, routes: Sequence[Mapping[str, Any]]) -> None:
+        """Rewrite the config file with the same tables and new routes (for SIGHUP)."""
+        self.write_file("relayd.conf", to_toml(self.tables, routes))
 
     @property
     def argv(self) -> list[str]:
@@ -684,6 +689,8 @@ class Oracle:
         self.run = uuid.uuid4().hex[:8]
         self.sent: dict[str, Any] = {}
         self.acked: dict[str, str] = {}  # cid -> relayd id
+        self.errors: list[str] = []  # transport errors of `post`
+        self.rejected: list[tuple[int, bytes]] = []  # non-2xx answers to `post`
         self._n = 0
 
     def new_message(self, **extra: Any) -> tuple[str, Any]:
@@ -701,17 +708,46 @@ class Oracle:
         assert cid in self.sent, f"acknowledging {cid} that was never sent"
         self.acked[cid] = message_id
 
-    def post(self, relayd: RelaydProcess, path: str, **extra: Any) -> Response | None:
-        """Send one new message; acknowledge it on 2xx.  None on a transport error."""
+    def post(
+        self,
+        relayd: RelaydProcess,
+        path: str,
+        *,
+        keep_alive: bool = True,
+        timeout: float = HTTP_TIMEOUT,
+        **extra: Any,
+    ) -> Response | None:
+        """Send one new message; acknowledge it on 2xx.
+
+        Returns the response, or None on a transport error (recorded in
+        `errors`; the message may or may not have arrived).  Non-2xx
+        statuses are recorded in `rejected`.
+        """
         cid, body = self.new_message(**extra)
         self.send(cid, body)
         try:
-            resp = relayd.post(path, json.dumps(body).encode())
-        except (OSError, http.client.HTTPException):
+            resp = relayd.post(path, json.dumps(body).encode(), keep_alive=keep_alive, timeout=timeout)
+        except (OSError, http.client.HTTPException) as e:
+            self.errors.append(f"{cid}: {e!r}")
             return None
         if 200 <= resp[0] < 300:
             self.acknowledge(cid, json_body(resp)["id"])
+        else:
+            self.rejected.append((resp[0], resp[2][:300]))
         return resp
+
+    def cids_in(self, redis: RedisServer, list_key: str) -> set[str]:
+        """The cids currently in the list (without draining it)."""
+        out = set()
+        for item in redis.items(list_key):
+            _envelope, body = decode_item(item)
+            if isinstance(body, dict) and isinstance(body.get("cid"), str):
+                out.add(body["cid"])
+        return out
+
+    def all_acknowledged_in(self, redis: RedisServer, list_key: str) -> bool:
+        """True once every acknowledged message is in the list (for polling)."""
+        return set(self.acked) <= self.cids_in(redis, list_key)
 
     def check(self, redis: RedisServer, list_key: str) -> OracleReport:
         """Drain `list_key` and compare with what was sent and acknowledged."""

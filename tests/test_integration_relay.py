@@ -18,6 +18,7 @@ import json
 import re
 import signal
 import socket
+import threading
 import time
 import types
 import unittest
@@ -137,13 +138,14 @@ class ApiContractTests(RelayTestCase):
                 {"path": "/small", "list": "small", "max_body": "1KiB"},
                 {"path": "/batch", "list": "batch"},
                 {"path": "/metered", "list": "metered"},
+                {"path": "/raw", "list": "raw", "format": "body"},
             ],
             redis_url=cls.redis.url,
             files={"schemas/increment.json": INCREMENT_SCHEMA},
         )
 
     def setUp(self) -> None:
-        for key in ("leads", "increments", "small", "batch", "metered"):
+        for key in ("leads", "increments", "small", "batch", "metered", "raw"):
             self.redis.drain(key)
 
     # 1 ----------------------------------------------------------------------
@@ -178,6 +180,16 @@ class ApiContractTests(RelayTestCase):
         self.assertEqual(envelope["id"], doc["id"])
         self.assertEqual(envelope["body"], "plain words")
         self.assertEqual(envelope["content_type"], "text/plain")
+
+    def test_format_body_pushes_raw_bytes(self) -> None:
+        """A route with format = "body" pushes exactly the posted bytes: binary-safe, JSON not re-serialized."""
+        binary = bytes(range(256)) * 2 + b"\r\n\x00"
+        doc = self.assert_2xx(self.relayd.post("/raw", binary, {"Content-Type": "application/octet-stream"}))
+        self.assertEqual(doc["status"], "OK")
+        spaced = b'{ "a" :  1 ,"b":[ 2 ] }'
+        self.assert_2xx(self.relayd.post("/raw", spaced))
+        self.wait_llen("raw", 2)
+        self.assertEqual(self.redis.items("raw"), [binary, spaced])
 
     # 2 ----------------------------------------------------------------------
 
@@ -466,6 +478,103 @@ class GracefulStopTests(RelayTestCase):
             self, self.redis, "events", max_duplicates=self.N - self.PAUSED_FROM
         )
         print(f"graceful stop: {report.items} items, {report.duplicates} duplicate(s)")
+
+
+class Poster(threading.Thread):
+    """Posts oracle messages back to back until stopped (or `limit` is reached)."""
+
+    def __init__(self, oracle: Oracle, relayd: RelaydProcess, path: str, keep_alive: bool = True) -> None:
+        super().__init__(daemon=True)
+        self.oracle, self.relayd, self.path, self.keep_alive = oracle, relayd, path, keep_alive
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.oracle.post(self.relayd, self.path, keep_alive=self.keep_alive, timeout=10.0)
+
+    def stop(self) -> None:
+        """Stop and join."""
+        self.stopping.set()
+        self.join(30.0)
+
+
+class CrashTests(RelayTestCase):
+    """SIGKILL loses nothing acknowledged with ack = "stored" (at-least-once: duplicates allowed)."""
+
+    def setUp(self) -> None:
+        self.redis = RedisServer(self)
+        self.relayd = RelaydProcess(self, routes=[{"path": "/leads", "list": "leads"}], redis_url=self.redis.url)
+
+    def test_sigkill_under_load(self) -> None:
+        """relayd SIGKILLed while a client posts: after a restart every acknowledged message is in Redis."""
+        oracle = Oracle(route="/leads")
+        poster = Poster(oracle, self.relayd, "/leads")
+        self.addCleanup(poster.stop)
+        poster.start()
+        wait_for(lambda: len(oracle.acked) >= 300, 30.0, "300 acknowledged messages")
+        self.relayd.kill()
+        poster.stop()
+        self.relayd.start()
+        wait_for(lambda: oracle.all_acknowledged_in(self.redis, "leads"), ARRIVAL_TIMEOUT, "acknowledged messages")
+        report = oracle.assert_ok(self, self.redis, "leads", max_duplicates=1000)
+        print(f"sigkill under load: {len(oracle.acked)} acked, {report.items} items, {report.duplicates} dup(s)")
+
+    def test_spooled_messages_survive_sigkill(self) -> None:
+        """With Redis down, stored POSTs are acknowledged from the spool; after SIGKILL and restarts they reach Redis."""
+        self.redis.kill()
+        oracle = Oracle(route="/leads")
+        for i in range(50):
+            resp = oracle.post(self.relayd, "/leads", timeout=15.0)
+            if resp is None or not 200 <= resp[0] < 300:
+                self.fail(
+                    f"message {i} with Redis down and an empty 1 GiB spool: expected 2xx (fsynced in the spool), "
+                    f"got {resp[0] if resp else oracle.errors[-1]} {resp[2][:300] if resp else b''!r}"
+                )
+        self.relayd.kill()
+        self.redis.restart()
+        self.relayd.start()
+        wait_for(lambda: oracle.all_acknowledged_in(self.redis, "leads"), 20.0, "spooled messages to reach Redis")
+        report = oracle.assert_ok(self, self.redis, "leads", max_duplicates=50)
+        print(f"spool after sigkill: {report.items} items, {report.duplicates} dup(s)")
+
+
+class ReloadTests(RelayTestCase):
+    """SIGHUP reloads the config without dropping the listening socket."""
+
+    def test_sighup_adds_route_without_refusing_connections(self) -> None:
+        """After SIGHUP a newly configured route works, while clients on new connections never saw a refusal or reset."""
+        self.redis = RedisServer(self)
+        route_a = {"path": "/a", "list": "a"}
+        self.relayd = RelaydProcess(self, routes=[route_a], redis_url=self.redis.url)
+        oracle = Oracle(route="/a")
+        poster = Poster(oracle, self.relayd, "/a", keep_alive=False)
+        self.addCleanup(poster.stop)
+        poster.start()
+        wait_for(lambda: len(oracle.acked) >= 50, 20.0, "50 acknowledged messages before SIGHUP")
+
+        self.relayd.rewrite_config([route_a, {"path": "/b", "list": "b"}])
+        self.relayd.signal(signal.SIGHUP)
+
+        def b_works() -> bool:
+            resp = self.relayd.post("/b", b'{"on": "b"}', keep_alive=False, timeout=5.0)
+            return 200 <= resp[0] < 300
+
+        try:
+            wait_for(b_works, 10.0, "POST /b to succeed after SIGHUP")
+        except AssertionError as e:
+            alive = self.relayd.alive()
+            raise AssertionError(f"{e}; relayd alive: {alive}; log tail:\n{self.relayd.log_tail()}") from None
+        acked_after = len(oracle.acked) + 50
+        wait_for(lambda: len(oracle.acked) >= acked_after, 20.0, "50 more acknowledged messages on /a")
+        poster.stop()
+
+        self.assertTrue(self.relayd.alive())
+        self.assertEqual(oracle.errors, [], "connections refused or reset around SIGHUP")
+        self.assertEqual(oracle.rejected, [], "non-2xx answers on /a around SIGHUP")
+        self.wait_llen("b", 1)
+        self.assertEqual(self.envelopes("b")[0]["body"], {"on": "b"})
+        wait_for(lambda: oracle.all_acknowledged_in(self.redis, "a"), ARRIVAL_TIMEOUT, "messages on /a")
+        oracle.assert_ok(self, self.redis, "a")
 
 
 class BadConfigTests(unittest.TestCase):
