@@ -371,8 +371,8 @@ class RelaydProcess:
     """``twistd -n relayd --config <tmp>/relayd.conf`` as a child process.
 
     `routes` are ``[[route]]`` tables; `server`, `spool`, `redis`, `buffer`
-    add or override keys of those tables.  `config_text`, when given, is
-    written verbatim instead (bad-config tests).  Ports are chosen free on
+    add or override keys of those tables; `extra_args` follow ``--config``.
+    `config_text`, when given, is written verbatim instead (bad-config tests).  Ports are chosen free on
     127.0.0.1 unless given.  With ``wait_ready=True`` the constructor returns
     once ``GET /readyz`` on the admin port answers 200.
     """
@@ -392,6 +392,7 @@ class RelaydProcess:
         wait_ready: bool = True,
         ingest_port: int | None = None,
         admin_port: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.dir = tempfile.mkdtemp(prefix="relayd-")
         test.addCleanup(shutil.rmtree, self.dir, True)
@@ -400,6 +401,7 @@ class RelaydProcess:
         self.admin_port = admin_port or free_port()
         self.proc: subprocess.Popen | None = None
         self._conn: http.client.HTTPConnection | None = None
+        self.extra_args = list(extra_args)
         for name, content in (files or {}).items():
             self.write_file(name, content)
         if config_text is None:
@@ -439,7 +441,7 @@ class RelaydProcess:
     @property
     def argv(self) -> list[str]:
         """The command line relayd runs with."""
-        return twistd_command() + ["-n", "--pidfile=", "relayd", "--config", self.config_path]
+        return twistd_command() + ["-n", "--pidfile=", "relayd", "--config", self.config_path, *self.extra_args]
 
     def start(self, wait_ready: bool = True) -> None:
         """Start the daemon; optionally wait for ``/readyz`` to answer 200."""
@@ -485,7 +487,7 @@ class RelaydProcess:
         self,
         method: str,
         path: str,
-        body: bytes | None = None,
+        body: bytes | Iterable[bytes] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float = HTTP_TIMEOUT,
         keep_alive: bool = True,

@@ -182,14 +182,30 @@ class ApiContractTests(RelayTestCase):
         self.assertEqual(envelope["content_type"], "text/plain")
 
     def test_format_body_pushes_raw_bytes(self) -> None:
-        """A route with format = "body" pushes exactly the posted bytes: binary-safe, JSON not re-serialized."""
+        """A route with format = "body" pushes exactly the posted bytes, binary included (CR, LF, NUL, non-UTF-8)."""
         binary = bytes(range(256)) * 2 + b"\r\n\x00"
         doc = self.assert_2xx(self.relayd.post("/raw", binary, {"Content-Type": "application/octet-stream"}))
         self.assertEqual(doc["status"], "OK")
+        self.wait_llen("raw", 1)
+        self.assertEqual(self.redis.items("raw"), [binary])
+
+    def test_format_body_keeps_json_bytes(self) -> None:
+        """A route with format = "body" pushes a JSON body byte for byte (not re-serialized, no envelope)."""
         spaced = b'{ "a" :  1 ,"b":[ 2 ] }'
         self.assert_2xx(self.relayd.post("/raw", spaced))
-        self.wait_llen("raw", 2)
-        self.assertEqual(self.redis.items("raw"), [binary, spaced])
+        self.wait_llen("raw", 1)
+        self.assertEqual(self.redis.items("raw"), [spaced])
+
+    def test_chunked_body_cannot_bypass_max_body(self) -> None:
+        """A chunked (no Content-Length) body over max_body is refused (411 or 413 problem), never enqueued."""
+        body = b'{"p": "' + b"x" * 4096 + b'"}'
+        status, headers, data = self.relayd.request(
+            "POST", "/small", iter([body[:1000], body[1000:]]),
+            {"Content-Type": "application/json"}, keep_alive=False,  # an iterable body: http.client sends it chunked
+        )
+        self.assertIn(status, (411, 413), data[:300])
+        self.assert_problem((status, headers, data), status)
+        self.assert_only_sentinel_follows("/small", "small", 0)
 
     # 2 ----------------------------------------------------------------------
 
@@ -575,6 +591,60 @@ class ReloadTests(RelayTestCase):
         self.assertEqual(self.envelopes("b")[0]["body"], {"on": "b"})
         wait_for(lambda: oracle.all_acknowledged_in(self.redis, "a"), ARRIVAL_TIMEOUT, "messages on /a")
         oracle.assert_ok(self, self.redis, "a")
+
+
+class OptionsAndWorkersTests(RelayTestCase):
+    """Command-line overrides and multi-worker aggregation."""
+
+    def test_listen_option_overrides_config(self) -> None:
+        """``--listen ENDPOINT`` replaces [server] listen: ingest answers on the override port only."""
+        from tests.harness import free_port
+
+        self.redis = RedisServer(self)
+        override = free_port()
+        self.relayd = RelaydProcess(
+            self,
+            routes=[{"path": "/leads", "list": "leads"}],
+            redis_url=self.redis.url,
+            extra_args=["--listen", f"tcp:{override}:interface=127.0.0.1"],
+        )
+        configured = self.relayd.ingest_port
+        self.relayd.ingest_port = override
+        self.assert_2xx(self.relayd.post("/leads", b'{"via": "override"}'))
+        self.assertFalse(port_accepts(configured), "the configured listen port is bound despite --listen")
+
+    def test_two_workers_unique_ids_and_aggregated_metrics(self) -> None:
+        """With workers = 2, ids stay unique and /metrics counts ingested messages over all workers."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.redis = RedisServer(self)
+        self.relayd = RelaydProcess(
+            self, routes=[{"path": "/w", "list": "w"}], redis_url=self.redis.url, server={"workers": 2}
+        )
+        oracle = Oracle(route="/w")
+        for _ in range(200):
+            resp = oracle.post(self.relayd, "/w", keep_alive=False)  # new connections spread over workers
+            self.assertIsNotNone(resp)
+        self.assertEqual(len(oracle.acked), 200, oracle.rejected[:3])
+        self.assertEqual(len(set(oracle.acked.values())), 200, "ids collide across workers")
+
+        def ingested() -> float:
+            body = self.relayd.get_admin("/metrics")[2].decode()
+            return sum(
+                sample.value
+                for family in text_string_to_metric_families(body)
+                if family.type == "counter" and "ingested" in family.name
+                for sample in family.samples
+                if sample.name.endswith("_total") and sample.labels.get("route", "/w") == "/w"
+            )
+
+        last: list = []
+        try:
+            wait_for(lambda: last.append(ingested()) or last[-1] == 200, 10.0, "ingested counter == 200")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; last value {last[-1:]}") from None
+        wait_for(lambda: oracle.all_acknowledged_in(self.redis, "w"), ARRIVAL_TIMEOUT, "all messages in Redis")
+        oracle.assert_ok(self, self.redis, "w")
 
 
 class BadConfigTests(unittest.TestCase):
