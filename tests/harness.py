@@ -52,9 +52,7 @@ class TimeoutExpired(AssertionError):
     """A polled condition did not become true before its deadline."""
 
 
-def wait_for(
-    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01
-) -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
     """Poll `condition` until it returns a truthy value; return that value.
 
     Exceptions from `condition` count as "not yet".  Raises `TimeoutExpired`
@@ -214,13 +212,20 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", self.dir,
-                "--save", "",
-                "--appendonly", "no",
-                "--daemonize", "no",
-                "--protected-mode", "no",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self.dir,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
             ],
             cwd=self.dir,
             stdin=subprocess.DEVNULL,
@@ -498,8 +503,10 @@ class RelaydProcess:
         while the server keeps it open; a request is never retried (a POST
         that may have reached the server must not be sent twice unnoticed).
         """
-        conn = self._connection(timeout) if keep_alive else http.client.HTTPConnection(
-            "127.0.0.1", self.ingest_port, timeout=timeout
+        conn = (
+            self._connection(timeout)
+            if keep_alive
+            else http.client.HTTPConnection("127.0.0.1", self.ingest_port, timeout=timeout)
         )
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
@@ -544,9 +551,7 @@ class RelaydProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"relayd still running {timeout:.0f}s later; log tail:\n{self.log_tail()}"
-            ) from None
+            raise AssertionError(f"relayd still running {timeout:.0f}s later; log tail:\n{self.log_tail()}") from None
         finally:
             self._close_files()
 
@@ -597,7 +602,8 @@ class RelaydProcess:
     def log_text(self) -> str:
         """stdout, stderr and twistd.log (if any) together."""
         return "".join(
-            f"--- {name} ---\n{self._read(name)}" for name in ("stdout.log", "stderr.log", "twistd.log")
+            f"--- {name} ---\n{self._read(name)}"
+            for name in ("stdout.log", "stderr.log", "twistd.log")
             if os.path.exists(os.path.join(self.dir, name))
         )
 
@@ -777,7 +783,9 @@ class Oracle:
         report.missing = sorted(cid for cid in self.acked if cid not in seen)
         return report
 
-    def assert_ok(self, test: unittest.TestCase, redis: RedisServer, list_key: str, max_duplicates: int = 0) -> OracleReport:
+    def assert_ok(
+        self, test: unittest.TestCase, redis: RedisServer, list_key: str, max_duplicates: int = 0
+    ) -> OracleReport:
         """`check`, then fail `test` on any violation or too many duplicates."""
         report = self.check(redis, list_key)
         problems = report.problems()

@@ -173,7 +173,7 @@ class OracleTests(unittest.TestCase):
 
     def test_counts_duplicates(self) -> None:
         """The same message twice counts one duplicate (at-least-once), not a problem."""
-        (cid, body, mid), = self._sent_and_acked(1)
+        ((cid, body, mid),) = self._sent_and_acked(1)
         self._push(cid, body, mid)
         self._push(cid, body, mid)
         report = self.oracle.check(self.redis, "l")

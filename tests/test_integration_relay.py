@@ -200,8 +200,11 @@ class ApiContractTests(RelayTestCase):
         """A chunked (no Content-Length) body over max_body is refused (411 or 413 problem), never enqueued."""
         body = b'{"p": "' + b"x" * 4096 + b'"}'
         status, headers, data = self.relayd.request(
-            "POST", "/small", iter([body[:1000], body[1000:]]),
-            {"Content-Type": "application/json"}, keep_alive=False,  # an iterable body: http.client sends it chunked
+            "POST",
+            "/small",
+            iter([body[:1000], body[1000:]]),
+            {"Content-Type": "application/json"},
+            keep_alive=False,  # an iterable body: http.client sends it chunked
         )
         self.assertIn(status, (411, 413), data[:300])
         self.assert_problem((status, headers, data), status)
@@ -490,9 +493,7 @@ class GracefulStopTests(RelayTestCase):
         self.redis.resume()
         code = self.relayd.wait(60.0)
         self.assertEqual(code, 0, f"exit status {code}; log tail:\n{self.relayd.log_tail()}")
-        report = oracle.assert_ok(
-            self, self.redis, "events", max_duplicates=self.N - self.PAUSED_FROM
-        )
+        report = oracle.assert_ok(self, self.redis, "events", max_duplicates=self.N - self.PAUSED_FROM)
         print(f"graceful stop: {report.items} items, {report.duplicates} duplicate(s)")
 
 
