@@ -51,11 +51,12 @@ Invariants
    only whole segments in which every record has been acknowledged.  (A
    fully drained active segment is also reclaimed when space is needed or at
    ``close()``.)
-3. The durable read cursor never points past data that was durable when it
-   was written: ``sync()`` fsyncs segment data before it writes metadata.
-   Metadata lost or corrupt => replay from the oldest segment: duplicates,
-   never loss.  A cursor pointing at a segment that no longer exists means
-   that segment was fully acknowledged.
+3. The durable read cursor only ever covers acknowledged records, so a
+   stale cursor means duplicates and a cursor past the surviving data (a
+   crash under ``"never"``) is simply clamped.  ``sync()`` still fsyncs
+   segment data before metadata.  Metadata lost or corrupt => replay from
+   the oldest segment: duplicates, never loss.  A cursor naming a segment
+   that no longer exists means that segment was fully acknowledged.
 4. Everything appended before a successful ``sync()`` (or any ``append()``
    under ``fsync="always"``) survives a crash.  Records read but not yet
    durably acknowledged may be delivered again (at-least-once).
@@ -81,14 +82,13 @@ Costs worth knowing
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import re
 import struct
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 from crc32c import crc32c
@@ -259,10 +259,10 @@ def _frame_end(buf: bytes, p: int, limit: int) -> int:
     return q
 
 
-_resync_patterns: Dict[int, "re.Pattern[bytes]"] = {}
+_resync_patterns: Dict[int, re.Pattern[bytes]] = {}
 
 
-def _resync_pattern(bound: int) -> "re.Pattern[bytes]":
+def _resync_pattern(bound: int) -> re.Pattern[bytes]:
     """Regex matching offsets whose u32 LE could be a length in [8, bound] (bound < 2**24).
 
     Pure function of ``bound``; compiled patterns are cached (immutable values).
@@ -583,7 +583,7 @@ class Spool:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         fsync: str = "batch",
         clock: Callable[[], float] = time.time,
-    ) -> "Spool":
+    ) -> Spool:
         """Open (creating if needed) the spool in ``path`` and recover it.
 
         ``max_bytes`` bounds the total size of segment files; ``fsync`` is
@@ -1274,7 +1274,7 @@ class Spool:
             except OSError:
                 pass
 
-    def __enter__(self) -> "Spool":
+    def __enter__(self) -> Spool:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
