@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import uuid
@@ -448,8 +449,14 @@ class RelaydProcess:
         """The command line relayd runs with."""
         return twistd_command() + ["-n", "--pidfile=", "relayd", "--config", self.config_path, *self.extra_args]
 
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
     def start(self, wait_ready: bool = True) -> None:
         """Start the daemon; optionally wait for ``/readyz`` to answer 200."""
+        self._drop_connection()
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
@@ -557,15 +564,14 @@ class RelaydProcess:
 
     def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, wait, return the exit code."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._drop_connection()
         if self.alive():
             self.signal(signal.SIGTERM)
         return self.wait(timeout)
 
     def kill(self) -> None:
         """SIGKILL and reap."""
+        self._drop_connection()
         if self.alive():
             assert self.proc is not None
             self.proc.kill()
@@ -698,14 +704,17 @@ class Oracle:
         self.sent: dict[str, Any] = {}
         self.acked: dict[str, str] = {}  # cid -> relayd id
         self.errors: list[str] = []  # transport errors of `post`
-        self.rejected: list[tuple[int, bytes]] = []  # non-2xx answers to `post`
+        self.rejected: list[tuple[str, int, bytes]] = []  # (cid, status, body) of non-2xx answers to `post`
         self._n = 0
+        self._lock = threading.Lock()
 
     def new_message(self, **extra: Any) -> tuple[str, Any]:
-        """A fresh unique message body (a JSON object) and its cid."""
-        self._n += 1
-        cid = f"{self.run}-{self._n:07d}"
-        return cid, {"cid": cid, "n": self._n, **extra}
+        """A fresh unique message body (a JSON object) and its cid (thread-safe)."""
+        with self._lock:
+            self._n += 1
+            n = self._n
+        cid = f"{self.run}-{n:07d}"
+        return cid, {"cid": cid, "n": n, **extra}
 
     def send(self, cid: str, body: Any) -> None:
         """Record that `body` is about to be sent."""
@@ -741,7 +750,7 @@ class Oracle:
         if 200 <= resp[0] < 300:
             self.acknowledge(cid, json_body(resp)["id"])
         else:
-            self.rejected.append((resp[0], resp[2][:300]))
+            self.rejected.append((cid, resp[0], resp[2][:300]))
         return resp
 
     def cids_in(self, redis: RedisServer, list_key: str) -> set[str]:

@@ -555,6 +555,131 @@ class CrashTests(RelayTestCase):
         print(f"spool after sigkill: {report.items} items, {report.duplicates} dup(s)")
 
 
+class StoredAckUnderHungRedisTests(RelayTestCase):
+    """A stored 2xx is a promise that survives SIGKILL, even while Redis hangs."""
+
+    def test_stored_acks_survive_sigkill_while_redis_hangs(self) -> None:
+        """Redis SIGSTOPped; concurrent stored POSTs; relayd SIGKILLed once every client has an answer;
+        after restarts every message acknowledged with 2xx is in Redis."""
+        self.redis = RedisServer(self)
+        self.relayd = RelaydProcess(self, routes=[{"path": "/leads", "list": "leads"}], redis_url=self.redis.url)
+        oracle = Oracle(route="/leads")
+        for _ in range(3):
+            self.assert_2xx(self.relayd.post("/leads", b'{"warm": "up"}'))  # not oracle messages: drained below
+        self.wait_llen("leads", 3)
+        self.redis.drain("leads")
+
+        self.redis.pause()
+        answered: list = []
+        threads = []
+        for _ in range(8):
+            t = threading.Thread(
+                target=lambda: answered.append(oracle.post(self.relayd, "/leads", keep_alive=False, timeout=25.0)),
+                daemon=True,
+            )
+            t.start()
+            threads.append(t)
+        wait_for(lambda: len(answered) == 8, 30.0, "every stored POST to get an answer (2xx or 503)")
+        for t in threads:
+            t.join(1.0)
+        statuses = sorted(r[0] if r else None for r in answered)
+        for status in statuses:
+            self.assertTrue(status is not None and (200 <= status < 300 or status == 503), statuses)
+
+        self.relayd.kill()
+        self.redis.resume()
+        self.relayd.start()
+        wait_for(lambda: self.relayd.get_admin("/readyz")[0] == 200, 20.0, "relayd ready after restart")
+        # A marker posted now: once it is in Redis, the restarted relayd has
+        # had its chance to push whatever it recovered (FIFO per worker).
+        marker = oracle.post(self.relayd, "/leads", after="restart")
+        self.assertTrue(marker is not None and 200 <= marker[0] < 300, marker)
+        wait_for(lambda: oracle.all_acknowledged_in(self.redis, "leads"), 20.0, "acknowledged messages in Redis")
+        answered_503 = {cid for cid, status, _ in oracle.rejected if status == 503}
+        present = oracle.cids_in(self.redis, "leads")
+        with self.subTest("every 2xx-acknowledged message is in Redis"):
+            report = oracle.check(self.redis, "leads")
+            self.assertEqual(report.problems(), [])
+            print(f"hung redis: statuses {statuses}; {report.items} items, {report.duplicates} dup(s)")
+        with self.subTest("a message answered 503 is not enqueued (contract: errors enqueue nothing)"):
+            self.assertEqual(
+                sorted(answered_503 & present),
+                [],
+                f"{len(answered_503 & present)} of {len(answered_503)} messages answered 503 were pushed to Redis; "
+                f"first 503: {oracle.rejected[0][2] if oracle.rejected else None!r}",
+            )
+
+
+class DaemonTests(unittest.TestCase):
+    """``twistd relayd --config PATH`` (no -n) daemonizes as twistd does."""
+
+    def test_daemonizes_and_stops_on_sigterm(self) -> None:
+        """Without -n the launcher exits 0, the daemon writes its pidfile, serves, and exits on SIGTERM removing it."""
+        import os
+        import subprocess
+
+        from tests.harness import REPO_ROOT, twistd_command
+
+        redis = RedisServer(self)
+        relayd = RelaydProcess(
+            self, routes=[{"path": "/leads", "list": "leads"}], redis_url=redis.url, wait_ready=False
+        )
+        relayd.kill()  # only its config, ports and temp dir are used here
+        pidfile = os.path.join(relayd.dir, "relayd.pid")
+        env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+        argv = [
+            *twistd_command(),
+            f"--pidfile={pidfile}",
+            f"--logfile={os.path.join(relayd.dir, 'twistd.log')}",
+            "relayd",
+            "--config",
+            relayd.config_path,
+        ]
+        pid_holder: list = []
+
+        def kill_daemon() -> None:
+            if pid_holder:
+                try:
+                    os.kill(pid_holder[0], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        self.addCleanup(kill_daemon)
+        launcher = subprocess.run(
+            argv, cwd=relayd.dir, env=env, capture_output=True, timeout=30, stdin=subprocess.DEVNULL
+        )
+        self.assertEqual(launcher.returncode, 0, launcher.stderr[-2000:])
+
+        def read_pid() -> int:
+            with open(pidfile) as f:
+                return int(f.read().strip())
+
+        pid_holder.append(wait_for(read_pid, 15.0, "the pidfile"))
+        try:
+            wait_for(lambda: relayd.get_admin("/readyz", timeout=2.0)[0] == 200, 20.0, "the daemon's /readyz 200")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; log:\n{relayd.log_tail()}") from None
+        self.assert_2xx_json(relayd.post("/leads", b'{"daemon": true}'))
+        os.kill(pid_holder[0], signal.SIGTERM)
+
+        def gone() -> bool:
+            try:
+                os.kill(pid_holder[0], 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_for(gone, 30.0, "the daemon to exit after SIGTERM")
+        self.assertFalse(os.path.exists(pidfile), "pidfile left behind")
+        self.assertEqual(redis.llen("leads"), 1)
+        self.assertFalse(port_accepts(relayd.ingest_port))
+
+    def assert_2xx_json(self, resp: Response) -> None:
+        """2xx with status OK."""
+        self.assertTrue(200 <= resp[0] < 300, resp)
+        self.assertEqual(json_body(resp)["status"], "OK")
+
+
 class ReloadTests(RelayTestCase):
     """SIGHUP reloads the config without dropping the listening socket."""
 
@@ -710,6 +835,12 @@ class BadConfigTests(unittest.TestCase):
         """A route's max_body given as a boolean is rejected with a line naming the key."""
         code, err, proc = self.run_bad_config(self.ROUTE + "max_body = true\n")
         self.assert_one_line_naming(code, err, proc, "max_body")
+
+    def test_unwritable_spool_dir(self) -> None:
+        """A spool dir that cannot be created (its parent is a regular file) is rejected with a line naming the key."""
+        body = self.ROUTE + '\n[spool]\ndir = "not-a-dir/spool"\n'
+        code, err, proc = self.run_bad_config(body, files={"not-a-dir": "a plain file\n"})
+        self.assert_one_line_naming(code, err, proc, "spool")
 
     def test_missing_schema_file(self) -> None:
         """A route whose schema file does not exist is rejected with a line naming the schema key."""
