@@ -278,32 +278,49 @@ def _resync_pattern(bound: int) -> re.Pattern[bytes]:
     return pat
 
 
+_NONZERO_RUN = re.compile(rb"[^\x00]+")
+
+
 def _resync(buf: bytes, start: int, limit: int, bound: int) -> int:
     """First offset after ``start`` where a valid frame begins, or ``limit`` if none.
 
     ``buf[:limit]`` holds the data; only lengths up to ``bound`` are tried.
+    A plausible length (8 <= n < 2**24) has a non-zero byte among its low
+    three bytes, so candidates lie just before or inside runs of non-zero
+    bytes: zero-filled ranges (a crash's usual leftover) are skipped at
+    memchr-like speed instead of being tried offset by offset.
     """
     bound = min(bound, (1 << 24) - 1)
     mv = memoryview(buf)
     unpack = _HEADER.unpack_from
-    for m in _resync_pattern(bound).finditer(buf, start + 1, limit):
-        c = m.start()
-        if c + HEADER_BYTES > limit:
-            break
-        length, crc = unpack(buf, c)
-        if length < _MIN_LENGTH or length > bound:
-            continue
-        q = c + HEADER_BYTES + length
-        if q > limit:
-            continue
-        if length > _CHAIN_CHECK_LENGTH and q != limit:
-            if q + HEADER_BYTES > limit:
+    search = _resync_pattern(bound).search
+    c = start + 1
+    for run in _NONZERO_RUN.finditer(buf, start + 1, limit):
+        c = max(c, run.start() - 3)
+        window_end = min(limit, run.end() + 3)
+        while True:
+            m = search(buf, c, window_end)
+            if m is None:
+                break
+            c = m.start()
+            if c + HEADER_BYTES > limit:
+                return limit
+            length, crc = unpack(buf, c)
+            c += 1
+            if length > bound:
                 continue
-            (nxt,) = _U32.unpack_from(buf, q)
-            if nxt < _MIN_LENGTH or q + HEADER_BYTES + nxt > limit:
+            q = c - 1 + HEADER_BYTES + length
+            if q > limit:
                 continue
-        if crc32c(mv[c + HEADER_BYTES : q]) == crc:
-            return c
+            if length > _CHAIN_CHECK_LENGTH and q != limit:
+                if q + HEADER_BYTES > limit:
+                    continue
+                (nxt,) = _U32.unpack_from(buf, q)
+                if nxt < _MIN_LENGTH or q + HEADER_BYTES + nxt > limit:
+                    continue
+            if crc32c(mv[c - 1 + HEADER_BYTES : q]) == crc:
+                return c - 1
+        c = max(c, run.end())
     return limit
 
 
