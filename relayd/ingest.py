@@ -31,7 +31,7 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
 from relayd.buffer import RingBuffer, Waiter
-from relayd.codec import EncodeError, encode_envelope
+from relayd.codec import EncodeError, encode_envelopes
 from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.listener import ListenerService
@@ -206,10 +206,8 @@ class IngestApp:
         else:
             ids = self._ids.next_ids(count)
         if route.envelope:
-            path = route.path
-            ct = parsed.content_type
             try:
-                items = [encode_envelope(i, started, path, ct, v) for i, v in zip(ids, parsed.values)]
+                items = encode_envelopes(ids, started, route.path, parsed.content_type, parsed.values)
             except EncodeError as e:
                 raise BadRequest(f"body has no strict JSON representation: {e}") from None
         else:
