@@ -31,7 +31,7 @@ from relayd.spool import (
     encode_entry,
     encode_record,
 )
-from tests.strategies import spool_entries, spool_payloads, spool_records
+from tests.strategies import spool_entries, spool_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
