@@ -506,6 +506,7 @@ class Poster(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        """Post until `stop`; the oracle records acks, rejections and transport errors."""
         while not self.stopping.is_set():
             self.oracle.post(self.relayd, self.path, keep_alive=self.keep_alive, timeout=10.0)
 
@@ -812,6 +813,7 @@ class BadConfigTests(unittest.TestCase):
         self.assertEqual(len(lines), 1, f"stderr should be one line, got {len(lines)}:\n{stderr[-3000:]}")
         for word in words:
             self.assertIn(word, lines[0])
+        print(f"bad config -> exit {code}, stderr: {lines[0]}")
 
     ROUTE = '[redis]\nurl = "redis://127.0.0.1:1/0"\n\n[[route]]\npath = "/leads"\nlist = "leads"\n'
 
