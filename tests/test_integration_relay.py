@@ -496,6 +496,35 @@ class GracefulStopTests(RelayTestCase):
         report = oracle.assert_ok(self, self.redis, "events", max_duplicates=self.N - self.PAUSED_FROM)
         print(f"graceful stop: {report.items} items, {report.duplicates} duplicate(s)")
 
+    def test_sigterm_with_redis_down_spools_memory(self) -> None:
+        """ack = "accepted" with Redis dead: SIGTERM spools what is in memory (exit 0); after restarts it all reaches Redis."""
+        self.redis = RedisServer(self)
+        self.relayd = RelaydProcess(
+            self,
+            routes=[{"path": "/events", "list": "events", "ack": "accepted"}],
+            redis_url=self.redis.url,
+        )
+        oracle = Oracle(route="/events")
+        for _ in range(100):
+            oracle.post(self.relayd, "/events")
+        self.assertEqual(len(oracle.acked), 100, oracle.rejected[:3] or oracle.errors[:3])
+        wait_for(lambda: oracle.all_acknowledged_in(self.redis, "events"), ARRIVAL_TIMEOUT, "first 100 in Redis")
+        self.redis.kill()
+        for i in range(300):
+            resp = oracle.post(self.relayd, "/events", timeout=15.0)
+            if resp is None or not 200 <= resp[0] < 300:
+                self.fail(
+                    f"message {i} after Redis died (ack = accepted, 1 GiB spool): expected 2xx, "
+                    f"got {resp[0] if resp else oracle.errors[-1]} {resp[2][:300] if resp else b''!r}"
+                )
+        code = self.relayd.terminate(60.0)
+        self.assertEqual(code, 0, f"exit status {code}; log tail:\n{self.relayd.log_tail()}")
+        self.redis.restart()
+        self.relayd.start()
+        wait_for(lambda: oracle.all_acknowledged_in(self.redis, "events"), 20.0, "spooled messages in Redis")
+        report = oracle.assert_ok(self, self.redis, "events", max_duplicates=300)
+        print(f"graceful stop, redis down: {report.items} items, {report.duplicates} dup(s)")
+
 
 class Poster(threading.Thread):
     """Posts oracle messages back to back until stopped (or `limit` is reached)."""
