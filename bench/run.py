@@ -602,13 +602,48 @@ IDLE_LEAVES = ("Condition.wait (threading.py", "Event.wait (threading.py", "Queu
                "_wait_for_tstate_lock (threading.py")
 
 
-def analyze_pyspy(raw: Path, top: int = 15) -> dict:
+# Sub-trees worth a breakdown of their own, per profiled target: the share of
+# samples under a frame whose text contains the anchor, and the leaf
+# functions inside it.
+PROFILE_ANCHORS = {
+    "klein": ["KleinResource.render (", "Deferred.addCallback ("],
+    "twisted-web": ["Ingest.render_POST ("],
+    "relayd-stored": ["IngestRequest.process (", "IngestApp.serve (", "IngestApp._accept (", "KleinResource.render (",
+                      "Forwarder", "RedisProtocol", "Spool"],
+    "relayd-accepted": ["IngestRequest.process (", "IngestApp.serve (", "IngestApp._accept (", "Forwarder"],
+}
+
+
+def event_source(frames: list[str]) -> str:
+    """What woke the reactor up for this sample: which protocol's
+    dataReceived, a socket write, a timed call, or something else."""
+    for i, f in enumerate(frames):
+        if f.startswith("Connection._dataReceived (") and i + 1 < len(frames):
+            return "dataReceived: " + short_frame(frames[i + 1])
+        if f.startswith("ReactorBase.runUntilCurrent (") and i + 1 < len(frames):
+            return "timed call: " + short_frame(frames[i + 1])
+    for f in frames:
+        if ".doWrite (" in f:
+            return "socket write: " + short_frame(f)
+        if f.startswith("Connection.doRead ("):
+            return "socket read: Connection.doRead (twisted/internet/tcp.py)"
+        if f.startswith("EPollReactor.doPoll (") and f is frames[-1]:
+            return "epoll wait/dispatch"
+    leaf = frames[-1] if frames else "?"
+    return "other: " + short_frame(leaf)
+
+
+def analyze_pyspy(raw: Path, top: int = 15, anchors: list[str] | None = None) -> dict:
     total = 0
     idle = 0
     self_t: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
     cat_self: collections.Counter = collections.Counter()
     cat_incl: collections.Counter = collections.Counter()
+    sources: collections.Counter = collections.Counter()
+    anchors = anchors or []
+    anchor_n: collections.Counter = collections.Counter()
+    anchor_leaf: dict = {a: collections.Counter() for a in anchors}
     for line in raw.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
@@ -642,14 +677,23 @@ def analyze_pyspy(raw: Path, top: int = 15) -> dict:
         below = frames[loop[-1] + 1:] if loop else frames
         for c in {categorize(f) for f in below}:
             cat_incl[c] += n
+        sources[event_source(frames)] += n
+        for a in anchors:
+            if any(a in f for f in frames):
+                anchor_n[a] += n
+                anchor_leaf[a][short_frame(frames[-1])] += n
     pct = (lambda v: 100.0 * v / total) if total else (lambda v: 0.0)
     return {
         "samples": total,
         "idle_samples": idle,
         "self": [(f, pct(v)) for f, v in self_t.most_common(top)],
+        "self_full": {f: pct(v) for f, v in self_t.items()},
         "inclusive": [(f, pct(v)) for f, v in incl.most_common(top + 10)],
         "cat_self": [(c, pct(v)) for c, v in cat_self.most_common()],
         "cat_incl": [(c, pct(v)) for c, v in cat_incl.most_common()],
+        "sources": [(c, pct(v)) for c, v in sources.most_common(12)],
+        "anchors": [(a, pct(anchor_n[a]), [(f, pct(v)) for f, v in anchor_leaf[a].most_common(10)])
+                    for a in anchors if anchor_n[a]],
     }
 
 
@@ -682,8 +726,13 @@ def profile_target(ctx: "Ctx", cls, duration: int) -> dict:
             spy.wait(10)
         if spy.returncode != 0 or not raw.exists():
             raise RuntimeError("py-spy failed: " + (ctx.results / f"profile-{t.name}.pyspy.log").read_text()[-500:])
-        res = analyze_pyspy(raw)
+        res = analyze_pyspy(raw, anchors=PROFILE_ANCHORS.get(t.name))
         res["rps_under_profiler"] = w["rps"]
+        # CPU microseconds per request of the server process, so that two
+        # profiles can be compared per request rather than per sample.
+        cpu_frac = (w["server_cpu_pct"][0] if w["server_cpu_pct"] else 100.0) / 100.0
+        res["server_cpu_pct"] = 100 * cpu_frac
+        res["us_per_req"] = cpu_frac / w["rps"] * 1e6 if w["rps"] else None
         res["raw"] = str(raw.relative_to(ROOT))
         return res
     finally:
@@ -813,6 +862,7 @@ def aggregate(all_rows: list[dict], targets: list[str]) -> list[dict]:
         agg["rounds"] = len(rr)
         agg["rounds_measured"] = len(measured)
         agg["rps_min"], agg["rps_max"] = measured[0]["rps"], measured[-1]["rps"]
+        agg["msgs_max"] = max(r["msgs_per_s"] for r in measured)
         agg["non2xx_total"] = sum(r["non2xx"] for r in measured)
         agg["foreign_max"] = max(r["foreign_cpu_pct"] for r in measured)
         problems = []
@@ -965,34 +1015,54 @@ def render(ctx: Ctx, rows: list[dict], all_rows: list[dict], info: dict, profile
     w("")
     w("### Ratios (same run)")
     w("")
-    w("| ratio | value | target | verdict |")
-    w("|---|---:|---:|---|")
+    w("*median* divides the median rounds; *best* divides the best rounds. Interference from other "
+      "processes on this shared box only ever slows a server down, so *best* is the better estimate of "
+      "capacity and *median* the conservative one; the verdict uses the median.")
+    w("")
+    w("| ratio | median | best | target | verdict |")
+    w("|---|---:|---:|---:|---|")
 
-    def rrow(label, val, target=None, fmt="{:.2f}x"):
-        if val is None:
-            w(f"| {label} | n/a | {'>= ' + fmt.format(target) if target else ''} | not measured |")
+    def best(r: dict | None, key: str) -> dict | None:
+        if not r or key not in r:
+            return None
+        return {key: r["rps_max" if key == "rps" else "msgs_max"]}
+
+    def rrow(label, num, den, target=None):
+        med = ratio(by.get(num), by.get(den))
+        bst = ratio(best(by.get(num), "rps"), best(by.get(den), "rps"))
+        tgt = f">= {target:.2f}x" if target else "–"
+        if med is None:
+            w(f"| {label} | n/a | n/a | {tgt} | not measured |")
             return
-        verdict = "" if target is None else ("meets" if val >= target else "**misses**")
-        w(f"| {label} | {fmt.format(val)} | {'>= ' + fmt.format(target) if target else '–'} | {verdict} |")
+        bad = [n for n in (num, den) if not by[n].get("valid")]
+        verdict = "" if target is None else ("meets" if med >= target else "**misses**")
+        if target is not None and med < target <= bst:
+            verdict += " (best round meets)"
+        if bad:
+            verdict += f" — {', '.join(bad)} invalid"
+        w(f"| {label} | {med:.2f}x | {bst:.2f}x | {tgt} | {verdict} |")
 
     for mode in ("stored", "accepted"):
-        rel = by.get(f"relayd-{mode}")
-        rrow(f"relayd ({mode}) / raw twisted.web", ratio(rel, by.get("twisted-web")), 0.8)
-        rrow(f"relayd ({mode}) / naive Starlette", ratio(rel, by.get("naive")), 2.2)
-        rrow(f"relayd ({mode}) / nginx", ratio(rel, by.get("nginx")))
-    rrow("raw twisted.web / nginx", ratio(by.get("twisted-web"), by.get("nginx")))
-    rrow("Klein-routed / raw twisted.web (Klein's cost)", ratio(by.get("klein"), by.get("twisted-web")))
-    rrow("naive / raw twisted.web", ratio(by.get("naive"), by.get("twisted-web")))
+        rel = f"relayd-{mode}"
+        rrow(f"relayd ({mode}) / raw twisted.web", rel, "twisted-web", 0.8)
+        rrow(f"relayd ({mode}) / naive Starlette", rel, "naive", 2.2)
+        rrow(f"relayd ({mode}) / nginx", rel, "nginx")
+    rrow("raw twisted.web / nginx", "twisted-web", "nginx")
+    rrow("Klein-routed / raw twisted.web (Klein's cost)", "klein", "twisted-web")
+    rrow("naive / raw twisted.web", "naive", "twisted-web")
     for n in ("relayd-ndjson", "relayd-ndjson-accepted"):
         r = by.get(n)
         if r is None:
             continue
-        val = r.get("msgs_per_s")
         label = f"NDJSON batch msgs/s into Redis ({'stored' if n == 'relayd-ndjson' else 'accepted'}, 1 core)"
-        if val is None:
-            w(f"| {label} | n/a | >= 250,000 | not measured |")
-        else:
-            w(f"| {label} | {val:,.0f} | >= 250,000 | {'meets' if val >= 250_000 else '**misses**'} |")
+        if "msgs_per_s" not in r:
+            w(f"| {label} | n/a | n/a | >= 250,000 | not measured |")
+            continue
+        val, bst = r["msgs_per_s"], r["msgs_max"]
+        verdict = "meets" if val >= 250_000 else "**misses**"
+        if not r.get("valid"):
+            verdict += " — invalid (see Results)"
+        w(f"| {label} | {val:,.0f} | {bst:,.0f} | >= 250,000 | {verdict} |")
     w("")
     redis_rows = [r for r in all_rows if "llen" in r]
     if redis_rows:
@@ -1055,12 +1125,51 @@ def render(ctx: Ctx, rows: list[dict], all_rows: list[dict], info: dict, profile
             for f, s in p["self"][:15]:
                 w(f"| {s:.1f} | `{f}` |")
             w("")
+            w("By event source (what the reactor was handling when sampled):")
+            w("")
+            w("| % | source |")
+            w("|---:|---|")
+            for src, v in p.get("sources", []):
+                w(f"| {v:.1f} | `{src}` |")
+            w("")
+            for a, share, leaves in p.get("anchors", []):
+                w(f"Under `{a.strip(' (')}` ({share:.1f}% of samples), by leaf function (% of all samples):")
+                w("")
+                w("| % | leaf function (file) |")
+                w("|---:|---|")
+                for f, v in leaves:
+                    w(f"| {v:.1f} | `{f}` |")
+                w("")
             w("Top functions by inclusive time:")
             w("")
             w("| incl % | function (file) |")
             w("|---:|---|")
             for f, s in p["inclusive"][:25]:
                 w(f"| {s:.1f} | `{f}` |")
+            w("")
+        for a_name, b_name in (("klein", "twisted-web"), ("relayd-stored", "twisted-web")):
+            pa, pb = profiles.get(a_name, {}), profiles.get(b_name, {})
+            if not pa.get("us_per_req") or not pb.get("us_per_req"):
+                continue
+            ua, ub = pa["us_per_req"], pb["us_per_req"]
+            w(f"### Per-request diff: {a_name} vs {b_name}")
+            w("")
+            w(f"Server CPU per request while profiled: {a_name} {ua:.1f} µs, {b_name} {ub:.1f} µs "
+              f"(difference {ua - ub:+.1f} µs). Self time per request by function, largest increases first "
+              "(µs = self% x CPU per request; py-spy overhead inflates both sides alike):")
+            w("")
+            w(f"| function (file) | {a_name} µs | {b_name} µs | Δ µs |")
+            w("|---|---:|---:|---:|")
+            fa, fb = pa["self_full"], pb["self_full"]
+            diffs = sorted(((fa.get(f, 0) * ua / 100 - fb.get(f, 0) * ub / 100, f) for f in set(fa) | set(fb)),
+                           reverse=True)
+            for d, f in diffs[:15]:
+                w(f"| `{f}` | {fa.get(f, 0) * ua / 100:.2f} | {fb.get(f, 0) * ub / 100:.2f} | {d:+.2f} |")
+            w("")
+            cat_a, cat_b = dict(pa["cat_self"]), dict(pb["cat_self"])
+            w(f"By category (self µs per request): " + "; ".join(
+                f"{c.split(' (')[0]} {cat_a.get(c, 0) * ua / 100:.1f} vs {cat_b.get(c, 0) * ub / 100:.1f}"
+                for c in sorted(set(cat_a) | set(cat_b), key=lambda c: -(cat_a.get(c, 0) * ua)) ) + ".")
             w("")
         if ctx.args.profile_notes and Path(ctx.args.profile_notes).exists():
             w(Path(ctx.args.profile_notes).read_text().strip())
