@@ -3,7 +3,7 @@
 Why batches: one ``LPUSH key v1 .. vN`` costs about one round trip whatever
 N is, and was 5-13x cheaper per message than a pipeline of single LPUSHes.
 All messages that arrive within one reactor iteration (and all that pile up
-while `max_in_flight` commands are outstanding) leave as one command per
+while `max_in_flight` batches are outstanding) leave as one command per
 list, so batching grows with load by itself and costs nothing when idle.
 
 Order: per list, values are pushed in arrival order (LPUSH then RPOP is
@@ -27,7 +27,10 @@ from twisted.logger import Logger
 from relayd.buffer import Entry, RingBuffer
 from relayd.metrics import Metrics
 from relayd.redis import RedisClient, ResponseError, TimeoutError
+from relayd.spooler import Spooler
 
+HIGH_WATER = 0.5  # spill once the buffer is half full: Redis is slower than ingest
+SPILL_RETRY = 0.1  # seconds before retrying a spill the spool refused
 RETRY_INITIAL_DELAY = 0.05  # seconds; a blip costs little latency
 RETRY_MAX_DELAY = 2.0  # seconds; bounded so recovery is quick once Redis answers
 DRAIN_POLL = 0.01  # seconds between drain checks during shutdown
@@ -43,6 +46,7 @@ class Forwarder(Service):
         reactor,  # type: ignore[no-untyped-def]
         buffer: RingBuffer,
         redis: RedisClient,
+        spooler: Spooler,
         metrics: Metrics,
         batch_messages: int,
         batch_bytes: int,
@@ -53,7 +57,10 @@ class Forwarder(Service):
         self._reactor = reactor
         self._buffer = buffer
         self._redis = redis
+        self._spooler = spooler
         self._metrics = metrics
+        self._high_messages = int(buffer.max_messages * HIGH_WATER)
+        self._high_bytes = int(buffer.max_bytes * HIGH_WATER)
         self._batch_messages = batch_messages
         self._batch_bytes = batch_bytes
         self._max_in_flight = max_in_flight
@@ -64,6 +71,7 @@ class Forwarder(Service):
         self._failed: List[Tuple[int, List[Entry]]] = []
         self._failures_in_row = 0
         self._wakeup = None  # pending DelayedCall of _pump
+        self._pumping = False
         self._retry_at: Optional[float] = None
 
     # -- lifecycle -------------------------------------------------------
@@ -73,6 +81,7 @@ class Forwarder(Service):
         super().startService()
         self._buffer.set_listener(self.wake)
         self._redis.on_ready(self._redis_ready)
+        self._spooler.on_mode_change(self.wake)
         self.wake()
 
     def stopService(self) -> Deferred:
@@ -104,7 +113,7 @@ class Forwarder(Service):
 
     @property
     def in_flight(self) -> int:
-        """LPUSH commands awaiting a reply."""
+        """Batches (one LPUSH per list they touch) awaiting replies."""
         return self._in_flight
 
     # -- scheduling ------------------------------------------------------
@@ -123,11 +132,41 @@ class Forwarder(Service):
 
     def _pump(self) -> None:
         self._wakeup = None
+        if self._pumping:  # re-entered from a synchronous reply: the outer loop continues
+            return
+        self._pumping = True
+        try:
+            self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
         buffer = self._buffer
-        while self._in_flight < self._max_in_flight and buffer.queued and self._redis.ready:
-            batch = buffer.take(self._batch_messages, self._batch_bytes)
-            if batch:
-                self._send(batch)
+        spooler = self._spooler
+        if buffer.queued and not spooler.active:
+            if not self._redis.ready:
+                spooler.activate("redis unavailable")
+            elif buffer.messages > self._high_messages or buffer.bytes > self._high_bytes:
+                spooler.activate("buffer above high-water mark")
+        while buffer.queued:
+            if spooler.active:
+                batch = buffer.take(self._batch_messages, self._batch_bytes)
+                if batch and not spooler.spill(batch):
+                    buffer.requeue(batch)
+                    self._retry_at = self._reactor.seconds() + SPILL_RETRY
+                    self._wakeup = self._reactor.callLater(SPILL_RETRY, self._retry)
+                    return
+            elif (
+                self._in_flight < self._max_in_flight
+                and self._redis.ready
+                and not self._failed  # failed batches go first (after requeue)
+                and self._retry_at is None
+            ):
+                batch = buffer.take(self._batch_messages, self._batch_bytes)
+                if batch:
+                    self._send(batch)
+            else:
+                return
 
     def _send(self, batch: List[Entry]) -> None:
         groups: Dict[bytes, List[Entry]] = {}
@@ -137,22 +176,28 @@ class Forwarder(Service):
                 groups[entry[0]] = [entry]
             else:
                 group.append(entry)
+        self._in_flight += 1
+        pending = [len(groups)]  # LPUSHes of this batch still awaiting a reply
+        started = self._reactor.seconds()
         for key, entries in groups.items():
             self._seq += 1
-            self._in_flight += 1
-            started = self._reactor.seconds()
             d = self._redis.lpush(key, [e[1] for e in entries])
             d.addCallbacks(
                 self._pushed,
                 self._push_failed,
-                callbackArgs=(key, entries, started),
-                errbackArgs=(self._seq, entries),
+                callbackArgs=(key, entries, started, pending),
+                errbackArgs=(self._seq, entries, pending),
             )
+
+    def _command_done(self, pending: List[int]) -> None:
+        pending[0] -= 1
+        if pending[0] == 0:
+            self._in_flight -= 1
 
     # -- outcomes --------------------------------------------------------
 
-    def _pushed(self, _reply: object, key: bytes, entries: List[Entry], started: float) -> None:
-        self._in_flight -= 1
+    def _pushed(self, _reply: object, key: bytes, entries: List[Entry], started: float, pending: List[int]) -> None:
+        self._command_done(pending)
         self._failures_in_row = 0
         metrics = self._metrics
         metrics.redis_latency.observe(self._reactor.seconds() - started)
@@ -165,8 +210,8 @@ class Forwarder(Service):
                 waiter.stored()
         self._settle()
 
-    def _push_failed(self, failure, seq: int, entries: List[Entry]) -> None:  # type: ignore[no-untyped-def]
-        self._in_flight -= 1
+    def _push_failed(self, failure, seq: int, entries: List[Entry], pending: List[int]) -> None:  # type: ignore[no-untyped-def]
+        self._command_done(pending)
         if failure.check(TimeoutError):
             kind = "timeout"
         elif failure.check(ResponseError):
@@ -178,6 +223,7 @@ class Forwarder(Service):
             self._log.warn("redis push failed ({kind}): {error}; will retry", kind=kind, error=failure.getErrorMessage())
         self._failures_in_row += 1
         self._failed.append((seq, entries))
+        self._spooler.activate(f"redis push failed ({kind})")
         self._settle()
 
     def _settle(self) -> None:
@@ -187,6 +233,9 @@ class Forwarder(Service):
             for _, entries in reversed(self._failed):
                 self._buffer.requeue(entries)
             self._failed = []
+            if self._spooler.active and self._spooler.usable:
+                self.wake()  # spill them now; the spooler's replay retries Redis
+                return
             delay = min(RETRY_INITIAL_DELAY * 2 ** min(self._failures_in_row, 16), RETRY_MAX_DELAY)
             delay *= 0.5 + self._jitter()
             if self._wakeup is not None and self._wakeup.active():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from io import BytesIO
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -50,7 +50,6 @@ from relayd.problems import (
     StoreTimeout,
     render_problem,
 )
-from relayd.redis import RedisClient
 from relayd.validation import BodyParser, Validator
 
 JSON_CONTENT_TYPE = b"application/json"
@@ -69,7 +68,7 @@ class IngestRoute:
         self.stored = config.ack == "stored"
         self.envelope = config.format == "envelope"
         self.max_body = config.max_body
-        self.parser = BodyParser(validator)
+        self.parser = BodyParser(validator, raw=not self.envelope)
         self.metrics = metrics
 
 
@@ -84,7 +83,7 @@ class IngestApp:
         clock,  # type: ignore[no-untyped-def]
         routes: List[IngestRoute],
         buffer: RingBuffer,
-        redis: RedisClient,
+        can_store: Callable[[], bool],
         ids: IdGenerator,
         metrics: Metrics,
         ack_timeout: float,
@@ -92,7 +91,7 @@ class IngestApp:
         self._clock = clock
         self._routes: Dict[bytes, IngestRoute] = {r.path_bytes: r for r in routes}
         self._buffer = buffer
-        self._redis = redis
+        self._can_store = can_store
         self._ids = ids
         self._metrics = metrics
         self._ack_timeout = ack_timeout
@@ -213,8 +212,10 @@ class IngestApp:
         else:
             items = parsed.raws
         if route.stored:
-            if not self._redis.ready:
-                raise NotReady("Redis is not reachable and nothing can be stored", retry_after=RETRY_AFTER_NOT_READY)
+            if not self._can_store():
+                raise NotReady(
+                    "neither Redis nor the disk spool can take messages now", retry_after=RETRY_AFTER_NOT_READY
+                )
             waiter = Waiter(count)
             if not self._buffer.offer(route.list_key, items, waiter):
                 raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)

@@ -61,6 +61,21 @@ class Metrics:
         self.buffer_messages = Gauge("relayd_buffer_messages", "Messages in memory.", registry=r)
         self.buffer_bytes = Gauge("relayd_buffer_bytes", "Bytes in memory (with overhead).", registry=r)
         self.redis_up = Gauge("relayd_redis_up", "1 while Redis takes writes.", registry=r)
+        self.spill_mode = Gauge("relayd_spill_mode", "1 while messages go through the disk spool.", registry=r)
+        self.spilled = Counter("relayd_spilled", "Messages appended to the disk spool.", registry=r)
+        self.replayed = Counter("relayd_replayed", "Spooled messages pushed to Redis.", registry=r)
+        self.spool_messages = Gauge("relayd_spool_messages", "Messages waiting in the spool.", registry=r)
+        self.spool_bytes = Gauge("relayd_spool_bytes", "Payload bytes waiting in the spool.", registry=r)
+        self.spool_oldest_age = Gauge(
+            "relayd_spool_oldest_age_seconds", "Age of the oldest spooled message.", registry=r
+        )
+        self.spool_corrupt = Counter(
+            "relayd_spool_corrupt_records", "Corrupt spool records skipped and quarantined.", registry=r
+        )
+        self.spool_errors = Counter("relayd_spool_errors", "Spool appends refused, by kind.", ["kind"], registry=r)
+        self.fsync_latency = Histogram(
+            "relayd_spool_fsync_seconds", "Spool group-commit fsync time.", buckets=REDIS_BUCKETS, registry=r
+        )
         self._routes: Dict[str, RouteMetrics] = {}
         self._forwarded_children: Dict[bytes, Counter] = {}
 

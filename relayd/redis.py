@@ -18,14 +18,16 @@ protocol and drives the connection with Twisted's own `ClientService`:
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable, List, Optional
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from relayd.config import RedisConfig
@@ -89,13 +91,16 @@ class RedisClient(Service):
         self._service = ClientService(
             endpoint,
             _ProtocolFactory(reactor, config.reply_timeout),
-            retryPolicy=backoffPolicy(RECONNECT_INITIAL_DELAY, RECONNECT_MAX_DELAY),
+            retryPolicy=backoffPolicy(
+                RECONNECT_INITIAL_DELAY, RECONNECT_MAX_DELAY, jitter=lambda: random.uniform(0, RECONNECT_INITIAL_DELAY)
+            ),
             clock=reactor,
             prepareConnection=self._prepare,
         )
         self._proto: Optional[RelaydRedisProtocol] = None
         self._ready_listeners: List[Callable[[], None]] = []
         self._was_down_logged = False
+        self._setup_failures = 0
 
     @property
     def ready(self) -> bool:
@@ -107,21 +112,46 @@ class RedisClient(Service):
         self._ready_listeners.append(listener)
 
     @inlineCallbacks
-    def _prepare(self, proto: RelaydRedisProtocol):  # type: ignore[no-untyped-def]
+    def _prepare(self, proto: Any):  # type: ignore[no-untyped-def]
+        """AUTH and SELECT on a new connection, before it is used.
+
+        On failure the connection is closed after a growing delay and the
+        preparation *succeeds*: failing it would make ClientService forget
+        the socket without closing it (one leaked connection per attempt).
+        ClientService then sees a disconnect and reconnects, so a wrong
+        password is retried for ever, at most every `RECONNECT_MAX_DELAY`
+        (txredisapi stops for good here: its issue 146).
+        """
         cfg = self._config
-        if cfg.password is not None:
-            args = [cfg.username, cfg.password] if cfg.username else [cfg.password]
-            yield proto.execute_command(b"AUTH", *args)
-        if cfg.db:
-            yield proto.execute_command(b"SELECT", cfg.db)
+        try:
+            if cfg.password is not None:
+                args = [cfg.username, cfg.password] if cfg.username else [cfg.password]
+                yield proto.execute_command(b"AUTH", *args)
+            if cfg.db:
+                yield proto.execute_command(b"SELECT", cfg.db)
+        except Exception as e:
+            self._setup_failures += 1
+            if self._setup_failures == 1:
+                self._log.error("redis AUTH/SELECT failed: {error}; retrying with backoff", error=e)
+            delay = min(RECONNECT_INITIAL_DELAY * 2**self._setup_failures, RECONNECT_MAX_DELAY)
+            yield deferLater(self._reactor, delay, lambda: None)
+            proto.transport.loseConnection()
+            return
+        self._setup_failures = 0
         # `proto` is ClientService's proxy of our protocol; whenDisconnected
         # fires before pending replies fail, so nothing is sent on a dead link.
         proto.whenDisconnected().addCallback(lambda _: self._lost(proto))
         self._proto = proto
         self._log.info("redis connected to {host}:{port} db {db}", host=cfg.host, port=cfg.port, db=cfg.db)
         self._was_down_logged = False
-        for listener in list(self._ready_listeners):
-            listener()
+        # Not from inside ClientService's state transition: a listener that
+        # stops the service (tests, shutdown) would re-enter its machine.
+        self._reactor.callLater(0, self._notify_ready, proto)
+
+    def _notify_ready(self, proto: Any) -> None:
+        if self._proto is proto:
+            for listener in list(self._ready_listeners):
+                listener()
 
     def _lost(self, proto: Any) -> None:
         if self._proto is proto:
@@ -136,7 +166,9 @@ class RedisClient(Service):
         self._service.startService()
 
     def stopService(self) -> Deferred:
-        """Close the connection and stop reconnecting."""
+        """Close the connection and stop reconnecting (idempotent)."""
+        if not self.running:
+            return succeed(None)
         super().stopService()
         self._proto = None
         return self._service.stopService()

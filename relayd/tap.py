@@ -8,6 +8,7 @@ stderr and exit status 2.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any, Dict, List, Optional
@@ -28,6 +29,7 @@ from relayd.ingest import IngestApp, IngestRoute, IngestService, IngestSite
 from relayd.listener import ListenerService
 from relayd.metrics import Metrics
 from relayd.redis import RedisClient
+from relayd.spooler import Spooler
 from relayd.validation import compile_schema_file
 
 
@@ -88,10 +90,20 @@ def build_service(config: Config, validators: Dict[str, Any], reactor: Any) -> R
     metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
     redis = RedisClient(reactor, config.redis)
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
+    spooler = Spooler(
+        reactor,
+        os.path.join(config.spool.dir, "worker-0"),
+        config.spool.max_bytes,
+        config.spool.fsync,
+        buffer,
+        redis,
+        metrics,
+    )
     forwarder = Forwarder(
         reactor,
         buffer,
         redis,
+        spooler,
         metrics,
         batch_messages=config.redis.batch_messages,
         batch_bytes=config.redis.batch_bytes,
@@ -103,7 +115,13 @@ def build_service(config: Config, validators: Dict[str, Any], reactor: Any) -> R
         IngestRoute(r, validators.get(r.path), metrics.route(r.path)) for r in config.routes
     ]
     app = IngestApp(
-        reactor, routes, buffer, redis, IdGenerator(reactor.seconds), metrics, config.buffer.ack_timeout
+        reactor,
+        routes,
+        buffer,
+        lambda: redis.ready or spooler.usable,
+        IdGenerator(reactor.seconds),
+        metrics,
+        config.buffer.ack_timeout,
     )
     site = IngestSite(app, metrics, config.server.idle_timeout, reactor)
     ingest = IngestService(
@@ -113,14 +131,19 @@ def build_service(config: Config, validators: Dict[str, Any], reactor: Any) -> R
     ingest.listening.addCallback(lambda _: listening.update(ingest=True))
 
     def readiness() -> Dict[str, bool]:
-        return {"ingest_listening": listening["ingest"], "redis": redis.ready}
+        # Ready = listening, spool recovered, and somewhere to store messages.
+        return {
+            "ingest_listening": listening["ingest"],
+            "spool_recovered": spooler.spool is not None,
+            "can_store": redis.ready or spooler.usable,
+        }
 
     admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
     admin_site.log = lambda request: None  # type: ignore[method-assign]
     admin = ListenerService(serverFromString(reactor, config.server.admin), admin_site, "admin")
 
     root = RelayService(reactor)
-    for child in (redis, forwarder, ingest, admin):
+    for child in (redis, spooler, forwarder, ingest, admin):
         child.setServiceParent(root)
     return root
 

@@ -116,8 +116,11 @@ def _schema_detail(e: fastjsonschema.JsonSchemaValueException) -> str:
 class BodyParser:
     """Turns one route's request bodies into message values."""
 
-    def __init__(self, validator: Optional[Validator]) -> None:
+    def __init__(self, validator: Optional[Validator], raw: bool = False) -> None:
+        """`raw`: the route pushes body bytes (``format = "body"``), so
+        non-JSON bodies need not be UTF-8 text."""
         self._validate = validator
+        self._raw = raw
 
     def parse(self, body: bytes, content_type: Optional[bytes]) -> Parsed:
         """Return the messages of one request body, or raise a Problem.
@@ -133,7 +136,7 @@ class BodyParser:
                 value = ujson.loads(body)
             except (ValueError, OverflowError) as e:
                 if mt is None and self._validate is None:
-                    return Parsed([self._text(body)], [body], "text/plain")
+                    return Parsed([None if self._raw else self._text(body)], [body], "text/plain")
                 raise MalformedJSON(f"body is not valid JSON: {e}") from None
             self._check(value)
             return Parsed([value], [body], mt or JSON)
@@ -141,7 +144,7 @@ class BodyParser:
             raise UnsupportedMediaType(
                 f"this route takes {JSON} or {NDJSON}, not {mt}", accepted=[JSON, NDJSON]
             )
-        return Parsed([self._text(body)], [body], mt)
+        return Parsed([None if self._raw else self._text(body)], [body], mt)
 
     def _check(self, value: Any) -> None:
         if self._validate is not None:

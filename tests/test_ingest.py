@@ -29,7 +29,7 @@ KEY = "6f1c3c56-2f0a-4c1f-9e4b-2a1c5b9d8e7f"
 
 
 class FakeRedisReadiness:
-    """The one thing ingest asks Redis: can it take writes now?"""
+    """The one thing ingest asks of storage: can Redis or the spool take writes now?"""
 
     ready = True
 
@@ -54,7 +54,7 @@ class IngestFixture:
             self.clock,
             [IngestRoute(r, validators.get(r.path), self.metrics.route(r.path)) for r in routes],
             self.buffer,
-            self.redis,
+            lambda: self.redis.ready,
             IdGenerator(self.clock.seconds, node=7),
             self.metrics,
             ack_timeout,
@@ -121,7 +121,7 @@ class KleinSurfaceTests(SynchronousTestCase, IngestFixture):
         self.assertEqual(json.loads(body)["status"], "OK")
 
     def test_stored_route_without_redis_is_503(self):
-        """ack=stored while Redis is down (and no spool): 503 + Retry-After, nothing queued."""
+        """ack=stored while neither Redis nor the spool can store: 503 + Retry-After, nothing queued."""
         self.redis.ready = False
         resp, doc = self.assertProblem(self.post("/leads", b"{}"), 503)
         self.assertEqual(resp.headers.getRawHeaders(b"retry-after"), [b"5"])

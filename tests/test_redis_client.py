@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, List
 
-import pytest
 from automat import NoTransition
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
@@ -319,7 +318,6 @@ class AuthTests(RedisClientTestCase):
     # counts a failed attempt but nobody closes that connection, so every
     # retry leaves one unauthenticated socket open on Redis (unbounded, up to
     # maxclients); when they close later ClientService raises NoTransition.
-    @pytest.mark.xfail(strict=True, reason="relayd bug: each failed AUTH attempt leaks an open connection")
     async def test_failed_auth_does_not_leak_connections(self) -> None:
         """While AUTH keeps failing, Redis never holds more than one connection from the client."""
         client = self.make_client(password=CLIENT_PASSWORD)
