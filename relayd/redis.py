@@ -45,6 +45,13 @@ RECONNECT_MAX_DELAY = 5.0
 class RelaydRedisProtocol(txredisapi.RedisProtocol):
     """txredisapi's protocol with a clock of our choosing and a lean encoder."""
 
+    def connectionMade(self):  # type: ignore[no-untyped-def]
+        """Disable Nagle: with several small LPUSHes in flight, Nagle plus
+        delayed ACKs holds the second one for up to 40 ms."""
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        return super().connectionMade()
+
     def _build_command(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         """RESP-encode a command; ~3x faster than txredisapi's for LPUSH of many values."""
         parts = [b"*%d\r\n" % len(args)]
