@@ -46,6 +46,15 @@ DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
 DEFAULT_ACK_TIMEOUT = 10.0  # seconds a stored-ack request may wait before 503
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds to push the buffer out on SIGTERM (< systemd's 90 s)
 DEFAULT_IDLE_TIMEOUT = 60.0  # keep-alive idle timeout, seconds (nginx: 75 s)
+DEFAULT_MAX_LINES = 10_000  # NDJSON lines per batch: 10k x ~100 B fits the 1 MiB body cap
+DEFAULT_MAX_DEPTH = 64  # JSON nesting; real payloads rarely pass 10, validators recurse
+DEFAULT_WEBHOOK_TOLERANCE = 300.0  # seconds; Standard Webhooks' recommended replay window
+DEFAULT_MAX_CONNECTIONS = 10_000  # per process; stays under a LimitNOFILE of 65536 with workers
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 256  # one NATed office still fits; one flooder does not
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to send the request line + headers (nginx: 60 s)
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds for a whole body (1 MiB at ~35 KiB/s)
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # request line + headers; twisted.web's own default
+DEFAULT_MAX_HEADERS = 64  # header fields per request (browsers send ~15)
 DEFAULT_LISTEN = "tcp:8080"
 DEFAULT_ADMIN = "tcp:9090:interface=127.0.0.1"  # admin stays on localhost unless asked
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -109,6 +118,28 @@ class RouteConfig:
     schema: Optional[str] = None
     format: str = "envelope"
     max_body: int = DEFAULT_MAX_BODY
+    max_lines: int = DEFAULT_MAX_LINES
+    max_depth: int = DEFAULT_MAX_DEPTH
+    auth_tokens_file: Optional[str] = None
+    webhook_secret_file: Optional[str] = None
+    webhook_scheme: str = "standard"
+    webhook_tolerance: float = DEFAULT_WEBHOOK_TOLERANCE
+    rate_limit: Optional[Tuple[float, float]] = None  # (tokens, per seconds)
+    rate_burst: Optional[int] = None
+    client_rate_limit: Optional[Tuple[float, float]] = None
+    client_rate_burst: Optional[int] = None
+
+
+@attrs.frozen
+class LimitsConfig:
+    """The `[limits]` table: what one client or connection may cost."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_headers: int = DEFAULT_MAX_HEADERS
 
 
 @attrs.frozen
@@ -120,6 +151,7 @@ class Config:
     buffer: BufferConfig
     spool: SpoolConfig
     routes: Tuple[RouteConfig, ...]
+    limits: LimitsConfig = LimitsConfig()
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -282,7 +314,25 @@ def _parse_spool(data: Mapping[str, Any], base_dir: str) -> SpoolConfig:
     )
 
 
-_ROUTE_KEYS = ("path", "list", "ack", "schema", "format", "max_body")
+_ROUTE_KEYS = (
+    "path", "list", "ack", "schema", "format", "max_body", "max_lines", "max_depth",
+    "auth_tokens_file", "webhook_secret_file", "webhook_scheme", "webhook_tolerance",
+    "rate_limit", "rate_burst", "client_rate_limit", "client_rate_burst",
+)
+WEBHOOK_SCHEMES = ("standard", "github")
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def parse_rate(value: Any, key: str) -> Tuple[float, float]:
+    """``"1000/s"``, ``"60/min"``, ``"5/10s"`` -> (tokens, per seconds)."""
+    if isinstance(value, str):
+        m = _RATE_RE.match(value)
+        if m and float(m.group(1)) > 0:
+            per = int(m.group(2) or 1) * _RATE_UNITS[m.group(3)]
+            if per > 0:
+                return float(m.group(1)), float(per)
+    raise ConfigError(f'{key}: expected a rate like "1000/s" or "60/min", got {value!r}')
 
 
 def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
@@ -308,6 +358,53 @@ def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
         schema=_resolve(schema, base_dir) if schema is not None else None,
         format=fmt,
         max_body=_positive(parse_size(t.get("max_body", DEFAULT_MAX_BODY), f"{where}.max_body"), f"{where}.max_body"),
+        max_lines=_positive(_typed(t, "max_lines", int, DEFAULT_MAX_LINES, where), f"{where}.max_lines"),
+        max_depth=_positive(_typed(t, "max_depth", int, DEFAULT_MAX_DEPTH, where), f"{where}.max_depth"),
+        auth_tokens_file=_optional_path(t, "auth_tokens_file", where, base_dir),
+        webhook_secret_file=_optional_path(t, "webhook_secret_file", where, base_dir),
+        webhook_scheme=_choice(_typed(t, "webhook_scheme", str, "standard", where), WEBHOOK_SCHEMES, f"{where}.webhook_scheme"),
+        webhook_tolerance=_positive(
+            _typed(t, "webhook_tolerance", float, DEFAULT_WEBHOOK_TOLERANCE, where), f"{where}.webhook_tolerance"
+        ),
+        rate_limit=parse_rate(t["rate_limit"], f"{where}.rate_limit") if "rate_limit" in t else None,
+        rate_burst=_positive(_typed(t, "rate_burst", int, None, where), f"{where}.rate_burst") if "rate_burst" in t else None,
+        client_rate_limit=(
+            parse_rate(t["client_rate_limit"], f"{where}.client_rate_limit") if "client_rate_limit" in t else None
+        ),
+        client_rate_burst=(
+            _positive(_typed(t, "client_rate_burst", int, None, where), f"{where}.client_rate_burst")
+            if "client_rate_burst" in t
+            else None
+        ),
+    )
+
+
+def _optional_path(t: Any, key: str, where: str, base_dir: str) -> Optional[str]:
+    value = _typed(t, key, str, None, where)
+    return _resolve(value, base_dir) if value is not None else None
+
+
+def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
+    t = _table(data, "limits")
+    _check_keys(
+        t,
+        ("max_connections", "max_connections_per_peer", "header_timeout", "body_timeout", "max_header_bytes", "max_headers"),
+        "limits",
+    )
+
+    def num(key: str, kind: type, default: Any) -> Any:
+        return _positive(_typed(t, key, kind, default, "limits"), f"limits.{key}")
+
+    return LimitsConfig(
+        max_connections=num("max_connections", int, DEFAULT_MAX_CONNECTIONS),
+        max_connections_per_peer=num("max_connections_per_peer", int, DEFAULT_MAX_CONNECTIONS_PER_PEER),
+        header_timeout=num("header_timeout", float, DEFAULT_HEADER_TIMEOUT),
+        body_timeout=num("body_timeout", float, DEFAULT_BODY_TIMEOUT),
+        max_header_bytes=_positive(
+            parse_size(t.get("max_header_bytes", DEFAULT_MAX_HEADER_BYTES), "limits.max_header_bytes"),
+            "limits.max_header_bytes",
+        ),
+        max_headers=num("max_headers", int, DEFAULT_MAX_HEADERS),
     )
 
 
@@ -320,7 +417,7 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: not valid TOML: {e}") from None
-    _check_keys(data, ("server", "redis", "buffer", "spool", "route"), "config")
+    _check_keys(data, ("server", "redis", "buffer", "spool", "limits", "route"), "config")
     raw_routes = data.get("route", [])
     if not isinstance(raw_routes, list) or not raw_routes:
         raise ConfigError("route: at least one [[route]] table is required")
@@ -336,6 +433,7 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         buffer=_parse_buffer(data),
         spool=_parse_spool(data, base_dir),
         routes=routes,
+        limits=_parse_limits(data),
     )
 
 
@@ -349,6 +447,10 @@ def check_environment(config: Config, compile_schema: Callable[[str, str], Any])
     for i, route in enumerate(config.routes):
         if route.schema is not None:
             validators[route.path] = compile_schema(route.schema, f"route[{i}].schema")
+        for key in ("auth_tokens_file", "webhook_secret_file"):
+            path = getattr(route, key)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(f"route[{i}].{key}: cannot read {path}")
     spool_dir = config.spool.dir
     try:
         os.makedirs(spool_dir, exist_ok=True)

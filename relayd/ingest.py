@@ -242,9 +242,17 @@ class IngestApp:
         return body
 
     def _expire_acks(self) -> None:
-        """Answer 503 to stored-ack requests that waited past the ack timeout."""
+        """Answer 503 to stored-ack requests that waited past the ack timeout.
+
+        Only when none of the request's messages was ever handed to Redis or
+        the spool (``waiter.taken == 0``): cancelling then guarantees that
+        nothing of it is stored, so the 503 changes nothing and a retry
+        cannot duplicate.  A request with messages on the way keeps waiting
+        for their outcome (bounded by the reply timeout; failures spill).
+        """
         now = self._clock.seconds()
         pending = self._pending_acks
+        later = []
         while pending:
             deadline, waiter, count = pending[0]
             if waiter.deferred.called:
@@ -253,15 +261,16 @@ class IngestApp:
             if deadline > now:
                 break
             pending.popleft()
-            waiter.cancelled = True
             if waiter.taken:
-                detail = (
-                    f"not stored within {self._ack_timeout:g}s; {waiter.taken} of {count} messages "
-                    "were being pushed and may still arrive (delivery is at-least-once)"
+                later.append((now + ACK_SWEEP_INTERVAL, waiter, count))
+                continue
+            waiter.cancelled = True
+            waiter.deferred.errback(
+                StoreTimeout(
+                    f"not stored within {self._ack_timeout:g}s; nothing was stored", retry_after=RETRY_AFTER_NOT_READY
                 )
-            else:
-                detail = f"not stored within {self._ack_timeout:g}s; nothing was stored"
-            waiter.deferred.errback(StoreTimeout(detail, retry_after=RETRY_AFTER_NOT_READY))
+            )
+        pending.extend(later)
 
     @_app.handle_errors(Problem)
     def _problem(self, request: Request, failure: Any) -> bytes:
