@@ -831,7 +831,10 @@ def measure(ctx: Ctx, name: str, rnd: int) -> dict:
         row["server_cpu_pct_redis"] = r["server_cpu_pct"][1] if len(r["server_cpu_pct"]) > 1 else None
         row["msgs_per_s"] = row["ok"] * t.batch / (r["duration_us"] / 1e6)
         if t.redis_key:
+            t_end = time.monotonic()
             n = ctx.redis.settle(t.redis_key, quiet=1.0, limit=60)
+            # time from wrk's end until the list stopped growing (minus the 1 s quiet window)
+            row["drain_s"] = max(0.0, time.monotonic() - t_end - 1.0)
             row["llen"] = n
             expect_lo = row["ok"] * t.batch
             expect_hi = (row["ok"] + ctx.args.connections) * t.batch
@@ -1103,15 +1106,20 @@ def render(ctx: Ctx, rows: list[dict], all_rows: list[dict], info: dict, profile
           "show which path the messages took: straight to Redis (*forwarded*) or through the disk spool "
           "(*spilled*, then *replayed*).")
         w("")
-        w("| target | round | acknowledged msgs | LLEN | ok | relayd ingested | forwarded | spilled | replayed |")
-        w("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+        w("*drain* = seconds from the end of the wrk run until LLEN stopped growing (messages still "
+          "being pushed after their 2xx; ~0 for stored acks).")
+        w("")
+        w("| target | round | acknowledged msgs | LLEN | ok | drain | relayd ingested | forwarded | spilled "
+          "| replayed |")
+        w("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
 
         def cnt(r, k):
             v = r.get("relayd_metrics", {}).get(k)
             return "–" if v is None else f"{v:,.0f}"
         for r in redis_rows:
             w(f"| {r['name']} | {r['round']} | {r['ok'] * r['batch']:,} | {r['llen']:,} | "
-              f"{'yes' if r['llen_ok'] else '**NO**'} | {cnt(r, 'relayd_ingested_total')} | "
+              f"{'yes' if r['llen_ok'] else '**NO**'} | {r.get('drain_s', 0):.1f} s | "
+              f"{cnt(r, 'relayd_ingested_total')} | "
               f"{cnt(r, 'relayd_forwarded_total')} | {cnt(r, 'relayd_spilled_total')} | "
               f"{cnt(r, 'relayd_replayed_total')} |")
         w("")
