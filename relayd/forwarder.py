@@ -146,13 +146,15 @@ class Forwarder(Service):
         if buffer.queued and not spooler.active:
             if not self._redis.ready:
                 spooler.activate("redis unavailable")
-            elif buffer.messages > self._high_messages or buffer.bytes > self._high_bytes:
+            elif (buffer.messages > self._high_messages or buffer.bytes > self._high_bytes) and spooler.usable:
                 spooler.activate("buffer above high-water mark")
         while buffer.queued:
             if spooler.active:
                 batch = buffer.take(self._batch_messages, self._batch_bytes)
                 if batch and not spooler.spill(batch):
                     buffer.requeue(batch)
+                    if spooler.leave_if_idle():
+                        continue  # the spool is empty: pushing directly keeps FIFO
                     self._retry_at = self._reactor.seconds() + SPILL_RETRY
                     self._wakeup = self._reactor.callLater(SPILL_RETRY, self._retry)
                     return

@@ -25,20 +25,23 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
+from relayd.auth import BearerTokens, WebhookVerifier, read_secret
 from relayd.buffer import RingBuffer, Waiter
 from relayd.codec import EncodeError, encode_envelopes
-from relayd.config import RouteConfig
+from relayd.config import LimitsConfig, RouteConfig
 from relayd.ids import IdGenerator
 from relayd.listener import ListenerService
 from relayd.metrics import Metrics, RouteMetrics
 from relayd.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
+    HeadersTooLarge,
     LengthRequired,
     MethodNotAllowed,
     NotFound,
@@ -46,10 +49,13 @@ from relayd.problems import (
     Overloaded,
     PayloadTooLarge,
     Problem,
+    RequestTimeout,
     ShuttingDown,
     StoreTimeout,
+    TooManyConnections,
     render_problem,
 )
+from relayd.ratelimit import RateLimiter
 from relayd.validation import BodyParser, Validator
 
 JSON_CONTENT_TYPE = b"application/json"
@@ -61,15 +67,45 @@ ACK_SWEEP_INTERVAL = 0.25  # seconds: granularity of the stored-ack timeout
 class IngestRoute:
     """One configured route, ready for the hot path."""
 
-    def __init__(self, config: RouteConfig, validator: Optional[Validator], metrics: RouteMetrics) -> None:
+    def __init__(
+        self,
+        config: RouteConfig,
+        validator: Optional[Validator],
+        metrics: RouteMetrics,
+        clock: Any = None,
+        share: float = 1.0,
+    ) -> None:
+        """`clock` (the reactor) drives token reloads, webhook windows and
+        rate limits; `share` is this process's share of route rate limits."""
         self.path = config.path
         self.path_bytes = config.path.encode()
         self.list_key = config.list.encode()
         self.stored = config.ack == "stored"
         self.envelope = config.format == "envelope"
         self.max_body = config.max_body
-        self.parser = BodyParser(validator, raw=not self.envelope)
+        self.parser = BodyParser(
+            validator, raw=not self.envelope, max_lines=config.max_lines, max_depth=config.max_depth
+        )
         self.metrics = metrics
+        seconds = clock.seconds if clock is not None else None
+        self.tokens: Optional[BearerTokens] = None
+        if config.auth_tokens_file is not None:
+            self.tokens = BearerTokens(config.auth_tokens_file, seconds)
+        self.webhook: Optional[WebhookVerifier] = None
+        if config.webhook_secret_file is not None:
+            self.webhook = WebhookVerifier(
+                read_secret(config.webhook_secret_file), config.webhook_scheme, config.webhook_tolerance, seconds
+            )
+        self.limiter: Optional[RateLimiter] = None
+        if config.rate_limit is not None or config.client_rate_limit is not None:
+            self.limiter = RateLimiter(
+                seconds, config.rate_limit, config.rate_burst, config.client_rate_limit, config.client_rate_burst, share
+            )
+
+    def reload(self) -> None:
+        """Re-read reloadable credentials (SIGHUP)."""
+        if self.tokens is not None:
+            self.tokens.reload()
 
 
 class IngestApp:
@@ -153,6 +189,11 @@ class IngestApp:
             )
         return self.post(request, route)
 
+    def reload_credentials(self) -> None:
+        """Re-read every route's tokens file (SIGHUP)."""
+        for route in self._routes.values():
+            route.reload()
+
     def route_for(self, request: Request) -> Optional[IngestRoute]:
         """The route of a POST to a configured path (the hot path), else None."""
         if request.method == b"POST":
@@ -194,12 +235,22 @@ class IngestApp:
 
     def _accept(self, request: Request, route: IngestRoute, started: float) -> Any:
         headers = request.requestHeaders
+        client = None
+        if route.tokens is not None:
+            auth = headers.getRawHeaders(b"authorization")
+            client = route.tokens.check(auth[0] if auth else None)
         if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
             raise LengthRequired("a POST needs Content-Length (or chunked transfer encoding)")
         body = request.content.read()
+        if route.webhook is not None:
+            route.webhook.check(headers, body)
         ctype = headers.getRawHeaders(b"content-type")
         parsed = route.parser.parse(body, ctype[0] if ctype else None)
         count = len(parsed.values)
+        if route.limiter is not None:
+            if client is None:
+                client = request.getClientAddress().host.encode() if hasattr(request.getClientAddress(), "host") else b""
+            route.limiter.take(client, count)
         if count == 1:
             ids = [self._ids.next_id()]
         else:
@@ -374,19 +425,56 @@ class IngestRequest(Request):
 
 
 class IngestChannel(HTTPChannel):
-    """An HTTPChannel that refuses oversized bodies before reading them."""
+    """An HTTPChannel with the guards twisted.web lacks.
+
+    - 413 from Content-Length before any body byte is read;
+    - deadlines for a request's head (`header_timeout`) and body
+      (`body_timeout`), counted from the request's first byte: twisted.web's
+      idle timeout restarts on every byte, so a client dribbling one byte a
+      second would hold the connection for ever (slowloris);
+    - header count and size caps answered with a 431/400 problem document
+      (twisted.web sends a bare "400 Bad Request").
+    """
 
     body_limit = 0
+    _phase = "idle"  # idle -> head -> body -> handling -> idle
+    _deadline: Any = None
+    peer = ""
 
     def connectionMade(self) -> None:
-        """Register with the site (graceful stop closes idle connections)."""
+        """Register with the site and apply its header limits."""
         super().connectionMade()
-        self.site.channels.add(self)
+        limits = self.site.limits
+        self.maxHeaders = limits.max_headers
+        self.totalHeadersSize = limits.max_header_bytes
+        self.site.channel_opened(self)
 
     def connectionLost(self, reason: Any) -> None:
         """Unregister from the site."""
-        self.site.channels.discard(self)
+        self._cancel_deadline()
+        self.site.channel_closed(self)
         super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _start_deadline(self, seconds: float, what: str) -> None:
+        self._cancel_deadline()
+        self._deadline = self.callLater(seconds, self._deadline_passed, seconds, what)
+
+    def _deadline_passed(self, seconds: float, what: str) -> None:
+        self._deadline = None
+        self.reject(RequestTimeout(f"the request {what} did not arrive within {seconds:g}s"))
+
+    def dataReceived(self, data: bytes) -> None:
+        """Start the head deadline at a request's first byte."""
+        if self._phase == "idle":
+            self._phase = "head"
+            self._start_deadline(self.site.limits.header_timeout, "head")
+        super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         """Decide 413 from Content-Length, before any body byte is read."""
@@ -394,10 +482,35 @@ class IngestChannel(HTTPChannel):
         if self.length is not None and self.length > self.body_limit:
             self.reject(PayloadTooLarge(f"Content-Length {self.length} exceeds the route's max_body of {self.body_limit} bytes"))
             return
+        self._phase = "body"
+        self._start_deadline(self.site.limits.body_timeout, "body")
         super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        """The request is complete: no deadline while it is answered."""
+        self._cancel_deadline()
+        self._phase = "handling"
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        """Back to idle (pipelined data replayed by Twisted starts the next head)."""
+        self._phase = "idle"
+        super().requestDone(request)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's bad-request path, as a problem document (431 for header limits)."""
+        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
+            self.reject(
+                HeadersTooLarge(
+                    f"at most {self.maxHeaders} header fields and {self.totalHeadersSize} bytes of request head"
+                )
+            )
+        else:
+            self.reject(BadRequest("malformed HTTP request"))
 
     def reject(self, problem: Problem) -> None:
         """Answer `problem` at once and close, ignoring whatever else arrives."""
+        self._cancel_deadline()
         self.site.on_reject(problem)
         self.transport.write(_raw_problem(problem))
         self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
@@ -409,14 +522,30 @@ class IngestChannel(HTTPChannel):
         return not self.requests
 
 
+class _Refuse(Protocol):
+    """Answers one problem document and closes (over the connection caps)."""
+
+    def __init__(self, problem: Problem) -> None:
+        self._problem = problem
+
+    def connectionMade(self) -> None:
+        """Write the problem and close."""
+        self.transport.write(_raw_problem(self._problem))
+        self.transport.loseConnection()
+
+
 class IngestSite(Site):
     """A Site without access log, with bounded bodies and connection tracking."""
 
     protocol = IngestChannel
     requestFactory = IngestRequest
 
-    def __init__(self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: Any) -> None:
+    def __init__(
+        self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: Any, limits: Optional[LimitsConfig] = None
+    ) -> None:
         super().__init__(app.resource(), timeout=idle_timeout, reactor=reactor)
+        self.limits = limits if limits is not None else LimitsConfig()
+        self._per_peer: Dict[str, int] = {}
         self.app = app
         self.body_limit = app.body_limit
         self._clock = reactor
@@ -424,6 +553,38 @@ class IngestSite(Site):
         self._date = b""
         self.channels: Set[IngestChannel] = set()
         self._rejected = metrics.rejected
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A channel, or a refusal when over the connection caps."""
+        peer = getattr(addr, "host", "")
+        limits = self.limits
+        if len(self.channels) >= limits.max_connections:
+            problem = TooManyConnections(f"more than {limits.max_connections} connections", retry_after=1)
+        elif self._per_peer.get(peer, 0) >= limits.max_connections_per_peer:
+            problem = TooManyConnections(
+                f"more than {limits.max_connections_per_peer} connections from {peer}", retry_after=1
+            )
+        else:
+            channel = super().buildProtocol(addr)
+            channel.peer = peer
+            return channel
+        self.on_reject(problem)
+        return _Refuse(problem)
+
+    def channel_opened(self, channel: IngestChannel) -> None:
+        """Track an open connection."""
+        self.channels.add(channel)
+        self._per_peer[channel.peer] = self._per_peer.get(channel.peer, 0) + 1
+
+    def channel_closed(self, channel: IngestChannel) -> None:
+        """Forget a closed connection."""
+        if channel in self.channels:
+            self.channels.discard(channel)
+            left = self._per_peer.get(channel.peer, 1) - 1
+            if left:
+                self._per_peer[channel.peer] = left
+            else:
+                self._per_peer.pop(channel.peer, None)
 
     def on_reject(self, problem: Problem) -> None:
         """Count a request refused at the HTTP layer."""
@@ -453,6 +614,7 @@ class IngestService(ListenerService):
         super().__init__(endpoint, site, "ingest")
         self._site = site
         self._app = app
+        self.app = app
         self._timeout = timeout
         self._clock = clock
 

@@ -60,6 +60,16 @@ MalformedJSON = _problem("MalformedJSON", 400, "Malformed JSON", "malformed-json
 SchemaViolation = _problem("SchemaViolation", 400, "Schema violation", "schema-violation", "schema")
 InvalidBatch = _problem("InvalidBatch", 400, "Invalid batch", "invalid-batch", "invalid_batch")
 BadRequest = _problem("BadRequest", 400, "Bad request", "bad-request", "bad_request")
+Unauthorized = _problem("Unauthorized", 401, "Unauthorized", "unauthorized", "unauthorized")
+Forbidden = _problem("Forbidden", 403, "Forbidden", "forbidden", "forbidden")
+RequestTimeout = _problem("RequestTimeout", 408, "Request timeout", "request-timeout", "timeout")
+HeadersTooLarge = _problem(
+    "HeadersTooLarge", 431, "Request header fields too large", "headers-too-large", "headers_too_large"
+)
+TooManyRequests = _problem("TooManyRequests", 429, "Too many requests", "rate-limited", "rate_limited")
+TooManyConnections = _problem(
+    "TooManyConnections", 503, "Too many connections", "too-many-connections", "connections"
+)
 NotFound = _problem("NotFound", 404, "Not found", "not-found", "not_found")
 MethodNotAllowed = _problem("MethodNotAllowed", 405, "Method not allowed", "method-not-allowed", "method")
 LengthRequired = _problem("LengthRequired", 411, "Length required", "length-required", "length_required")

@@ -82,6 +82,7 @@ Costs worth knowing
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -923,7 +924,14 @@ class Spool:
                 )
             # Reclaiming closed the active segment; re-plan from scratch.
             return self.append(payloads)
-        self._execute(plan, len(payloads), next_seq)
+        try:
+            self._execute(plan, len(payloads), next_seq)
+        except SpoolWriteError as e:
+            # The file system is fuller than max_bytes assumed (a small or
+            # shared disk): a drained active segment can still give space back.
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and self._reclaim_drained():
+                return self.append(payloads)
+            raise
         if self._policy == "always":
             self.sync()
 

@@ -51,6 +51,7 @@ REPLAY_RETRY = 0.5  # seconds between replay attempts while Redis fails
 REPLAY_MAX_RECORDS = 1000  # one LPUSH per list per batch, like the forwarder
 REPLAY_MAX_BYTES = 1024 * 1024
 MIN_RECORD_BYTES = 64  # framing (16 B) + entry header + a tiny envelope: less room is no room
+MODE_LOG_INTERVAL = 10.0  # seconds between spill/direct log lines
 SEGMENT_BYTES = 64 * 1024 * 1024  # NSQ/Vector use 100-128 MiB; 64 MiB frees disk sooner
 
 
@@ -89,6 +90,8 @@ class Spooler(Service):
         self._replaying: Optional[Deferred] = None
         self._replay_call: Any = None
         self._mode_listeners: List[Callable[[], None]] = []
+        self._mode_logged_at = -MODE_LOG_INTERVAL
+        self._mode_suppressed = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -171,8 +174,18 @@ class Spooler(Service):
             self.active = True
             self._reason = reason
             self._metrics.spill_mode.set(1)
-            self._log.warn("spilling to disk: {reason}", reason=reason)
+            self._log_mode(f"spilling to disk: {reason}")
         self._kick_replay()
+
+    def leave_if_idle(self) -> bool:
+        """Leave spill mode if nothing is spooled or being spooled and Redis is ready.
+
+        Returns whether the daemon is now in direct mode.  Used when a spill
+        is refused (disk full): with an empty spool, pushing straight to
+        Redis cannot overtake anything.
+        """
+        self._maybe_deactivate()
+        return not self.active
 
     def _maybe_deactivate(self) -> None:
         spool = self.spool
@@ -186,9 +199,20 @@ class Spooler(Service):
         ):
             self.active = False
             self._metrics.spill_mode.set(0)
-            self._log.info("spool drained; pushing directly to Redis again")
+            self._log_mode("spool drained; pushing directly to Redis again")
             for listener in list(self._mode_listeners):
                 listener()
+
+    def _log_mode(self, message: str) -> None:
+        """Log mode switches, at most once per `MODE_LOG_INTERVAL` (flapping must not flood)."""
+        now = self._reactor.seconds()
+        if now - self._mode_logged_at >= MODE_LOG_INTERVAL:
+            suffix = f" ({self._mode_suppressed} more switches not logged)" if self._mode_suppressed else ""
+            self._log.info("{message}{suffix}", message=message, suffix=suffix)
+            self._mode_logged_at = now
+            self._mode_suppressed = 0
+        else:
+            self._mode_suppressed += 1
 
     @property
     def usable(self) -> bool:

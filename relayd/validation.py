@@ -16,6 +16,7 @@ read:
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import fastjsonschema
@@ -23,7 +24,14 @@ import ujson
 
 from relayd.codec import split_ndjson
 from relayd.config import ConfigError
-from relayd.problems import BadRequest, InvalidBatch, MalformedJSON, SchemaViolation, UnsupportedMediaType
+from relayd.problems import (
+    BadRequest,
+    InvalidBatch,
+    MalformedJSON,
+    PayloadTooLarge,
+    SchemaViolation,
+    UnsupportedMediaType,
+)
 
 NDJSON = "application/x-ndjson"
 JSON = "application/json"
@@ -113,14 +121,89 @@ def _schema_detail(e: fastjsonschema.JsonSchemaValueException) -> str:
     return message
 
 
-class BodyParser:
-    """Turns one route's request bodies into message values."""
+_NESTING_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
-    def __init__(self, validator: Optional[Validator], raw: bool = False) -> None:
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of arrays/objects in a JSON text (strings skipped)."""
+    depth = deepest = 0
+    for m in _NESTING_TOKENS.finditer(raw):
+        c = m.group()[0]
+        if c == 0x5B or c == 0x7B:  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif c == 0x5D or c == 0x7D:  # ] }
+            depth -= 1
+    return deepest
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: List[Any]) -> Dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(f"duplicate key {key!r}")
+            seen.add(key)
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class BodyParser:
+    """Turns one route's request bodies into message values.
+
+    Hostile-input policy (every case a 4xx, never a 5xx):
+
+    - nesting deeper than `max_depth` -> 400 (checked exactly only when the
+      body has more brackets than the limit, so normal bodies pay a count);
+    - more than `max_lines` NDJSON lines -> 413;
+    - envelope routes parse leniently with ujson and re-serialize strictly:
+      NaN/Infinity/overflowing numbers and lone surrogates -> 400 at
+      encoding; duplicate keys -> the last one wins, and what is pushed is
+      the canonical envelope, so consumers cannot disagree about it;
+    - ``format = "body"`` routes push the bytes as they came, so those bytes
+      must be strict JSON: the stdlib parser with duplicate keys, NaN,
+      Infinity, leading zeros, raw control characters and lone surrogates
+      all refused (400);
+    - integers over 4300 digits -> 400 (Python's own conversion limit).
+    """
+
+    def __init__(
+        self,
+        validator: Optional[Validator],
+        raw: bool = False,
+        max_lines: int = 10_000,
+        max_depth: int = 64,
+    ) -> None:
         """`raw`: the route pushes body bytes (``format = "body"``), so
-        non-JSON bodies need not be UTF-8 text."""
+        non-JSON bodies need not be UTF-8 text, and JSON ones must be strict."""
         self._validate = validator
         self._raw = raw
+        self._max_lines = max_lines
+        self._max_depth = max_depth
+
+    def _load(self, raw: bytes) -> Any:
+        """Parse one JSON text; raises ValueError (with a reason) when it is not acceptable."""
+        if raw.count(b"[") + raw.count(b"{") > self._max_depth and json_depth(raw) > self._max_depth:
+            raise ValueError(f"nesting deeper than {self._max_depth} levels")
+        if not self._raw:
+            return ujson.loads(raw)
+        try:
+            value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("lone surrogate in a string") from None
+        except RecursionError:
+            raise ValueError("nesting too deep") from None
+        return value
 
     def parse(self, body: bytes, content_type: Optional[bytes]) -> Parsed:
         """Return the messages of one request body, or raise a Problem.
@@ -133,7 +216,7 @@ class BodyParser:
             return self._parse_ndjson(body)
         if mt is None or _is_json_type(mt):
             try:
-                value = ujson.loads(body)
+                value = self._load(body)
             except (ValueError, OverflowError) as e:
                 if mt is None and self._validate is None:
                     return Parsed([None if self._raw else self._text(body)], [body], "text/plain")
@@ -163,12 +246,15 @@ class BodyParser:
             ) from None
 
     def _parse_ndjson(self, body: bytes) -> Parsed:
+        lines = body.count(b"\n") + 1
+        if lines > self._max_lines:
+            raise PayloadTooLarge(f"the batch has {lines} lines; this route takes at most {self._max_lines}")
         values: List[Any] = []
         raws: List[bytes] = []
         errors: Dict[int, str] = {}
         for number, line in split_ndjson(body):
             try:
-                value = ujson.loads(line)
+                value = self._load(line)
             except (ValueError, OverflowError) as e:
                 errors[number] = f"not valid JSON: {e}"
                 continue
