@@ -372,9 +372,12 @@ def write_problem(request: Request, problem: Problem) -> bytes:
 def _raw_problem(problem: Problem) -> bytes:
     """A complete HTTP/1.1 response for errors raised before a Request exists."""
     body = render_problem(problem)
+    extra = b"".join(b"%s: %s\r\n" % (name, value) for name, value in problem.headers)
+    if problem.retry_after is not None:
+        extra += b"Retry-After: %d\r\n" % problem.retry_after
     head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-        % (problem.status, problem.title.encode(), PROBLEM_CONTENT_TYPE, len(body))
+        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
+        % (problem.status, problem.title.encode(), PROBLEM_CONTENT_TYPE, len(body), extra)
     )
     return head + body
 
