@@ -826,6 +826,9 @@ def measure(ctx: Ctx, name: str, rnd: int) -> dict:
         log(f"{tag}: measuring {ctx.args.duration}s")
         r = run_wrk(t.url, t.script, ctx.args.duration, ctx.args.connections, ctx.results / f"{tag}.txt",
                     server=servers, status_hook=t.status_hook)
+        if t.redis_key:
+            # what had reached Redis when the load stopped (vs what was acked)
+            row["llen_at_end"] = ctx.redis.llen(t.redis_key)
         row.update(r)
         row["server_cpu_pct_app"] = r["server_cpu_pct"][0] if r["server_cpu_pct"] else None
         row["server_cpu_pct_redis"] = r["server_cpu_pct"][1] if len(r["server_cpu_pct"]) > 1 else None
@@ -1106,19 +1109,24 @@ def render(ctx: Ctx, rows: list[dict], all_rows: list[dict], info: dict, profile
           "show which path the messages took: straight to Redis (*forwarded*) or through the disk spool "
           "(*spilled*, then *replayed*).")
         w("")
-        w("*drain* = seconds from the end of the wrk run until LLEN stopped growing (messages still "
-          "being pushed after their 2xx; ~0 for stored acks).")
+        w("*in Redis at end* = LLEN the moment wrk finished, as msgs/s over the run: the rate at which "
+          "messages actually landed in Redis while under load (for stored acks ~ the acked rate; for accepted "
+          "acks it can be far lower when messages are parked in the spool). *drain* = seconds from the end of "
+          "the wrk run until LLEN stopped growing.")
         w("")
-        w("| target | round | acknowledged msgs | LLEN | ok | drain | relayd ingested | forwarded | spilled "
-          "| replayed |")
-        w("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+        w("| target | round | acknowledged msgs | LLEN | ok | in Redis at end (msgs/s) | drain | relayd ingested "
+          "| forwarded | spilled | replayed |")
+        w("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
 
         def cnt(r, k):
             v = r.get("relayd_metrics", {}).get(k)
             return "–" if v is None else f"{v:,.0f}"
         for r in redis_rows:
             w(f"| {r['name']} | {r['round']} | {r['ok'] * r['batch']:,} | {r['llen']:,} | "
-              f"{'yes' if r['llen_ok'] else '**NO**'} | {r.get('drain_s', 0):.1f} s | "
+              f"{'yes' if r['llen_ok'] else '**NO**'} | "
+              + (f"{r['llen_at_end']:,} ({r['llen_at_end'] / (r['duration_us'] / 1e6):,.0f}/s)"
+                 if "llen_at_end" in r else "–")
+              + f" | {r.get('drain_s', 0):.1f} s | "
               f"{cnt(r, 'relayd_ingested_total')} | "
               f"{cnt(r, 'relayd_forwarded_total')} | {cnt(r, 'relayd_spilled_total')} | "
               f"{cnt(r, 'relayd_replayed_total')} |")
