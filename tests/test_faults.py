@@ -261,8 +261,14 @@ class RedisFrozenTests(FaultTestCase):
         after SIGCONT every acknowledged message is in Redis.
 
         Redis keeps its data across SIGSTOP, so this checks *every* ack.
-        Duplicates are allowed only for messages sent before SIGCONT (an
-        LPUSH that timed out on relayd's side runs when Redis wakes up).
+        Duplicate bound: only messages sent before SIGCONT may repeat (an
+        LPUSH that timed out on relayd's side still runs when Redis wakes
+        up), and no message has more copies than push attempts that fit in
+        the freeze (each costs at least one reply timeout).  Measured: ~650
+        duplicates with up to 4 copies, all of messages sent in the first
+        ~1.7 s of the freeze: relayd reconnects to the frozen Redis every
+        ~0.7 s and calls it ready without a round trip (db 0, no AUTH), so
+        the replay pushes the spool's head again each time.
         """
         self.start(
             [{"path": "/leads", "list": "leads", "ack": "stored"}],
