@@ -19,12 +19,12 @@ protocol and drives the connection with Twisted's own `ClientService`:
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Set
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
@@ -50,7 +50,9 @@ class RelaydRedisProtocol(txredisapi.RedisProtocol):
         delayed ACKs holds the second one for up to 40 ms."""
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
-        return super().connectionMade()
+        result = super().connectionMade()  # no AUTH/SELECT here: completes at once
+        self.factory.connection_made(self)
+        return result
 
     def _build_command(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         """RESP-encode a command; ~3x faster than txredisapi's for LPUSH of many values."""
@@ -66,9 +68,12 @@ class RelaydRedisProtocol(txredisapi.RedisProtocol):
 class _ProtocolFactory(Factory):
     """Builds protocols wired to the injected clock."""
 
-    def __init__(self, clock, reply_timeout: float) -> None:  # type: ignore[no-untyped-def]
+    noisy = False  # no "Starting factory" line per reconnect attempt
+
+    def __init__(self, clock, reply_timeout: float, connection_made: Callable[[Any], None]) -> None:  # type: ignore[no-untyped-def]
         self._clock = clock
         self._reply_timeout = reply_timeout
+        self.connection_made = connection_made
 
     def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
         p = RelaydRedisProtocol(charset=None, replyTimeout=self._reply_timeout, convertNumbers=False)
@@ -82,7 +87,7 @@ class _ProtocolFactory(Factory):
         """No-op: ClientService owns reconnection."""
 
     def connectionError(self, message: str) -> None:
-        """No-op: failures surface through prepareConnection."""
+        """No-op: failures surface through the client's handshake."""
 
 
 class RedisClient(Service):
@@ -97,17 +102,17 @@ class RedisClient(Service):
             endpoint = HostnameEndpoint(reactor, config.host, config.port, timeout=config.connect_timeout)
         self._service = ClientService(
             endpoint,
-            _ProtocolFactory(reactor, config.reply_timeout),
+            _ProtocolFactory(reactor, config.reply_timeout, self._handshake),
             retryPolicy=backoffPolicy(
                 RECONNECT_INITIAL_DELAY, RECONNECT_MAX_DELAY, jitter=lambda: random.uniform(0, RECONNECT_INITIAL_DELAY)
             ),
             clock=reactor,
-            prepareConnection=self._prepare,
         )
         self._proto: Optional[RelaydRedisProtocol] = None
         self._ready_listeners: List[Callable[[], None]] = []
         self._was_down_logged = False
         self._setup_failures = 0
+        self._backoffs: Set[Deferred] = set()  # handshake back-off waits, cancelled on stop
 
     @property
     def ready(self) -> bool:
@@ -119,15 +124,20 @@ class RedisClient(Service):
         self._ready_listeners.append(listener)
 
     @inlineCallbacks
-    def _prepare(self, proto: Any):  # type: ignore[no-untyped-def]
-        """AUTH and SELECT on a new connection, before it is used.
+    def _handshake(self, proto: RelaydRedisProtocol):  # type: ignore[no-untyped-def]
+        """AUTH, SELECT and a PING on a new connection; only then is it ready.
 
-        On failure the connection is closed after a growing delay and the
-        preparation *succeeds*: failing it would make ClientService forget
-        the socket without closing it (one leaked connection per attempt).
-        ClientService then sees a disconnect and reconnects, so a wrong
-        password is retried for ever, at most every `RECONNECT_MAX_DELAY`
+        Not ClientService's `prepareConnection`: a failed preparation leaves
+        the socket open (one leak per attempt) and a connection lost during
+        it is a state ClientService does not handle.  Here ClientService
+        just sees a connection; on failure we close it after a growing
+        delay and it reconnects, so a wrong password is retried for ever
         (txredisapi stops for good here: its issue 146).
+
+        The PING matters with no AUTH/SELECT too: a frozen Redis (SIGSTOP,
+        swapping) still accepts TCP connections in the kernel; without an
+        answer required first, every reconnect would re-send the oldest
+        batches into its socket buffers, and each copy would run on thaw.
         """
         cfg = self._config
         try:
@@ -136,24 +146,33 @@ class RedisClient(Service):
                 yield proto.execute_command(b"AUTH", *args)
             if cfg.db:
                 yield proto.execute_command(b"SELECT", cfg.db)
+            yield proto.execute_command(b"PING")
         except Exception as e:
             self._setup_failures += 1
             if self._setup_failures == 1:
-                self._log.error("redis AUTH/SELECT failed: {error}; retrying with backoff", error=e)
+                self._log.error("redis handshake (AUTH/SELECT/PING) failed: {error}; retrying with backoff", error=e)
             delay = min(RECONNECT_INITIAL_DELAY * 2**self._setup_failures, RECONNECT_MAX_DELAY)
-            yield deferLater(self._reactor, delay, lambda: None)
-            proto.transport.loseConnection()
+            wait = deferLater(self._reactor, delay, lambda: None)
+            self._backoffs.add(wait)
+            try:
+                yield wait
+            except CancelledError:
+                pass  # stopping
+            finally:
+                self._backoffs.discard(wait)
+            if proto.transport is not None and proto.connected:
+                proto.transport.loseConnection()
+            return
+        if not proto.connected or not self.running:
             return
         self._setup_failures = 0
-        # `proto` is ClientService's proxy of our protocol; whenDisconnected
-        # fires before pending replies fail, so nothing is sent on a dead link.
+        # whenDisconnected fires before pending replies fail, so nothing is
+        # sent on a dead link.
         proto.whenDisconnected().addCallback(lambda _: self._lost(proto))
         self._proto = proto
         self._log.info("redis connected to {host}:{port} db {db}", host=cfg.host, port=cfg.port, db=cfg.db)
         self._was_down_logged = False
-        # Not from inside ClientService's state transition: a listener that
-        # stops the service (tests, shutdown) would re-enter its machine.
-        self._reactor.callLater(0, self._notify_ready, proto)
+        self._notify_ready(proto)
 
     def _notify_ready(self, proto: Any) -> None:
         if self._proto is proto:
@@ -178,6 +197,8 @@ class RedisClient(Service):
             return succeed(None)
         super().stopService()
         self._proto = None
+        for wait in list(self._backoffs):
+            wait.cancel()
         return self._service.stopService()
 
     def execute(self, *args) -> Deferred:  # type: ignore[no-untyped-def]
