@@ -439,8 +439,13 @@ def _wrap(value: bytes) -> st.SearchStrategy:
     return st.sampled_from([value, b'{"v":' + value + b"}", b"[1," + value + b"]", b'{"a":{"b":[' + value + b"]}}"])
 
 
-def hostile_bodies(max_lines: int = 100) -> st.SearchStrategy:
-    """Bodies an envelope route with a JSON/NDJSON content type must refuse (400/413)."""
+def hostile_bodies(max_lines: int = 100, overflow: bool = True, bom: bool = True) -> st.SearchStrategy:
+    """Bodies an envelope route with a JSON/NDJSON content type must refuse (400/413).
+
+    `overflow=False` leaves out numbers overflowing a double and `bom=False`
+    byte order marks (for ``format = "body"`` routes, where both are known
+    relayd bugs with their own strict-xfail tests).
+    """
     json_ct = st.sampled_from(["application/json", "application/json; charset=utf-8", "application/vnd.x+json"])
 
     def case(kind: str, values: st.SearchStrategy, statuses: tuple = (400,)) -> st.SearchStrategy:
@@ -451,7 +456,7 @@ def hostile_bodies(max_lines: int = 100) -> st.SearchStrategy:
     surrogate = st.sampled_from([b'"\\ud800"', b'"\\udfff"', b'"a\\ud83db"', b'"\\udc00\\ud800"']).flatmap(_wrap)
     surrogates = case("lone surrogate escape", surrogate)
     constants = case("NaN/Infinity", st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"nan", b"inf"]).flatmap(_wrap))
-    overflow = case("number overflowing a double", st.sampled_from([b"1e999", b"-1e999", b"1E400", b"123.4e99999"]).flatmap(_wrap))
+    overflow_case = case("number overflowing a double", st.sampled_from([b"1e999", b"-1e999", b"1E400", b"123.4e99999"]).flatmap(_wrap))
     big_int = case("5000-digit integer", st.integers(4301, 6000).map(lambda k: b"9" * k).flatmap(_wrap))
     deep = case(
         "nesting far beyond max_depth",
@@ -462,14 +467,14 @@ def hostile_bodies(max_lines: int = 100) -> st.SearchStrategy:
     trailing = case(
         "trailing garbage", st.sampled_from([b'{"a":1} x', b'{"a":1}{"b":2}', b"[1]]", b'{"a":1}\x00', b'"s" "t"', b"1 2"])
     )
-    bom = case("byte order mark", st.sampled_from([b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe"]).map(lambda b: b + b'{"a":1}'))
+    bom_case = case("byte order mark", st.sampled_from([b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe"]).map(lambda b: b + b'{"a":1}'))
     garbage = case("not JSON", st.binary(min_size=1, max_size=300).filter(_not_json))
     empty = case("empty body", st.just(b""))
     truncated = case("truncated JSON", st.sampled_from([b'{"a":', b"[1,2", b'"abc', b"{", b"tru", b'{"a" 1}', b"{'a':1}"]))
     too_many_lines = st.integers(max_lines + 1, max_lines * 30).map(
         lambda k: BodyCase(f"NDJSON over max_lines ({max_lines})", b'{"n":1}\n' * k, "application/x-ndjson", (413,))
     )
-    bad_line = st.tuples(st.integers(1, 50), st.sampled_from([b"NaN", b'"\\ud800"', b"{", b"[" * 100 + b"]" * 100, b"1e999"])).map(
+    bad_line = st.tuples(st.integers(1, 50), st.sampled_from([b"NaN", b'"\\ud800"', b"{", b"[" * 100 + b"]" * 100] + ([b"1e999"] if overflow else []))).map(
         lambda t: BodyCase(
             "NDJSON batch with one hostile line",
             b'{"n":1}\n' * t[0] + t[1] + b'\n{"n":2}\n',
@@ -480,10 +485,13 @@ def hostile_bodies(max_lines: int = 100) -> st.SearchStrategy:
     blank_batch = st.integers(1, 20).map(
         lambda k: BodyCase("NDJSON batch of blank lines", b"\n" * k, "application/x-ndjson", (400,))
     )
-    return st.one_of(
-        invalid_utf8, surrogates, constants, overflow, big_int, deep, trailing, bom, garbage, empty, truncated,
-        too_many_lines, bad_line, blank_batch,
-    )
+    kinds = [invalid_utf8, surrogates, constants, big_int, deep, trailing, garbage, empty, truncated,
+             too_many_lines, bad_line, blank_batch]
+    if overflow:
+        kinds.append(overflow_case)
+    if bom:
+        kinds.append(bom_case)
+    return st.one_of(*kinds)
 
 
 def _not_json(b: bytes) -> bool:
