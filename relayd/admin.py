@@ -6,24 +6,30 @@ rate-limited like) client traffic, and so it can bind to localhost only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Union
 
 import ujson
 from klein import Klein
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.web.server import Request
-
-from relayd.metrics import Metrics
 
 PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class AdminApp:
-    """`/healthz`, `/readyz`, `/metrics`."""
+    """`/healthz`, `/readyz`, `/metrics`.
+
+    Serves one process (a `Metrics` registry and its checks) or, in the
+    supervisor of a multi-worker daemon, the merged view of all workers:
+    `metrics.exposition()` and `readiness()` may return Deferreds.
+    """
 
     _app = Klein()
 
-    def __init__(self, metrics: Metrics, readiness: Callable[[], Dict[str, bool]]) -> None:
-        """`readiness()` returns named checks; ready when all are true."""
+    def __init__(
+        self, metrics: Any, readiness: Callable[[], Union[Dict[str, bool], Deferred[Dict[str, bool]]]]
+    ) -> None:
+        """`readiness()` returns named checks (or a Deferred of them); ready when all are true."""
         self._metrics = metrics
         self._readiness = readiness
 
@@ -34,21 +40,27 @@ class AdminApp:
         return b'{"status":"OK"}'
 
     @_app.route("/readyz", methods=["GET", "HEAD"])
-    def readyz(self, request: Request) -> bytes:
+    def readyz(self, request: Request) -> Any:
         """200 when every readiness check passes, else 503 naming the failing ones."""
+
+        def answer(checks: Dict[str, bool]) -> bytes:
+            ready = bool(checks) and all(checks.values())
+            request.setResponseCode(200 if ready else 503)
+            request.setHeader(b"Content-Type", b"application/json")
+            if not ready:
+                request.setHeader(b"Retry-After", b"1")
+            return ujson.dumps({"status": "OK" if ready else "NOT READY", "checks": checks}).encode()
+
         checks = self._readiness()
-        ready = all(checks.values())
-        request.setResponseCode(200 if ready else 503)
-        request.setHeader(b"Content-Type", b"application/json")
-        if not ready:
-            request.setHeader(b"Retry-After", b"1")
-        return ujson.dumps({"status": "OK" if ready else "NOT READY", "checks": checks}).encode()
+        if isinstance(checks, Deferred):
+            return checks.addCallback(answer)
+        return answer(checks)
 
     @_app.route("/metrics", methods=["GET"])
-    def metrics(self, request: Request) -> bytes:
-        """Prometheus text exposition of this process's registry."""
+    def metrics(self, request: Request) -> Any:
+        """Prometheus text exposition (this process's registry, or all workers merged)."""
         request.setHeader(b"Content-Type", PROMETHEUS_CONTENT_TYPE)
-        return self._metrics.exposition()
+        return maybeDeferred(self._metrics.exposition)
 
     def resource(self) -> Any:
         """The twisted.web resource of this app."""

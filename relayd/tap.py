@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
@@ -21,15 +21,18 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from relayd.admin import AdminApp
+from relayd.adoption import OrphanAdopter
 from relayd.buffer import RingBuffer
-from relayd.config import Config, ConfigError, load_config
+from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
 from relayd.forwarder import Forwarder
 from relayd.ids import IdGenerator
 from relayd.ingest import IngestApp, IngestRoute, IngestService, IngestSite
 from relayd.listener import ListenerService
 from relayd.metrics import Metrics
 from relayd.redis import RedisClient
+from relayd.sdnotify import NotifyService
 from relayd.spooler import Spooler
+from relayd.supervisor import make_supervisor, resolve_workers
 from relayd.validation import compile_schema_file
 
 
@@ -69,6 +72,7 @@ class RelayService(MultiService):
                 clean = False
             else:
                 clean = clean and result is not False
+        self.clean = clean
         if clean:
             # twistd re-raises the stop signal on exit (status 143 for
             # SIGTERM); the contract promises 0 after a lossless stop.
@@ -82,8 +86,21 @@ class RelayService(MultiService):
 
 
 
-def build_service(config: Config, validators: Dict[str, Any], reactor: Any) -> RelayService:
-    """Wire one relayd process from a validated config (no I/O until started)."""
+def build_service(
+    config: Config,
+    validators: Dict[str, Any],
+    reactor: Any,
+    spool_path: Optional[str] = None,
+    listen_endpoint: Any = None,
+    admin_endpoint: Any = None,
+    worker_index: Optional[int] = None,
+) -> RelayService:
+    """Wire one relayd process from a validated config (no I/O until started).
+
+    A worker process of a multi-worker daemon (relayd/worker.py) passes its
+    spool directory, the endpoints of its inherited sockets and its index;
+    one process alone uses ``<spool dir>/worker-0`` and the config's endpoints.
+    """
     metrics = Metrics()
     buffer = RingBuffer(config.buffer.max_messages, config.buffer.max_bytes)
     metrics.watch(metrics.buffer_messages, lambda: buffer.messages)
@@ -92,7 +109,7 @@ def build_service(config: Config, validators: Dict[str, Any], reactor: Any) -> R
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
     spooler = Spooler(
         reactor,
-        os.path.join(config.spool.dir, "worker-0"),
+        spool_path or os.path.join(config.spool.dir, "worker-0"),
         config.spool.max_bytes,
         config.spool.fsync,
         buffer,
@@ -125,7 +142,7 @@ def build_service(config: Config, validators: Dict[str, Any], reactor: Any) -> R
     )
     site = IngestSite(app, metrics, config.server.idle_timeout, reactor)
     ingest = IngestService(
-        serverFromString(reactor, config.server.listen), site, app, shutdown_timeout, reactor
+        listen_endpoint or serverFromString(reactor, config.server.listen), site, app, shutdown_timeout, reactor
     )
     listening = {"ingest": False}
     ingest.listening.addCallback(lambda _: listening.update(ingest=True))
@@ -140,10 +157,31 @@ def build_service(config: Config, validators: Dict[str, Any], reactor: Any) -> R
 
     admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
     admin_site.log = lambda request: None  # type: ignore[method-assign]
-    admin = ListenerService(serverFromString(reactor, config.server.admin), admin_site, "admin")
+    admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
+    adopter = OrphanAdopter(
+        reactor,
+        config.spool.dir,
+        lambda: spooler.spool.path if spooler.spool is not None else None,
+        redis,
+        metrics,
+        config.spool.max_bytes,
+        config.spool.fsync,
+    )
 
     root = RelayService(reactor)
-    for child in (redis, spooler, forwarder, ingest, admin):
+    root.metrics = metrics  # type: ignore[attr-defined]
+    root.worker_index = worker_index  # type: ignore[attr-defined]
+    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, Redis.
+    for name, child in (
+        ("redis", redis),
+        ("spooler", spooler),
+        ("adopter", adopter),
+        ("forwarder", forwarder),
+        ("ingest", ingest),
+        ("admin", admin),
+        ("notify", NotifyService(reactor, ingest.listening, "ready")),
+    ):
+        child.setName(name)
         child.setServiceParent(root)
     return root
 
@@ -164,7 +202,20 @@ def _apply_overrides(config: Config, options: Options) -> Config:
     return attrs.evolve(config, server=server)
 
 
-def makeService(options: Options, reactor: Optional[Any] = None) -> RelayService:
+def _reload_config(options: Options) -> Tuple[Config, str]:
+    """The config file again, validated, with the command line's overrides; and its text."""
+    path = options["config"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: cannot read {path}: {e}") from None
+    config = config_from_string(text, base_dir=os.getcwd())
+    check_environment(config, compile_schema_file)
+    return _apply_overrides(config, options), text
+
+
+def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     """twistd entry point: load and validate the config, then build the tree."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -178,8 +229,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> RelayService
         sys.stderr.flush()
         raise SystemExit(2) from None
     log = Logger(namespace="relayd")
-    if config.server.workers != 1:
-        log.warn("server.workers = {workers}: this version runs one process", workers=config.server.workers)
+    if resolve_workers(config.server.workers) > 1:
+        return make_supervisor(reactor, config, lambda: _reload_config(options))
 
     def on_sighup(signum: int, frame: Any) -> None:
         reactor.callFromThread(log.warn, "SIGHUP: config reload is not implemented yet; config unchanged")

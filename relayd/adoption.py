@@ -1,0 +1,255 @@
+"""Per-worker spool directories: claiming one, and adopting orphans.
+
+Layout below ``[spool] dir``::
+
+    .claim.lock     flock-ed while a process picks, opens or removes a worker dir
+    worker-0/       one `Spool` per directory, flock-ed by its owner (spool.py)
+    worker-1/
+    ...
+
+A worker process at start takes the first ``worker-*`` directory that no
+live process holds (so a restarted worker recovers its predecessor's records
+through the normal spool recovery) or creates the next one (`claim`).
+
+A directory nobody holds but which still has records is an *orphan*: its
+worker crashed and was not restarted into it, or the daemon now runs fewer
+workers.  Every worker runs an `OrphanAdopter`: every `SCAN_INTERVAL` it
+looks for unlocked ``worker-*`` directories, opens each one (which locks
+it), replays its records to Redis oldest first (a second, read-only replay
+loop, the same batching as `Spooler._replay`), and when it is empty closes
+and removes it.  An empty orphan is removed at once.
+
+The claim lock makes "open or remove" atomic with respect to "pick": a
+starting worker never picks a directory an adopter is about to delete.
+
+Ordering: an adopted backlog is pushed alongside the adopter's own traffic,
+so FIFO per list holds per worker process only (as the contract states),
+not across a crash.  Delivery stays at-least-once: the read cursor is
+durable only after Redis replied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from relayd.spool import Spool, SpoolError, SpoolLockedError, decode_entry
+
+CLAIM_LOCK = ".claim.lock"
+WORKER_DIR_RE = re.compile(r"^worker-(\d+)$")
+SCAN_INTERVAL = 2.0  # seconds: an orphan waits at most this long (plus a worker restart) to be picked up
+REPLAY_MAX_RECORDS = 1000  # same batch as the spooler's replay
+REPLAY_MAX_BYTES = 1024 * 1024
+REPLAY_RETRY = 0.5  # seconds between attempts while Redis fails
+
+
+def worker_dirs(base: str) -> List[Tuple[int, str]]:
+    """``[(n, path)]`` of the ``worker-N`` directories below `base`, by n."""
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        m = WORKER_DIR_RE.match(name)
+        path = os.path.join(base, name)
+        if m and os.path.isdir(path):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+@contextlib.contextmanager
+def claim_lock(base: str, blocking: bool = True) -> Iterator[bool]:
+    """Hold ``base/.claim.lock``; yields False (not held) if busy and not `blocking`."""
+    os.makedirs(base, exist_ok=True)
+    fd = os.open(os.path.join(base, CLAIM_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def claim(base: str, open_dir: Callable[[str], Any]) -> Tuple[str, Any]:
+    """Open the first unlocked ``worker-*`` dir (or a new one) with `open_dir(path)`.
+
+    `open_dir` must lock the directory (``Spool.open`` does) and raise
+    `SpoolLockedError` when it is held.  Runs under the claim lock.
+    """
+    with claim_lock(base):
+        dirs = worker_dirs(base)
+        for _, path in dirs:
+            try:
+                return path, open_dir(path)
+            except SpoolLockedError:
+                continue
+        n = dirs[-1][0] + 1 if dirs else 0
+        path = os.path.join(base, f"worker-{n}")
+        return path, open_dir(path)
+
+
+def remove_spool_dir(path: str) -> bool:
+    """Remove a closed, empty spool directory (keeps it if anything unknown, e.g. quarantine, is left)."""
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name == "lock" or name.startswith("meta.json") or name.endswith(".seg"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(full)
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
+class OrphanAdopter(Service):
+    """Finds spool directories without a live worker and drains them to Redis."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        base: str,
+        own_path: Callable[[], Optional[str]],
+        redis: Any,
+        metrics: Any,
+        max_bytes: int,
+        fsync: str,
+        interval: float = SCAN_INTERVAL,
+    ) -> None:
+        self._reactor = reactor
+        self._base = base
+        self._own_path = own_path
+        self._redis = redis
+        self._metrics = metrics
+        self._max_bytes = max_bytes
+        self._fsync = fsync
+        self._interval = interval
+        self._adopted: Dict[str, Spool] = {}
+        self._replaying: Optional[Deferred] = None
+        self._retry_call: Any = None
+        self._scan = LoopingCall(self.scan)
+        self._scan.clock = reactor
+        self.adopted_total = 0
+
+    @property
+    def pending_records(self) -> int:
+        """Records waiting in adopted spools."""
+        return sum(s.pending_records for s in self._adopted.values() if not s.closed)
+
+    def startService(self) -> None:
+        """Scan now and every `interval` seconds."""
+        super().startService()
+        self._scan.start(self._interval, now=True)
+        self._redis.on_ready(self._kick)
+
+    def stopService(self) -> Deferred:
+        """Wait for a batch on the wire, then close adopted spools (their records stay for the next adopter)."""
+        super().stopService()
+        if self._scan.running:
+            self._scan.stop()
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        d = self._replaying if self._replaying is not None else succeed(None)
+
+        def close(_: object) -> None:
+            for spool in self._adopted.values():
+                if not spool.closed:
+                    spool.sync()
+                    spool.close()
+            self._adopted.clear()
+
+        return d.addBoth(close)
+
+    def scan(self) -> None:
+        """Adopt every unlocked ``worker-*`` directory; remove the empty ones."""
+        own = self._own_path()
+        own = os.path.abspath(own) if own else None
+        try:
+            with claim_lock(self._base, blocking=False) as held:
+                if not held:
+                    return  # someone is claiming; next scan
+                for _, path in worker_dirs(self._base):
+                    if os.path.abspath(path) == own or path in self._adopted:
+                        continue
+                    try:
+                        spool = Spool.open(path, self._max_bytes, fsync=self._fsync, clock=self._reactor.seconds)
+                    except SpoolLockedError:
+                        continue  # a live worker (or another adopter) holds it
+                    except SpoolError as e:
+                        self._log.warn("cannot adopt spool {path}: {error}", path=path, error=e)
+                        continue
+                    if spool.pending_records == 0:
+                        spool.close()
+                        remove_spool_dir(path)
+                        continue
+                    self._log.info(
+                        "adopted orphan spool {path} with {count} records; replaying",
+                        path=path,
+                        count=spool.pending_records,
+                    )
+                    self.adopted_total += 1
+                    self._adopted[path] = spool
+        except OSError as e:
+            self._log.warn("spool adoption scan failed: {error}", error=e)
+        self._kick()
+
+    def _kick(self) -> None:
+        if self.running and self._replaying is None and self._adopted:
+            self._replay()
+
+    def _replay(self) -> None:
+        if not self._redis.ready:
+            return  # on_ready kicks us again
+        for path, spool in list(self._adopted.items()):
+            records = spool.read(REPLAY_MAX_RECORDS, REPLAY_MAX_BYTES)
+            if not records:
+                self._release(path, spool)
+                continue
+            groups: Dict[bytes, List[bytes]] = {}
+            for _, payload in records:
+                key, item = decode_entry(payload)
+                groups.setdefault(key, []).append(item)
+            d = gatherResults([self._redis.lpush(k, items) for k, items in groups.items()], consumeErrors=True)
+            self._replaying = d
+            d.addCallbacks(self._replayed, self._failed, callbackArgs=(spool, records[-1][0], len(records)))
+            return
+
+    def _replayed(self, _: object, spool: Spool, last: Any, count: int) -> None:
+        self._replaying = None
+        if spool.closed:
+            return
+        spool.ack(last)
+        spool.sync()
+        self._metrics.replayed.inc(count)
+        self._kick()
+
+    def _failed(self, failure: Any) -> None:
+        self._replaying = None
+        self._metrics.redis_errors.labels(kind="adopt").inc()
+        if self.running:
+            self._retry_call = self._reactor.callLater(REPLAY_RETRY, self._kick)
+
+    def _release(self, path: str, spool: Spool) -> None:
+        del self._adopted[path]
+        with claim_lock(self._base):
+            spool.close()
+            removed = remove_spool_dir(path)
+        self._log.info(
+            "orphan spool {path} drained{removed}",
+            path=path,
+            removed=" and removed" if removed else " (kept: not empty)",
+        )
