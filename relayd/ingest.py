@@ -454,6 +454,7 @@ class IngestChannel(HTTPChannel):
         limits = self.site.limits
         self.maxHeaders = limits.max_headers
         self.totalHeadersSize = limits.max_header_bytes
+        self.MAX_LENGTH = limits.max_header_bytes  # one line (LineReceiver's cap, 16 KiB by default)
         self.site.channel_opened(self)
 
     def connectionLost(self, reason: Any) -> None:
@@ -514,6 +515,10 @@ class IngestChannel(HTTPChannel):
             )
         else:
             self.reject(BadRequest("malformed HTTP request"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header line alone over the head limit: 431, not a silent close."""
+        self.reject(HeadersTooLarge(f"a request or header line exceeds {self.MAX_LENGTH} bytes"))
 
     def reject(self, problem: Problem) -> None:
         """Answer `problem` at once and close, ignoring whatever else arrives."""

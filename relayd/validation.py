@@ -157,6 +157,13 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} overflows a double")
+    return value
+
+
 class BodyParser:
     """Turns one route's request bodies into message values.
 
@@ -170,9 +177,10 @@ class BodyParser:
       encoding; duplicate keys -> the last one wins, and what is pushed is
       the canonical envelope, so consumers cannot disagree about it;
     - ``format = "body"`` routes push the bytes as they came, so those bytes
-      must be strict JSON: the stdlib parser with duplicate keys, NaN,
-      Infinity, leading zeros, raw control characters and lone surrogates
-      all refused (400);
+      must be strict JSON: UTF-8 without BOM, parsed by the stdlib parser
+      with duplicate keys, NaN, Infinity, numbers overflowing a double,
+      leading zeros, raw control characters and lone surrogates all
+      refused (400);
     - integers over 4300 digits -> 400 (Python's own conversion limit).
     """
 
@@ -197,7 +205,14 @@ class BodyParser:
         if not self._raw:
             return ujson.loads(raw)
         try:
-            value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+            # Decode first: json.loads(bytes) would guess UTF-16/32 and skip a
+            # BOM, and RFC 8259 JSON on the wire is UTF-8 without one.
+            value = json.loads(
+                raw.decode("utf-8"),
+                object_pairs_hook=_unique_keys,
+                parse_constant=_no_constant,
+                parse_float=_finite_float,
+            )
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("lone surrogate in a string") from None

@@ -142,13 +142,12 @@ class HostileCorpusTest(unittest.TestCase):
         self._check_refused(case.kind, post_bytes("/in", case.body, case.content_type), case.statuses, False)
 
     @CORPUS_SETTINGS
-    @given(case=hostile_bodies(max_lines=100, overflow=False, bom=False))
+    @given(case=hostile_bodies(max_lines=100))
     def test_hostile_bodies_on_body_route_get_4xx_problem(self, case) -> None:
         """The same hostile bodies to a ``format = "body"`` route (whose default max_lines is
         10000, so oversized batches there are refused for their hostile content or accepted
-        nowhere): still 4xx problems, nothing enqueued.  BOMs and numbers overflowing a double
-        are left out here: each has its own strict-xfail test
-        (`test_body_route_refuses_bom_and_utf16`, `test_body_route_refuses_overflowing_numbers`)."""
+        nowhere): still 4xx problems, nothing enqueued, BOMs and numbers overflowing a double
+        included."""
         if case.kind.startswith("NDJSON over max_lines"):
             body = case.body + b"NaN\n"  # the raw route allows 10000 lines: make the batch invalid
             self._check_refused(case.kind, post_bytes("/raw", body, case.content_type), (400,), False)
@@ -188,12 +187,8 @@ class HostileCorpusTest(unittest.TestCase):
         self.assertEqual(item, good)
         self.redis.command("DEL", "raw")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="relayd bug: format=body accepts UTF-8 BOM / UTF-16 / UTF-32 JSON and pushes the non-UTF-8 bytes",
-    )
     def test_body_route_refuses_bom_and_utf16(self) -> None:
-        """relayd bug (strict xfail): a ``format = "body"`` route accepts a UTF-8 BOM and
+        """Was a relayd bug: a ``format = "body"`` route accepts a UTF-8 BOM and
         UTF-16/UTF-32 encoded JSON (Python's json.loads(bytes) sniffs the encoding) and pushes
         those non-UTF-8 bytes to Redis verbatim, although RFC 8259 8.1 requires UTF-8 without BOM
         for exchanged JSON and the policy says body-route bytes "must be strict JSON".  Expected
@@ -212,12 +207,8 @@ class HostileCorpusTest(unittest.TestCase):
         finally:
             self.redis.command("DEL", "raw")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="relayd bug: format=body accepts numbers that overflow a double (1e999) and pushes them verbatim",
-    )
     def test_body_route_refuses_overflowing_numbers(self) -> None:
-        """relayd bug (strict xfail): ``1e999`` on a ``format = "body"`` route is parsed by the
+        """Was a relayd bug: ``1e999`` on a ``format = "body"`` route is parsed by the
         stdlib as inf and accepted (json.dumps re-encodes it as Infinity without complaint), so
         the verbatim bytes reach consumers whose parsers disagree (Python: inf, Go: range error,
         JS: Infinity).  The envelope route refuses the same body with 400, and the body-route
@@ -498,12 +489,8 @@ class LimitsTest(unittest.TestCase):
         assert_problem(self, resp, 431)
         self.assertEqual(self.redis.llen("q"), before)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="relayd bug: a single head line over 16 KiB (LineReceiver.MAX_LENGTH) is dropped without a 431 problem",
-    )
     def test_single_header_line_over_16k_is_431(self) -> None:
-        """relayd bug (strict xfail): one header line longer than 16384 bytes hits
+        """Was a relayd bug: one header line longer than 16384 bytes hits
         twisted's LineReceiver.MAX_LENGTH, whose `lineLengthExceeded` closes the connection
         silently; IngestChannel does not override it, so the client gets no 431 problem
         (same for a request line over 16 KiB, e.g. a long URL).  It also makes any
