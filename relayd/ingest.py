@@ -189,6 +189,10 @@ class IngestApp:
             )
         return self.post(request, route)
 
+    def replace_routes(self, routes: List[IngestRoute]) -> None:
+        """Serve `routes` from the next request on (SIGHUP); requests in flight keep theirs."""
+        self._routes = {r.path_bytes: r for r in routes}
+
     def reload_credentials(self) -> None:
         """Re-read every route's tokens file (SIGHUP)."""
         for route in self._routes.values():

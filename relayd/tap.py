@@ -13,6 +13,7 @@ import signal
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -86,6 +87,12 @@ class RelayService(MultiService):
 
 
 
+def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: Any) -> List[IngestRoute]:
+    """The ingest routes of a config; rate limits get this process's share."""
+    share = 1.0 / max(1, resolve_workers(config.server.workers))
+    return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
+
+
 def build_service(
     config: Config,
     validators: Dict[str, Any],
@@ -128,9 +135,7 @@ def build_service(
         shutdown_timeout=config.server.shutdown_timeout,
     )
     shutdown_timeout = config.server.shutdown_timeout
-    routes: List[IngestRoute] = [
-        IngestRoute(r, validators.get(r.path), metrics.route(r.path)) for r in config.routes
-    ]
+    routes = build_routes(config, validators, metrics, reactor)
     app = IngestApp(
         reactor,
         routes,
@@ -140,7 +145,7 @@ def build_service(
         metrics,
         config.buffer.ack_timeout,
     )
-    site = IngestSite(app, metrics, config.server.idle_timeout, reactor)
+    site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits)
     ingest = IngestService(
         listen_endpoint or serverFromString(reactor, config.server.listen), site, app, shutdown_timeout, reactor
     )
@@ -232,8 +237,33 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     if resolve_workers(config.server.workers) > 1:
         return make_supervisor(reactor, config, lambda: _reload_config(options))
 
+    service = build_service(config, validators, reactor)
+    current = {"config": config}
+
+    def reload() -> None:
+        """SIGHUP in a single process: swap routes in place, the socket stays open."""
+        try:
+            new, new_validators = load_config(options["config"], compile_schema_file)
+            new = _apply_overrides(new, options)
+        except ConfigError as e:
+            log.error("SIGHUP: new config rejected, the old one stays: {error}", error=str(e))
+            return
+        ingest = service.getServiceNamed("ingest")
+        # New routes read their tokens and secret files afresh.
+        ingest.app.replace_routes(build_routes(new, new_validators, service.metrics, reactor))
+        tables = ("server", "redis", "buffer", "spool", "limits")
+        pending = [name for name in tables if getattr(new, name) != getattr(current["config"], name)]
+        if pending:
+            log.warn(
+                "SIGHUP: routes and tokens reloaded; changes to [{tables}] take effect at the next restart",
+                tables=", ".join(pending),
+            )
+        else:
+            log.info("SIGHUP: routes and tokens reloaded ({count} routes)", count=len(new.routes))
+        current["config"] = attrs.evolve(current["config"], routes=new.routes)
+
     def on_sighup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(log.warn, "SIGHUP: config reload is not implemented yet; config unchanged")
+        reactor.callFromThread(reload)
 
     signal.signal(signal.SIGHUP, on_sighup)
-    return build_service(config, validators, reactor)
+    return service

@@ -25,8 +25,6 @@ import unittest
 import uuid
 from typing import Any
 
-import pytest
-
 from tests.harness import (
     Oracle,
     RedisServer,
@@ -722,7 +720,6 @@ class DaemonTests(unittest.TestCase):
 class ReloadTests(RelayTestCase):
     """SIGHUP reloads the config without dropping the listening socket."""
 
-    @pytest.mark.xfail(strict=True, reason="SIGHUP reload is the workers issue (#4); not built yet")
     def test_sighup_adds_route_without_refusing_connections(self) -> None:
         """After SIGHUP a newly configured route works, while clients on new connections never saw a refusal or reset."""
         self.redis = RedisServer(self)
