@@ -1330,6 +1330,13 @@ def main() -> int:
         print(md)
         return 0
 
+    # Stop cleanly (servers, Redis, scratch dir) on Ctrl-C and on SIGTERM, even
+    # when started in the background (where a shell leaves SIGINT ignored).
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGINT, _terminate)
+    signal.signal(signal.SIGTERM, _terminate)
+
     ensure_system_tools()
     ensure_python_deps()
 
