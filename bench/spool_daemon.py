@@ -142,7 +142,9 @@ def main() -> None:
         # Top up to the target record count with more batches.
         spooled = metrics(relayd.admin).get("relayd_spool_messages", 0)
         while spooled < args.records:
-            wrk(url, os.path.join(BENCH, "ndjson.lua"), 5)
+            top_up = wrk(url, os.path.join(BENCH, "ndjson.lua"), 5)
+            if top_up["err_status"] or top_up["requests"] == 0:
+                raise SystemExit(f"spill refused requests while filling the spool: {top_up}")
             spooled = metrics(relayd.admin).get("relayd_spool_messages", 0)
         spool_bytes = metrics(relayd.admin).get("relayd_spool_bytes", 0)
         code = relayd.stop()

@@ -261,7 +261,7 @@ class BodyParser:
             ) from None
 
     def _parse_ndjson(self, body: bytes) -> Parsed:
-        lines = body.count(b"\n") + 1
+        lines = body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
         if lines > self._max_lines:
             raise PayloadTooLarge(f"the batch has {lines} lines; this route takes at most {self._max_lines}")
         values: List[Any] = []

@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relayd.config import ConfigError
-from relayd.problems import BadRequest, InvalidBatch, MalformedJSON, SchemaViolation, UnsupportedMediaType
+from relayd.problems import (
+    BadRequest,
+    InvalidBatch,
+    MalformedJSON,
+    PayloadTooLarge,
+    SchemaViolation,
+    UnsupportedMediaType,
+)
 from relayd.validation import BodyParser, compile_schema, compile_schema_file
 from tests.strategies import json_values
 
@@ -162,3 +169,15 @@ class CompileSchemaTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as e:
             compile_schema({"type": "no-such-type"}, "route[3].schema")
         self.assertIn("route[3].schema", str(e.exception))
+
+
+class MaxLinesTests(unittest.TestCase):
+    """The NDJSON line cap counts lines, not newline characters."""
+
+    def test_trailing_newline_is_not_a_line(self):
+        """Exactly max_lines lines pass with or without a final newline; one more is 413."""
+        parser = BodyParser(None, max_lines=3)
+        self.assertEqual(len(parser.parse(b"1\n2\n3\n", NDJSON).values), 3)
+        self.assertEqual(len(parser.parse(b"1\n2\n3", NDJSON).values), 3)
+        with self.assertRaises(PayloadTooLarge):
+            parser.parse(b"1\n2\n3\n4\n", NDJSON)
