@@ -1,58 +1,43 @@
 """HTTP ingest: POST <route> -> validated messages in the buffer -> 2xx.
 
 The Klein app (`IngestApp`) is the API surface: route lookup, method and
-length checks, body parsing (`validation`), envelope encoding (`codec`),
-the buffer offer, and the ack.  Every `Problem` raised on the way becomes an
-``application/problem+json`` response in one place (`_problem`), and
-nothing is enqueued before the whole request validated.
-
-twisted.web needs three guards Klein cannot give (CONVENTIONS.md):
-
-- `IngestChannel` decides 413 from Content-Length *before* the body is read
-  (twisted.web buffers whole bodies and has no cap of its own) and counts
-  chunked bodies as they arrive, closing the connection at the cap;
-- `IngestRequest` keeps bodies in memory (no temp files: the cap is small)
-  and skips the email-package form parsing (`parsePOSTFormSubmission`);
-- `IngestSite` writes no access log (34% of a request's cost here) and
-  tracks connections so a graceful stop can close idle keep-alives.
+length checks, auth, body parsing (`validation`), rate limits, envelope
+encoding (`codec`), the buffer offer, and the ack.  Every `Problem` raised
+on the way becomes an ``application/problem+json`` response in one place
+(`write_problem`), and nothing is enqueued before the whole request
+validated.  The twisted.web guards underneath (body caps, deadlines,
+connection caps, the hot-path dispatch) are in `relayd.http_layer`.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from io import BytesIO
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel, datetimeToString
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from relayd.auth import BearerTokens, WebhookVerifier, read_secret
 from relayd.buffer import RingBuffer, Waiter
 from relayd.codec import EncodeError, encode_envelopes
-from relayd.config import LimitsConfig, RouteConfig
+from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.listener import ListenerService
 from relayd.metrics import Metrics, RouteMetrics
 from relayd.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
-    HeadersTooLarge,
     LengthRequired,
     MethodNotAllowed,
     NotFound,
     NotReady,
     Overloaded,
-    PayloadTooLarge,
     Problem,
-    RequestTimeout,
     ShuttingDown,
     StoreTimeout,
-    TooManyConnections,
     render_problem,
 )
 from relayd.ratelimit import RateLimiter
@@ -373,259 +358,6 @@ def write_problem(request: Request, problem: Problem) -> bytes:
     return body
 
 
-def _raw_problem(problem: Problem) -> bytes:
-    """A complete HTTP/1.1 response for errors raised before a Request exists."""
-    body = render_problem(problem)
-    extra = b"".join(b"%s: %s\r\n" % (name, value) for name, value in problem.headers)
-    if problem.retry_after is not None:
-        extra += b"Retry-After: %d\r\n" % problem.retry_after
-    head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
-        % (problem.status, problem.title.encode(), PROBLEM_CONTENT_TYPE, len(body), extra)
-    )
-    return head + body
-
-
-class IngestRequest(Request):
-    """A Request that keeps bodies in memory, bounded, and parses no forms."""
-
-    _body_limit = 0
-    _body_seen = 0
-    _rejected = False
-
-    def __init__(self, channel: HTTPChannel, *args: Any, **kwargs: Any) -> None:
-        kwargs["parsePOSTFormSubmission"] = False
-        super().__init__(channel, *args, **kwargs)
-
-    def gotLength(self, length: Optional[int]) -> None:
-        """Always a BytesIO (Twisted uses temp files above 100 kB or when chunked)."""
-        self.content = BytesIO()
-        self._body_limit = self.channel.body_limit
-
-    def handleContentChunk(self, data: bytes) -> None:
-        """Append body bytes, cutting off a chunked body at the route's cap."""
-        if self._rejected:
-            return
-        self._body_seen += len(data)
-        if self._body_seen > self._body_limit:
-            self._rejected = True
-            self.channel.reject(PayloadTooLarge(f"body exceeds {self._body_limit} bytes"))
-            return
-        self.content.write(data)
-
-    def process(self) -> None:
-        """Serve POSTs to routes directly; everything else through Klein.
-
-        Skipped on the hot path: the Server header, Twisted's resource
-        traversal and Klein's URL map binding (together ~45% of a request).
-        """
-        if self._rejected:
-            return
-        site = self.channel.site
-        route = site.app.route_for(self)
-        if route is None:
-            super().process()
-            return
-        self.site = site
-        self.setHeader(b"Date", site.date_header())
-        site.app.serve(self, route)
-
-
-class IngestChannel(HTTPChannel):
-    """An HTTPChannel with the guards twisted.web lacks.
-
-    - 413 from Content-Length before any body byte is read;
-    - deadlines for a request's head (`header_timeout`) and body
-      (`body_timeout`), counted from the request's first byte: twisted.web's
-      idle timeout restarts on every byte, so a client dribbling one byte a
-      second would hold the connection for ever (slowloris);
-    - header count and size caps answered with a 431/400 problem document
-      (twisted.web sends a bare "400 Bad Request").
-    """
-
-    body_limit = 0
-    _phase = "idle"  # idle -> head -> body -> handling -> idle
-    _deadline: Any = None
-    peer = ""
-
-    def connectionMade(self) -> None:
-        """Register with the site and apply its header limits."""
-        # Every Request asks for both addresses; for TCP each getHost() is a
-        # getsockname() syscall plus an address object (~10% of a request).
-        self._host_address = self.transport.getHost()
-        self._peer_address = self.transport.getPeer()
-        super().connectionMade()
-        limits = self.site.limits
-        self.maxHeaders = limits.max_headers
-        self.totalHeadersSize = limits.max_header_bytes
-        self.MAX_LENGTH = limits.max_header_bytes  # one line (LineReceiver's cap, 16 KiB by default)
-        self.site.channel_opened(self)
-
-    def connectionLost(self, reason: Any) -> None:
-        """Unregister from the site."""
-        self._cancel_deadline()
-        self.site.channel_closed(self)
-        super().connectionLost(reason)
-
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
-    def _start_deadline(self, seconds: float, what: str) -> None:
-        self._cancel_deadline()
-        self._deadline = self.callLater(seconds, self._deadline_passed, seconds, what)
-
-    def _deadline_passed(self, seconds: float, what: str) -> None:
-        self._deadline = None
-        self.reject(RequestTimeout(f"the request {what} did not arrive within {seconds:g}s"))
-
-    def dataReceived(self, data: bytes) -> None:
-        """Start the head deadline at a request's first byte."""
-        if self._phase == "idle":
-            self._phase = "head"
-            self._start_deadline(self.site.limits.header_timeout, "head")
-        super().dataReceived(data)
-
-    def allHeadersReceived(self) -> None:
-        """Decide 413 from Content-Length, before any body byte is read."""
-        self.body_limit = self.site.body_limit(self._path)
-        if self.length is not None and self.length > self.body_limit:
-            self.reject(PayloadTooLarge(f"Content-Length {self.length} exceeds the route's max_body of {self.body_limit} bytes"))
-            return
-        self._phase = "body"
-        self._start_deadline(self.site.limits.body_timeout, "body")
-        super().allHeadersReceived()
-
-    def allContentReceived(self) -> None:
-        """The request is complete: no deadline while it is answered."""
-        self._cancel_deadline()
-        self._phase = "handling"
-        super().allContentReceived()
-
-    def requestDone(self, request: Any) -> None:
-        """Back to idle (pipelined data replayed by Twisted starts the next head)."""
-        self._phase = "idle"
-        super().requestDone(request)
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        """Twisted's bad-request path, as a problem document (431 for header limits)."""
-        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
-            self.reject(
-                HeadersTooLarge(
-                    f"at most {self.maxHeaders} header fields and {self.totalHeadersSize} bytes of request head"
-                )
-            )
-        else:
-            self.reject(BadRequest("malformed HTTP request"))
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        """A request line or header line alone over the head limit: 431, not a silent close."""
-        self.reject(HeadersTooLarge(f"a request or header line exceeds {self.MAX_LENGTH} bytes"))
-
-    def reject(self, problem: Problem) -> None:
-        """Answer `problem` at once and close, ignoring whatever else arrives."""
-        self._cancel_deadline()
-        self.site.on_reject(problem)
-        self.transport.write(_raw_problem(problem))
-        self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
-        self.loseConnection()
-
-    def getHost(self) -> Any:
-        """This end's address, read once per connection."""
-        return self._host_address
-
-    def getPeer(self) -> Any:
-        """The client's address, read once per connection."""
-        return self._peer_address
-
-    @property
-    def idle(self) -> bool:
-        """No request is being received or answered on this connection."""
-        return not self.requests
-
-
-class _Refuse(Protocol):
-    """Answers one problem document and closes (over the connection caps)."""
-
-    def __init__(self, problem: Problem) -> None:
-        self._problem = problem
-
-    def connectionMade(self) -> None:
-        """Write the problem and close."""
-        self.transport.write(_raw_problem(self._problem))
-        self.transport.loseConnection()
-
-
-class IngestSite(Site):
-    """A Site without access log, with bounded bodies and connection tracking."""
-
-    protocol = IngestChannel
-    requestFactory = IngestRequest
-
-    def __init__(
-        self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: Any, limits: Optional[LimitsConfig] = None
-    ) -> None:
-        super().__init__(app.resource(), timeout=idle_timeout, reactor=reactor)
-        self.limits = limits if limits is not None else LimitsConfig()
-        self._per_peer: Dict[str, int] = {}
-        self.app = app
-        self.body_limit = app.body_limit
-        self._clock = reactor
-        self._date_second = -1
-        self._date = b""
-        self.channels: Set[IngestChannel] = set()
-        self._rejected = metrics.rejected
-
-    def buildProtocol(self, addr: Any) -> Any:
-        """A channel, or a refusal when over the connection caps."""
-        peer = getattr(addr, "host", "")
-        limits = self.limits
-        if len(self.channels) >= limits.max_connections:
-            problem = TooManyConnections(f"more than {limits.max_connections} connections", retry_after=1)
-        elif self._per_peer.get(peer, 0) >= limits.max_connections_per_peer:
-            problem = TooManyConnections(
-                f"more than {limits.max_connections_per_peer} connections from {peer}", retry_after=1
-            )
-        else:
-            channel = super().buildProtocol(addr)
-            channel.peer = peer
-            return channel
-        self.on_reject(problem)
-        return _Refuse(problem)
-
-    def channel_opened(self, channel: IngestChannel) -> None:
-        """Track an open connection."""
-        self.channels.add(channel)
-        self._per_peer[channel.peer] = self._per_peer.get(channel.peer, 0) + 1
-
-    def channel_closed(self, channel: IngestChannel) -> None:
-        """Forget a closed connection."""
-        if channel in self.channels:
-            self.channels.discard(channel)
-            left = self._per_peer.get(channel.peer, 1) - 1
-            if left:
-                self._per_peer[channel.peer] = left
-            else:
-                self._per_peer.pop(channel.peer, None)
-
-    def on_reject(self, problem: Problem) -> None:
-        """Count a request refused at the HTTP layer."""
-        self._rejected.labels(route="", reason=problem.reason).inc()
-
-    def log(self, request: Request) -> None:
-        """No access log: per-request logging costs a third of the request."""
-
-    def date_header(self) -> bytes:
-        """The Date header value, formatted once per second."""
-        now = int(self._clock.seconds())
-        if now != self._date_second:
-            self._date_second = now
-            self._date = datetimeToString(now)
-        return self._date
-
-
 class IngestService(ListenerService):
     """Listens for ingest traffic; stops gracefully.
 
@@ -634,7 +366,7 @@ class IngestService(ListenerService):
     forwarder, which is stopped after this), then close what remains.
     """
 
-    def __init__(self, endpoint: Any, site: IngestSite, app: IngestApp, timeout: float, clock: Any) -> None:
+    def __init__(self, endpoint: Any, site: Any, app: IngestApp, timeout: float, clock: Any) -> None:
         super().__init__(endpoint, site, "ingest")
         self._site = site
         self._app = app

@@ -26,8 +26,9 @@ from relayd.adoption import OrphanAdopter
 from relayd.buffer import RingBuffer
 from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
 from relayd.forwarder import Forwarder
+from relayd.http_layer import IngestSite
 from relayd.ids import IdGenerator
-from relayd.ingest import IngestApp, IngestRoute, IngestService, IngestSite
+from relayd.ingest import IngestApp, IngestRoute, IngestService
 from relayd.listener import ListenerService
 from relayd.metrics import Metrics
 from relayd.redis import RedisClient

@@ -12,8 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from relayd.buffer import RingBuffer
 from relayd.codec import decode_envelope
 from relayd.config import RouteConfig
+from relayd.http_layer import IngestSite
 from relayd.ids import IdGenerator
-from relayd.ingest import IngestApp, IngestRoute, IngestSite
+from relayd.ingest import IngestApp, IngestRoute
 from relayd.metrics import Metrics
 from relayd.validation import compile_schema
 
