@@ -37,7 +37,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.logger import Logger
 
 from relayd.buffer import Entry, RingBuffer
@@ -48,6 +48,7 @@ from relayd.spool import Spool, SpoolError, SpoolFull, SpoolWriteError, decode_e
 COMMIT_WINDOW = 0.002  # seconds: a 2 ms window lets ~hundreds of requests share one fsync
 RETRY_AFTER_ERROR = 1.0  # seconds before writing again after ENOSPC/EIO
 REPLAY_RETRY = 0.5  # seconds between replay attempts while Redis fails
+REPLAY_PIPELINE = 3  # batches on the wire: hides the round trip behind decoding the next
 REPLAY_MAX_RECORDS = 1000  # one LPUSH per list per batch, like the forwarder
 REPLAY_MAX_BYTES = 1024 * 1024
 MIN_RECORD_BYTES = 64  # framing (16 B) + entry header + a tiny envelope: less room is no room
@@ -87,7 +88,9 @@ class Spooler(Service):
         self._uncommitted: List[List[Entry]] = []
         self._commit_call: Any = None
         self._blocked_until = 0.0  # after SpoolFull / write errors
-        self._replaying: Optional[Deferred] = None
+        self._replay_inflight: List[Deferred] = []  # batches on the wire, oldest first
+        self._replay_after: Optional[Tuple[int, int, int]] = None  # last record read ahead
+        self._replay_broken = False  # a batch failed: ack nothing until all settled
         self._replay_call: Any = None
         self._mode_listeners: List[Callable[[], None]] = []
         self._mode_logged_at = -MODE_LOG_INTERVAL
@@ -151,7 +154,7 @@ class Spooler(Service):
             if call is not None and call.active():
                 call.cancel()
         self._replay_call = self._commit_call = None
-        d = self._replaying if self._replaying is not None else succeed(None)
+        d = DeferredList(list(self._replay_inflight)) if self._replay_inflight else succeed(None)
 
         def close(_: object) -> None:
             self._commit()
@@ -194,7 +197,7 @@ class Spooler(Service):
             and spool is not None
             and spool.pending_records == 0
             and not self._uncommitted
-            and self._replaying is None
+            and not self._replay_inflight
             and self._redis.ready
         ):
             self.active = False
@@ -289,47 +292,73 @@ class Spooler(Service):
     # -- replay ------------------------------------------------------------
 
     def _kick_replay(self) -> None:
-        if self._replay_call is None and self._replaying is None and self.running:
+        if self._replay_call is None and self.running:
             self._replay_call = self._reactor.callLater(0, self._replay)
 
     def _replay(self) -> None:
+        """Keep up to `REPLAY_PIPELINE` batches on the wire, oldest first.
+
+        Batches are read ahead with ``read(after=...)``; replies on the one
+        connection come back in order, and each success acks its last
+        record.  After a failure nothing more is acked (a later success
+        cannot skip the failed records): once every batch settled, reading
+        restarts from the durable cursor (those batches may repeat:
+        at-least-once).
+        """
         self._replay_call = None
         spool = self.spool
-        if spool is None or spool.closed or self._replaying is not None:
-            return
-        if not self._redis.ready:
-            return  # on_ready kicks us again
-        records = spool.read(REPLAY_MAX_RECORDS, REPLAY_MAX_BYTES)
-        if not records:
-            self._maybe_deactivate()
-            return
-        groups: Dict[bytes, List[bytes]] = {}
-        for _, payload in records:
-            key, item = decode_entry(payload)
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [item]
-            else:
-                group.append(item)
-        last = records[-1][0]
-        d = gatherResults([self._redis.lpush(k, items) for k, items in groups.items()], consumeErrors=True)
-        self._replaying = d
-        d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(last, len(records)))
+        if spool is None or spool.closed or self._replay_broken or not self._redis.ready:
+            return  # Redis readiness and settling kick us again
+        while len(self._replay_inflight) < REPLAY_PIPELINE:
+            records = spool.read(REPLAY_MAX_RECORDS, REPLAY_MAX_BYTES, after=self._replay_after)
+            if not records:
+                if not self._replay_inflight:
+                    self._maybe_deactivate()
+                return
+            self._replay_after = records[-1][0]
+            groups: Dict[bytes, List[bytes]] = {}
+            for _, payload in records:
+                key, item = decode_entry(payload)
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = [item]
+                else:
+                    group.append(item)
+            d = gatherResults([self._redis.lpush(k, items) for k, items in groups.items()], consumeErrors=True)
+            self._replay_inflight.append(d)
+            d.addCallbacks(
+                self._replayed,
+                self._replay_failed,
+                callbackArgs=(d, records[-1][0], len(records)),
+                errbackArgs=(d,),
+            )
 
-    def _replayed(self, _: object, last: Tuple[int, int, int], count: int) -> None:
-        self._replaying = None
+    def _replayed(self, _: object, d: Deferred, last: Tuple[int, int, int], count: int) -> None:
+        self._replay_inflight.remove(d)
         spool = self.spool
         if spool is None or spool.closed:
             return
-        spool.ack(last)
-        self._blocked_until = 0.0  # acked segments may have freed space
-        self._metrics.replayed.inc(count)
-        if spool.needs_sync and self._commit_call is None:
-            self._commit_call = self._reactor.callLater(self._commit_window, self._commit)
-        self._kick_replay()
+        if not self._replay_broken:
+            spool.ack(last)
+            self._blocked_until = 0.0  # acked segments may have freed space
+            self._metrics.replayed.inc(count)
+            if spool.needs_sync and self._commit_call is None:
+                self._commit_call = self._reactor.callLater(self._commit_window, self._commit)
+        self._replay_settled()
 
-    def _replay_failed(self, failure: Any) -> None:
-        self._replaying = None
+    def _replay_failed(self, failure: Any, d: Deferred) -> None:
+        self._replay_inflight.remove(d)
+        self._replay_broken = True
         self._metrics.redis_errors.labels(kind="replay").inc()
-        if self.running and self._replay_call is None:
-            self._replay_call = self._reactor.callLater(REPLAY_RETRY, self._replay)
+        self._replay_settled()
+
+    def _replay_settled(self) -> None:
+        if self._replay_broken:
+            if self._replay_inflight:
+                return  # wait for the rest before re-reading
+            self._replay_broken = False
+            self._replay_after = None  # from the durable cursor again
+            if self.running and self._replay_call is None:
+                self._replay_call = self._reactor.callLater(REPLAY_RETRY, self._replay)
+        else:
+            self._kick_replay()
