@@ -43,7 +43,9 @@ class Metrics:
         self.rejected = Counter(
             "relayd_rejected", "Requests rejected, by reason.", ["route", "reason"], registry=r
         )
-        self.forwarded = Counter("relayd_forwarded", "Messages pushed to Redis.", ["list"], registry=r)
+        self.forwarded = Counter(
+            "relayd_forwarded", "Messages pushed to Redis (directly or replayed from the spool).", ["list"], registry=r
+        )
         self.redis_errors = Counter("relayd_redis_errors", "Failed Redis pushes, by kind.", ["kind"], registry=r)
         self.batch_size = Histogram(
             "relayd_batch_size", "Messages per LPUSH.", buckets=BATCH_BUCKETS, registry=r
@@ -63,7 +65,9 @@ class Metrics:
         self.redis_up = Gauge("relayd_redis_up", "1 while Redis takes writes.", registry=r)
         self.spill_mode = Gauge("relayd_spill_mode", "1 while messages go through the disk spool.", registry=r)
         self.spilled = Counter("relayd_spilled", "Messages appended to the disk spool.", registry=r)
-        self.replayed = Counter("relayd_replayed", "Spooled messages pushed to Redis.", registry=r)
+        self.replayed = Counter(
+            "relayd_replayed", "Spooled messages pushed to Redis (also counted in relayd_forwarded).", registry=r
+        )
         self.spool_messages = Gauge("relayd_spool_messages", "Messages waiting in the spool.", registry=r)
         self.spool_bytes = Gauge("relayd_spool_bytes", "Payload bytes waiting in the spool.", registry=r)
         self.spool_oldest_age = Gauge(

@@ -329,11 +329,11 @@ class Spooler(Service):
             d.addCallbacks(
                 self._replayed,
                 self._replay_failed,
-                callbackArgs=(d, records[-1][0], len(records)),
+                callbackArgs=(d, records[-1][0], {k: len(v) for k, v in groups.items()}),
                 errbackArgs=(d,),
             )
 
-    def _replayed(self, _: object, d: Deferred, last: Tuple[int, int, int], count: int) -> None:
+    def _replayed(self, _: object, d: Deferred, last: Tuple[int, int, int], counts: Dict[bytes, int]) -> None:
         self._replay_inflight.remove(d)
         spool = self.spool
         if spool is None or spool.closed:
@@ -341,7 +341,10 @@ class Spooler(Service):
         if not self._replay_broken:
             spool.ack(last)
             self._blocked_until = 0.0  # acked segments may have freed space
-            self._metrics.replayed.inc(count)
+            for key, count in counts.items():
+                # "forwarded" counts every message that reached Redis, by either path
+                self._metrics.forwarded_to(key).inc(count)
+                self._metrics.replayed.inc(count)
             if spool.needs_sync and self._commit_call is None:
                 self._commit_call = self._reactor.callLater(self._commit_window, self._commit)
         self._replay_settled()
