@@ -906,6 +906,7 @@ def aggregate(all_rows: list[dict], targets: list[str]) -> list[dict]:
             agg["msgs_cpu_norm"] = agg["rps_cpu_norm"] * agg["batch"]
         agg["non2xx_total"] = sum(r["non2xx"] for r in measured)
         agg["foreign_max"] = max(r["foreign_cpu_pct"] for r in measured)
+        agg["steal_max"] = max(r.get("steal_pct", 0.0) for r in measured)
         problems = []
         for r in rr:
             if "error" in r:
@@ -1049,7 +1050,7 @@ def render(ctx: Ctx, rows: list[dict], all_rows: list[dict], info: dict, profile
       "all rounds.")
     w("")
     w("| target | req/s (median) | range | msgs/s | req/s per core (CPU-norm.) | p50 | p99 | non-2xx | server CPU "
-      "| Redis CPU | wrk CPU | other CPU (max) | valid |")
+      "| Redis CPU | wrk CPU | other CPU / steal (max) | valid |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if "rps" not in r:
@@ -1059,11 +1060,12 @@ def render(ctx: Ctx, rows: list[dict], all_rows: list[dict], info: dict, profile
         cn = f"{r['rps_cpu_norm']:,.0f}" if r.get("rps_cpu_norm") else "–"
         w(f"| {r['desc']} | {r['rps']:,.0f} | {r['rps_min']:,.0f}–{r['rps_max']:,.0f} | {r['msgs_per_s']:,.0f} | {cn} | "
           f"{fmt_us(r['lat_p50_us'])} | {fmt_us(r['lat_p99_us'])} | {r['non2xx_total']} | "
-          f"{r['server_cpu_pct_app']:.0f}% | {red} | {r['wrk_cpu_pct']:.0f}% | {r['foreign_max']:.0f}% | "
+          f"{r['server_cpu_pct_app']:.0f}% | {red} | {r['wrk_cpu_pct']:.0f}% | {r['foreign_max']:.0f}% / {r.get('steal_max', 0):.0f}% | "
           f"{'yes' if r['valid'] else '**NO**: ' + '; '.join(r['problems'])[:600]} |")
     w("")
     w("*other CPU* = CPU used on the box by anything but the server, Redis and wrk during the run, in % of one "
       "core (other people's test suites share this machine). Above ~10% the row is disturbed: compare rounds. "
+      "*steal* = CPU time the hypervisor gave to other VMs (both cores added up). "
       "*req/s per core (CPU-norm.)* = req/s divided by the CPU the server (plus Redis, which shares core 0) "
       "actually got, median over rounds: what the server would do with core 0 to itself. It is robust to "
       "neighbours stealing core 0, but over-states a server that idles waiting on I/O, and for nginx the "
