@@ -12,6 +12,7 @@ Redis is strict JSON whatever ujson's lenient parser let in.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import ujson
@@ -28,6 +29,12 @@ def _json(value: Any) -> bytes:
     return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False).encode("utf-8")
 
 
+@functools.lru_cache(maxsize=256)
+def _json_text(value: Optional[str]) -> bytes:
+    """A route or media type as JSON; the few distinct values are memoized (pure)."""
+    return _json(value)
+
+
 def encode_envelopes(ids: List[str], ts: float, route: str, content_type: Optional[str], bodies: List[Any]) -> List[bytes]:
     """Serialize the envelopes of one request (shared ts, route, type).
 
@@ -36,7 +43,7 @@ def encode_envelopes(ids: List[str], ts: float, route: str, content_type: Option
     ``ujson.dumps`` of a fresh dict per message.  Ids are hex, so they need
     no escaping.
     """
-    head = (b"%.6f" % ts, _json(route), _json(content_type))
+    head = (b"%.6f" % ts, _json_text(route), _json_text(content_type))
     try:
         return [_ENVELOPE % ((i.encode("ascii"),) + head + (_json(b),)) for i, b in zip(ids, bodies)]
     except (OverflowError, UnicodeEncodeError) as e:
