@@ -21,7 +21,6 @@ import threading
 import time
 import unittest
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.edge_tools import (
