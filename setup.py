@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11"],
-        "dev": ["ruff>=0.6", "mypy>=1.10", "tox>=4"],
+        "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0", "tox>=4"],
     },
     entry_points={"console_scripts": ["relayd = relayd.cli:main"]},
 )

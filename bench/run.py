@@ -403,7 +403,7 @@ class Target:
     redis_key: str | None = None
     clean_exit_required = False  # relayd's contract: SIGTERM -> exit 0
 
-    def __init__(self, ctx: "Ctx"):
+    def __init__(self, ctx: Ctx):
         self.ctx = ctx
         self.procs: list[Proc] = []
         self.port = free_port()
@@ -656,7 +656,7 @@ def analyze_pyspy(raw: Path, top: int = 15, anchors: list[str] | None = None) ->
             continue
         frames = stack.split(";")
         if frames and frames[0].startswith("process ") or frames and frames[0].startswith("thread "):
-            frames = [f for f in frames if not (f.startswith("process ") or f.startswith("thread "))]
+            frames = [f for f in frames if not (f.startswith(("process ", "thread ")))]
         if not frames:
             continue
         if any(w in frames[-1] for w in IDLE_LEAVES):
@@ -699,7 +699,7 @@ def analyze_pyspy(raw: Path, top: int = 15, anchors: list[str] | None = None) ->
     }
 
 
-def profile_target(ctx: "Ctx", cls, duration: int) -> dict:
+def profile_target(ctx: Ctx, cls, duration: int) -> dict:
     t = cls(ctx)
     log(f"profile {t.name}: starting")
     t.start()
@@ -1255,7 +1255,7 @@ def render(ctx: Ctx, rows: list[dict], all_rows: list[dict], info: dict, profile
                 w(f"| `{f}` | {fa.get(f, 0) * ua / 100:.2f} | {fb.get(f, 0) * ub / 100:.2f} | {d:+.2f} |")
             w("")
             cat_a, cat_b = dict(pa["cat_self"]), dict(pb["cat_self"])
-            w(f"By category (self µs per request): " + "; ".join(
+            w("By category (self µs per request): " + "; ".join(
                 f"{c.split(' (')[0]} {cat_a.get(c, 0) * ua / 100:.1f} vs {cat_b.get(c, 0) * ub / 100:.1f}"
                 for c in sorted(set(cat_a) | set(cat_b), key=lambda c: -(cat_a.get(c, 0) * ua)) ) + ".")
             w("")

@@ -21,8 +21,10 @@ from __future__ import annotations
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Dict, Optional, Set
 
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
@@ -60,6 +62,9 @@ def _raw_problem(problem: Problem) -> bytes:
 
 class IngestRequest(Request):
     """A Request that keeps bodies in memory, bounded, and parses no forms."""
+
+    channel: IngestChannel
+    content: Any
 
     _body_limit = 0
     _body_seen = 0
@@ -115,6 +120,8 @@ class IngestChannel(HTTPChannel):
       (twisted.web sends a bare "400 Bad Request").
     """
 
+    site: IngestSite
+    transport: Any
     body_limit = 0
     _phase = "idle"  # idle -> head -> body -> handling -> idle
     _deadline_at = 0.0  # when the current head/body deadline passes (0: none)
@@ -134,7 +141,7 @@ class IngestChannel(HTTPChannel):
         self.MAX_LENGTH = limits.max_header_bytes  # one line (LineReceiver's cap, 16 KiB by default)
         self.site.channel_opened(self)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Unregister from the site."""
         self._cancel_deadline()
         self.site.channel_closed(self)
@@ -228,6 +235,8 @@ class IngestChannel(HTTPChannel):
 class _Refuse(Protocol):
     """Answers one problem document and closes (over the connection caps)."""
 
+    transport: Any
+
     def __init__(self, problem: Problem) -> None:
         self._problem = problem
 
@@ -240,7 +249,7 @@ class _Refuse(Protocol):
 class IngestSite(Site):
     """A Site without access log, with bounded bodies and connection tracking."""
 
-    protocol = IngestChannel
+    protocol = IngestChannel  # type: ignore[assignment]  # a plain HTTP/1.1 channel, no HTTP/2 negotiation
     requestFactory = IngestRequest
 
     def __init__(
@@ -312,7 +321,7 @@ class IngestSite(Site):
         """Count a request refused at the HTTP layer."""
         self._rejected.labels(route="", reason=problem.reason).inc()
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No access log: per-request logging costs a third of the request."""
 
     def date_header(self) -> bytes:

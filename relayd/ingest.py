@@ -57,7 +57,7 @@ class IngestRoute:
         config: RouteConfig,
         validator: Optional[Validator],
         metrics: RouteMetrics,
-        clock: Any = None,
+        clock: Any,
         share: float = 1.0,
     ) -> None:
         """`clock` (the reactor) drives token reloads, webhook windows and
@@ -72,7 +72,7 @@ class IngestRoute:
             validator, raw=not self.envelope, max_lines=config.max_lines, max_depth=config.max_depth
         )
         self.metrics = metrics
-        seconds = clock.seconds if clock is not None else None
+        seconds = clock.seconds
         self.tokens: Optional[BearerTokens] = None
         if config.auth_tokens_file is not None:
             self.tokens = BearerTokens(config.auth_tokens_file, seconds)
@@ -218,7 +218,9 @@ class IngestApp:
             return
         if isinstance(result, Deferred):
             gone = request.notifyFinish()  # fires with an error if the client leaves
-            result.addCallbacks(_finish_unless_gone, _fail_unless_gone, (request, gone), None, (request, gone))
+            result.addCallbacks(
+                _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, gone), errbackArgs=(request, gone)
+            )
         else:
             _finish(request, result)
 
@@ -230,6 +232,7 @@ class IngestApp:
             client = route.tokens.check(auth[0] if auth else None)
         if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
             raise LengthRequired("a POST needs Content-Length (or chunked transfer encoding)")
+        assert request.content is not None  # IngestRequest.gotLength always sets it
         body = request.content.read()
         if route.webhook is not None:
             route.webhook.check(headers, body)
@@ -312,12 +315,12 @@ class IngestApp:
             )
         pending.extend(later)
 
-    @_app.handle_errors(Problem)
+    @_app.handle_errors(Problem)  # type: ignore[arg-type]
     def _problem(self, request: Request, failure: Any) -> bytes:
         problem = failure.value
         return write_problem(request, problem)
 
-    @_app.handle_errors(CancelledError)
+    @_app.handle_errors(CancelledError)  # type: ignore[arg-type]
     def _cancelled(self, request: Request, failure: Any) -> bytes:
         return b""  # the client went away; nothing to answer
 

@@ -124,8 +124,8 @@ class MetricsMerger:
                     fam.add(sample_name, labels, value)
         for name, retired in self._retired.items():
             fam = families.setdefault(name, Family(name, retired.kind, retired.documentation))
-            for (sample_name, labels), value in retired.samples.items():
-                fam.add(sample_name, dict(labels), value)
+            for (sample_name, label_pairs), value in retired.samples.items():
+                fam.add(sample_name, dict(label_pairs), value)
         for fam in extra:
             families[fam.name] = fam
         return render(families.values())

@@ -70,7 +70,7 @@ class _ProtocolFactory(Factory):
 
     noisy = False  # no "Starting factory" line per reconnect attempt
 
-    def __init__(self, clock, reply_timeout: float, connection_made: Callable[[Any], None]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, clock, reply_timeout: float, connection_made: Callable[[Any], object]) -> None:  # type: ignore[no-untyped-def]
         self._clock = clock
         self._reply_timeout = reply_timeout
         self.connection_made = connection_made

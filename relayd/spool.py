@@ -696,19 +696,20 @@ class Spool:
             scan = _scan_bytes(buf, mark, self._resync_bound)
             self._resync_bound = max(self._resync_bound, scan.largest)
             size = len(buf)
-            if scan.tail is not None:
+            tail = scan.tail
+            if tail is not None:
                 if seq == last:
                     # Torn tail of the newest segment: a write that never
                     # completed.  Cut it off so appends resume on a boundary.
-                    self._torn_bytes += size - scan.tail
-                    self._truncate_file(fname, scan.tail)
-                    size = scan.tail
+                    self._torn_bytes += size - tail
+                    self._truncate_file(fname, tail)
+                    size = tail
                     if seq == rseq and roff > size:
                         # The cursor had acknowledged past what survived.
                         roff = size
                         scan = _scan_bytes(buf[:size], roff, self._resync_bound)
                 else:
-                    scan.bad.append((scan.tail, size))
+                    scan.bad.append((tail, size))
             if seq == rseq:
                 if scan.mark_index is None:
                     self._log.warn(

@@ -521,11 +521,14 @@ class Supervisor(MultiService):
         config_path = self._write_snapshot(generation)
         self._log.info("SIGHUP: starting generation {g} ({n} workers)", g=generation, n=workers)
         fresh = [self._spawn(slot, generation, workers, config_path) for slot in range(workers)]
-        timeout = self._reactor.callLater(
-            WORKER_START_TIMEOUT,
-            lambda: [d.cancel() for d in waits if not d.called],
-        )
-        waits = [self._wait_ready(h) for h in fresh]
+        waits: List[Deferred] = []
+        def give_up() -> None:
+            for d in waits:
+                if not d.called:
+                    d.cancel()
+
+        timeout = self._reactor.callLater(WORKER_START_TIMEOUT, give_up)
+        waits.extend(self._wait_ready(h) for h in fresh)
         done = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
 
         def succeeded(_: object) -> bool:

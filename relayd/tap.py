@@ -63,6 +63,9 @@ class RelayService(MultiService):
     def __init__(self, reactor: Any) -> None:
         super().__init__()
         self._reactor = reactor
+        self.metrics: Optional[Metrics] = None  # set by build_service (workers report it)
+        self.worker_index: Optional[int] = None
+        self.clean = False
 
     async def _stop_in_order(self) -> None:
         clean = True
@@ -175,8 +178,8 @@ def build_service(
     )
 
     root = RelayService(reactor)
-    root.metrics = metrics  # type: ignore[attr-defined]
-    root.worker_index = worker_index  # type: ignore[attr-defined]
+    root.metrics = metrics
+    root.worker_index = worker_index
     # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, Redis.
     for name, child in (
         ("redis", redis),
@@ -251,6 +254,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
             return
         ingest = service.getServiceNamed("ingest")
         # New routes read their tokens and secret files afresh.
+        assert service.metrics is not None
         ingest.app.replace_routes(build_routes(new, new_validators, service.metrics, reactor))
         tables = ("server", "redis", "buffer", "spool", "limits")
         pending = [name for name in tables if getattr(new, name) != getattr(current["config"], name)]
@@ -264,7 +268,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         current["config"] = attrs.evolve(current["config"], routes=new.routes)
 
     def on_sighup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reload)
+        reactor.callFromThread(reload)  # type: ignore[union-attr]
 
     signal.signal(signal.SIGHUP, on_sighup)
     return service

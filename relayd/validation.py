@@ -282,12 +282,12 @@ class BodyParser:
             values.append(value)
             raws.append(line)
         if errors:
-            lines = sorted(errors)
-            shown = lines[:MAX_REPORTED_LINES]
+            bad = sorted(errors)
+            shown = bad[:MAX_REPORTED_LINES]
             detail = "invalid lines: " + "; ".join(f"line {n}: {errors[n]}" for n in shown)
-            if len(lines) > len(shown):
-                detail += f"; and {len(lines) - len(shown)} more"
-            raise InvalidBatch(detail, lines=shown, invalid_count=len(lines))
+            if len(bad) > len(shown):
+                detail += f"; and {len(bad) - len(shown)} more"
+            raise InvalidBatch(detail, lines=shown, invalid_count=len(bad))
         if not values:
             raise InvalidBatch("the batch has no messages (every line is blank)", lines=[], invalid_count=0)
         return Parsed(values, raws, JSON, True)

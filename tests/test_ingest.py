@@ -53,7 +53,7 @@ class IngestFixture:
         validators = {"/increments": INCREMENT}
         self.app = IngestApp(
             self.clock,
-            [IngestRoute(r, validators.get(r.path), self.metrics.route(r.path)) for r in routes],
+            [IngestRoute(r, validators.get(r.path), self.metrics.route(r.path), self.clock) for r in routes],
             self.buffer,
             lambda: self.redis.ready,
             IdGenerator(self.clock.seconds, node=7),
