@@ -37,11 +37,12 @@ import re
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from relayd.spool import Spool, SpoolError, SpoolLockedError, decode_entry
+from relayd.spool import Spool, SpoolError, SpoolLockedError
+from relayd.spooler import push_records
 
 CLAIM_LOCK = ".claim.lock"
 WORKER_DIR_RE = re.compile(r"^worker-(\d+)$")
@@ -219,22 +220,20 @@ class OrphanAdopter(Service):
             if not records:
                 self._release(path, spool)
                 continue
-            groups: Dict[bytes, List[bytes]] = {}
-            for _, payload in records:
-                key, item = decode_entry(payload)
-                groups.setdefault(key, []).append(item)
-            d = gatherResults([self._redis.lpush(k, items) for k, items in groups.items()], consumeErrors=True)
+            d, counts = push_records(self._redis, records)
             self._replaying = d
-            d.addCallbacks(self._replayed, self._failed, callbackArgs=(spool, records[-1][0], len(records)))
+            d.addCallbacks(self._replayed, self._failed, callbackArgs=(spool, records[-1][0], counts))
             return
 
-    def _replayed(self, _: object, spool: Spool, last: Any, count: int) -> None:
+    def _replayed(self, _: object, spool: Spool, last: Any, counts: Dict[bytes, int]) -> None:
         self._replaying = None
         if spool.closed:
             return
         spool.ack(last)
         spool.sync()
-        self._metrics.replayed.inc(count)
+        for key, count in counts.items():
+            self._metrics.forwarded_to(key).inc(count)
+            self._metrics.replayed.inc(count)
         self._kick()
 
     def _failed(self, failure: Any) -> None:

@@ -56,6 +56,25 @@ MODE_LOG_INTERVAL = 10.0  # seconds between spill/direct log lines
 SEGMENT_BYTES = 64 * 1024 * 1024  # NSQ/Vector use 100-128 MiB; 64 MiB frees disk sooner
 
 
+def push_records(redis: RedisClient, records: List[Tuple[Any, bytes]]) -> Tuple[Deferred, Dict[bytes, int]]:
+    """LPUSH spooled records to Redis: one command per list, arrival order kept.
+
+    Returns the Deferred of all replies and the message count per list (for
+    the ``forwarded`` metric).  Shared by the spooler's replay and the
+    adoption of orphaned spools.
+    """
+    groups: Dict[bytes, List[bytes]] = {}
+    for _, payload in records:
+        key, item = decode_entry(payload)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [item]
+        else:
+            group.append(item)
+    d = gatherResults([redis.lpush(k, items) for k, items in groups.items()], consumeErrors=True)
+    return d, {k: len(v) for k, v in groups.items()}
+
+
 class Spooler(Service):
     """This worker's disk spillover: spill, group commit, replay."""
 
@@ -316,22 +335,9 @@ class Spooler(Service):
                     self._maybe_deactivate()
                 return
             self._replay_after = records[-1][0]
-            groups: Dict[bytes, List[bytes]] = {}
-            for _, payload in records:
-                key, item = decode_entry(payload)
-                group = groups.get(key)
-                if group is None:
-                    groups[key] = [item]
-                else:
-                    group.append(item)
-            d = gatherResults([self._redis.lpush(k, items) for k, items in groups.items()], consumeErrors=True)
+            d, counts = push_records(self._redis, records)
             self._replay_inflight.append(d)
-            d.addCallbacks(
-                self._replayed,
-                self._replay_failed,
-                callbackArgs=(d, records[-1][0], {k: len(v) for k, v in groups.items()}),
-                errbackArgs=(d,),
-            )
+            d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(d, records[-1][0], counts), errbackArgs=(d,))
 
     def _replayed(self, _: object, d: Deferred, last: Tuple[int, int, int], counts: Dict[bytes, int]) -> None:
         self._replay_inflight.remove(d)
