@@ -181,3 +181,33 @@ class MaxLinesTests(unittest.TestCase):
         self.assertEqual(len(parser.parse(b"1\n2\n3", NDJSON).values), 3)
         with self.assertRaises(PayloadTooLarge):
             parser.parse(b"1\n2\n3\n4\n", NDJSON)
+
+
+class NdjsonFastPathTests(unittest.TestCase):
+    """The map-based fast path gives exactly what the line-by-line path gives."""
+
+    @given(
+        st.lists(
+            st.one_of(
+                st.builds(lambda u, v: json.dumps({"key": str(u), "value": v}).encode(), st.uuids(), st.integers(-2, 5)),
+                st.sampled_from([b"", b" ", b"{", b"[1", b"2]", b"1,2", b"NaN", b"[[[[[[1]]]]]]", b'{"key": 1}\r']),
+            ),
+            min_size=1,
+            max_size=12,
+        ),
+        st.booleans(),
+        st.booleans(),
+    )
+    def test_same_result_as_line_by_line(self, lines, trailing, schema):
+        """For any batch, both paths accept the same values or refuse with the same lines."""
+        parser = BodyParser(INCREMENT if schema else None, max_depth=4)
+        body = b"\n".join(lines) + (b"\n" if trailing else b"")
+
+        def outcome(parse):
+            try:
+                p = parse(body)
+                return ("ok", repr(p.values), p.raws)  # repr: NaN != NaN
+            except (InvalidBatch, PayloadTooLarge) as e:
+                return ("error", type(e), e.extensions.get("lines"))
+
+        self.assertEqual(outcome(parser._parse_ndjson), outcome(parser._parse_ndjson_lines))
