@@ -254,6 +254,18 @@ class IngestApp:
                 raise BadRequest(f"body has no strict JSON representation: {e}") from None
         else:
             items = parsed.raws
+        try:
+            return self._enqueue(request, route, items, ids, started, parsed.batch)
+        except Problem:
+            if route.limiter is not None and client is not None:
+                route.limiter.refund(client, count)  # refused requests take no tokens
+            raise
+
+    def _enqueue(
+        self, request: Request, route: IngestRoute, items: List[bytes], ids: List[str], started: float, batch: bool
+    ) -> Any:
+        """Offer the encoded messages to the buffer; the ack, or a Deferred of it."""
+        count = len(items)
         if route.stored:
             if not self._can_store():
                 raise NotReady(
@@ -265,12 +277,12 @@ class IngestApp:
             route.metrics.ingested.inc(count)
             self._pending_acks.append((started + self._ack_timeout, waiter, count))
             d = waiter.deferred
-            d.addCallback(self._acknowledge, request, route, ids, started, parsed.batch)
+            d.addCallback(self._acknowledge, request, route, ids, started, batch)
             return d
         if not self._buffer.offer(route.list_key, items, None):
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
         route.metrics.ingested.inc(count)
-        return self._acknowledge(None, request, route, ids, started, parsed.batch)
+        return self._acknowledge(None, request, route, ids, started, batch)
 
     def _acknowledge(
         self, _: object, request: Request, route: IngestRoute, ids: List[str], started: float, batch: bool

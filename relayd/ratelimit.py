@@ -136,3 +136,11 @@ class RateLimiter:
                 )
         for bucket, _, _ in buckets:
             bucket.tokens -= count
+
+    def refund(self, client: bytes, count: int) -> None:
+        """Give back what `take` took for a request refused later (503)."""
+        buckets = [self._route] if self._route is not None else []
+        if self._client_rate is not None and client in self._clients:
+            buckets.append(self._clients[client])
+        for bucket in buckets:
+            bucket.tokens = min(bucket.burst, bucket.tokens + count)

@@ -252,3 +252,20 @@ class HotPathTests(SynchronousTestCase, IngestFixture):
         out = self.transport.value()
         self.assertTrue(out.startswith(b"HTTP/1.1 404 "), out)
         self.assertIn(b"application/problem+json", out)
+
+
+class RateLimitedOverloadTests(SynchronousTestCase, IngestFixture):
+    """A 503 after the rate limiter does not spend the client's tokens."""
+
+    def test_overload_refunds_tokens(self):
+        """Buffer full -> 503; once there is room, the same client is not 429'd for the refused tries."""
+        self.make(max_messages=1)
+        limited = RouteConfig(path="/limited", list="l", ack="accepted", rate_limit=(2.0, 60.0), rate_burst=2)
+        route = IngestRoute(limited, None, self.metrics.route("/limited"), self.clock)
+        self.app.replace_routes([route])
+        self.assertEqual(self.successResultOf(self.post("/limited", b"1")).code, 200)
+        for _ in range(3):
+            self.assertEqual(self.successResultOf(self.post("/limited", b"2")).code, 503)
+        self.buffer.release(self.buffer.take(10, 10**6))
+        self.assertEqual(self.successResultOf(self.post("/limited", b"3")).code, 200)
+        self.assertEqual(self.successResultOf(self.post("/limited", b"4")).code, 429)

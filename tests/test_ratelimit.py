@@ -77,3 +77,19 @@ class RateLimiterTests(SynchronousTestCase):
         for _ in range(10):
             limiter.take(b"c", 1)
         self.assertRaises(TooManyRequests, limiter.take, b"c", 1)
+
+
+class RefundTests(SynchronousTestCase):
+    """A request refused after the rate limit (e.g. 503 overloaded) costs no tokens."""
+
+    def test_refund_restores_both_buckets(self):
+        """take + refund leaves route and client buckets as they were (capped at the burst)."""
+        clock = Clock()
+        limiter = RateLimiter(clock.seconds, (5.0, 1.0), 5, (5.0, 1.0), 5)
+        limiter.take(b"c", 5)
+        limiter.refund(b"c", 5)
+        limiter.take(b"c", 5)
+        self.assertRaises(TooManyRequests, limiter.take, b"c", 1)
+        limiter.refund(b"c", 100)
+        limiter.take(b"c", 5)
+        self.assertRaises(TooManyRequests, limiter.take, b"c", 1)
