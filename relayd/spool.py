@@ -197,6 +197,41 @@ class SpoolWriteError(SpoolError):
         self.errno = errno_
 
 
+@attrs.define
+class SyncPlan:
+    """What one group commit makes durable (see `Spool.begin_sync`)."""
+
+    path: str
+    fds: List[int]  # owned: closed by `run_sync`
+    dir: bool
+    meta: Optional[Dict[str, int]]
+
+
+def run_sync(plan: SyncPlan) -> None:
+    """Perform a plan: fdatasync the segments, then the directory and the cursor.
+
+    Touches only the plan's own fds and files, so it may run in a thread
+    while the owning `Spool` keeps appending.  Raises OSError.
+    """
+    try:
+        for fd in plan.fds:
+            _fdatasync(fd)
+    finally:
+        for fd in plan.fds:
+            os.close(fd)
+    if plan.meta is not None:
+        tmp = os.path.join(plan.path, META_TMP_NAME)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, json.dumps(plan.meta, sort_keys=True).encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(plan.path, META_NAME))
+    if plan.dir or plan.meta is not None:
+        _fsync_dir(plan.path)
+
+
 class SpoolClosedError(SpoolError):
     """The `Spool` was used after ``close()``."""
 
@@ -1018,33 +1053,56 @@ class Spool:
         records appended since the last successful sync are then not known
         to be durable, and later appends go to a fresh segment.
         """
-        self._check_open()
-        if self._policy == "never":
+        plan = self.begin_sync()
+        if plan is None:
             return
         try:
-            while self._sealed_dirty:
-                seq = next(iter(self._sealed_dirty))
-                fd = self._sealed_dirty.pop(seq)
-                try:
-                    _fdatasync(fd)
-                finally:
-                    os.close(fd)
-            if self._wdirty and self._wfd is not None:
-                _fdatasync(self._wfd)
-                self._wdirty = False
-            if self._dir_dirty:
-                _fsync_dir(self._path)
-                self._dir_dirty = False
-            if self._meta_dirty:
-                self._write_meta(durable=True)
+            run_sync(plan)
         except OSError as e:
-            # fsyncgate: a failed fsync may have dropped the dirty pages; never
-            # trust this segment with new data again.
-            self._poisoned = True
-            self._wdirty = False
-            raise SpoolWriteError(
-                "spool %s: fsync failed: %s" % (self._path, os.strerror(e.errno) if e.errno else e), e.errno
-            ) from None
+            failure = self.end_sync(plan, e)
+            assert failure is not None
+            raise failure from None
+        self.end_sync(plan, None)
+
+    def begin_sync(self) -> Optional[SyncPlan]:
+        """Take what a sync must make durable, so it can run off this thread.
+
+        The plan owns its file descriptors (sealed segments' fds, a dup of
+        the active one): appends, acks and segment deletion may go on while
+        `run_sync` works, and what they dirty waits for the next plan.
+        None when there is nothing to do (or under ``fsync="never"``).
+        """
+        self._check_open()
+        if self._policy == "never" or not self.needs_sync:
+            return None
+        fds = list(self._sealed_dirty.values())
+        self._sealed_dirty = {}
+        if self._wdirty and self._wfd is not None:
+            fds.append(os.dup(self._wfd))
+        self._wdirty = False
+        meta = None
+        if self._meta_dirty:
+            seg, off, acked = self._rseq, self._roff, self._acked_total
+            meta = {"version": _META_VERSION, "segment": seg, "offset": off, "acked": acked, "crc": _meta_crc(seg, off, acked)}
+        plan = SyncPlan(self._path, fds, self._dir_dirty, meta)
+        self._dir_dirty = self._meta_dirty = False
+        return plan
+
+    def end_sync(self, plan: SyncPlan, error: Optional[OSError]) -> Optional[SpoolWriteError]:
+        """Record a plan's outcome; on failure return the error to raise.
+
+        fsyncgate: a failed fsync may have dropped dirty pages, so the
+        segment is never trusted with new data again (the next append starts
+        a fresh one) and directory and metadata are redone next time.
+        """
+        if error is None:
+            return None
+        self._poisoned = True
+        self._dir_dirty = self._dir_dirty or plan.dir
+        self._meta_dirty = self._meta_dirty or plan.meta is not None
+        return SpoolWriteError(
+            "spool %s: fsync failed: %s" % (self._path, os.strerror(error.errno) if error.errno else error), error.errno
+        )
 
     def _write_meta(self, durable: bool) -> None:
         """Persist the read cursor: tmp -> fsync -> rename -> fsync(dir)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -123,3 +125,74 @@ class ReplayTests(SynchronousTestCase, SpoolerFixture):
         self.redis.outstanding[0].fail()
         self.successResultOf(stopped)
         self.assertTrue(self.spooler.spool.closed)
+
+
+class ThreadedCommitTests(SynchronousTestCase):
+    """The fsync runs off the reactor; what arrives meanwhile forms the next group."""
+
+    def make(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.clock = Clock()
+        self.buffer = RingBuffer(10**6, 10**9)
+        self.calls = []  # (deferred, function, args) of each "thread" job, run by hand
+
+        def run_in_thread(f, *args):
+            d = Deferred()
+            self.calls.append((d, f, args))
+            return d
+
+        self.spooler = Spooler(
+            self.clock, self.dir + "/w", 10**8, "batch", self.buffer, FakeRedis(ready=False), Metrics(),
+            run_in_thread=run_in_thread,
+        )
+        self.spooler.startService()
+        self.spooler.activate("test")
+
+    def spill(self, item):
+        waiter = Waiter(1)
+        self.buffer.offer(b"k", [item], waiter)
+        self.assertTrue(self.spooler.spill(self.buffer.take(10, 10**6)))
+        return waiter
+
+    def finish(self, error=None):
+        d, f, args = self.calls.pop(0)
+        if error is None:
+            f(*args)
+            d.callback(None)
+        else:
+            for fd in args[0].fds:
+                os.close(fd)
+            d.errback(error)
+
+    def test_groups_while_syncing(self):
+        """A waiter fires only after its own group's fsync; appends during a sync wait for the next one."""
+        self.make()
+        first = self.spill(b"a")
+        self.clock.advance(COMMIT_WINDOW)
+        self.assertEqual(len(self.calls), 1)
+        second = self.spill(b"b")
+        self.clock.advance(COMMIT_WINDOW)
+        self.assertEqual(len(self.calls), 1, "one sync at a time")
+        self.assertFalse(first.deferred.called or second.deferred.called)
+        self.finish()
+        self.assertTrue(first.deferred.called)
+        self.assertFalse(second.deferred.called)
+        self.clock.advance(COMMIT_WINDOW)
+        self.finish()
+        self.assertTrue(second.deferred.called)
+        self.assertEqual(self.buffer.messages, 0)
+
+    def test_failed_fsync_answers_nothing(self):
+        """An fsync error fails its group and what was appended meanwhile, with a 503 problem; nothing is acked."""
+        self.make()
+        first = self.spill(b"a")
+        self.clock.advance(COMMIT_WINDOW)
+        second = self.spill(b"b")
+        failures = []
+        first.deferred.addErrback(failures.append)
+        second.deferred.addErrback(failures.append)
+        self.finish(OSError(5, "Input/output error"))
+        self.assertEqual([f.value.status for f in failures], [503, 503])
+        self.assertFalse(self.spooler.usable)
+        self.assertEqual(self.buffer.messages, 0)
