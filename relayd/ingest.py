@@ -384,7 +384,6 @@ class IngestService(ListenerService):
     def __init__(self, endpoint: Any, site: Any, app: IngestApp, timeout: float, clock: Any) -> None:
         super().__init__(endpoint, site, "ingest")
         self._site = site
-        self._app = app
         self.app = app
         self._timeout = timeout
         self._clock = clock
@@ -392,11 +391,11 @@ class IngestService(ListenerService):
     def startService(self) -> None:
         """Bind (if not yet) and start the ack-timeout sweeper."""
         super().startService()
-        self._app.start()
+        self.app.start()
 
     async def _stop(self) -> None:
         await ListenerService.stopService(self)
-        drained = self._app.stop_accepting()
+        drained = self.app.stop_accepting()
         for channel in list(self._site.channels):
             if channel.idle:
                 channel.loseConnection()
@@ -410,7 +409,7 @@ class IngestService(ListenerService):
                 timeout.cancel()
         for channel in list(self._site.channels):
             channel.loseConnection()
-        self._app.stop()
+        self.app.stop()
 
     def stopService(self) -> Deferred:
         """Stop listening and drain in-flight requests."""

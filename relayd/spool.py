@@ -961,7 +961,7 @@ class Spool:
             # Reclaiming closed the active segment; re-plan from scratch.
             return self.append(payloads)
         try:
-            self._execute(plan, len(payloads), next_seq)
+            self._execute(plan, next_seq)
         except SpoolWriteError as e:
             # The file system is fuller than max_bytes assumed (a small or
             # shared disk): a drained active segment can still give space back.
@@ -971,7 +971,7 @@ class Spool:
         if self._policy == "always":
             self.sync()
 
-    def _execute(self, plan: List[Tuple[Optional[int], int, List[bytes]]], nrec: int, next_seq: int) -> None:
+    def _execute(self, plan: List[Tuple[Optional[int], int, List[bytes]]], next_seq: int) -> None:
         created: List[Tuple[int, int]] = []  # (seq, fd)
         touched_old: Optional[Tuple[int, int]] = None  # (fd, original size)
         done: List[Tuple[int, int, int, int]] = []  # (seq, fd, new size, records)
