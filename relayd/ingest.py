@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.web.server import Request
 
@@ -36,7 +36,6 @@ from relayd.problems import (
     NotReady,
     Overloaded,
     Problem,
-    ShuttingDown,
     StoreTimeout,
     render_problem,
 )
@@ -46,6 +45,7 @@ from relayd.validation import BodyParser, Validator
 JSON_CONTENT_TYPE = b"application/json"
 RETRY_AFTER_OVERLOAD = 1  # seconds: the forwarder drains a full buffer in well under that
 RETRY_AFTER_NOT_READY = 5  # seconds: Redis reconnect backoff is capped at 5 s
+DRAIN_GRACE = 0.25  # seconds idle keep-alives get to send one last request at stop
 ACK_SWEEP_INTERVAL = 0.25  # seconds: granularity of the stored-ack timeout
 
 
@@ -138,9 +138,12 @@ class IngestApp:
         """Start the stored-ack timeout sweeper."""
         self._sweeper.start(ACK_SWEEP_INTERVAL, now=False)
 
-    def stop_accepting(self) -> Deferred:
-        """Refuse new requests; fire when every in-flight request was answered."""
+    def begin_stop(self) -> None:
+        """From now on every answer closes its connection (the listener is closed)."""
         self.stopping = True
+
+    def wait_idle(self) -> Deferred:
+        """Fire when every in-flight request was answered."""
         if self.active == 0:
             return succeed(None)
         self._idle = Deferred()
@@ -192,8 +195,12 @@ class IngestApp:
     def post(self, request: Request, route: IngestRoute) -> Any:
         """Accept one POST: the response body, or a Deferred of it (stored acks)."""
         if self.stopping:
+            # Still served (forwarder and spool run until ingest is drained),
+            # but the client reconnects elsewhere afterwards: a 503 here, or
+            # closing the connection under a request in flight, would be an
+            # error for a client that did nothing wrong (a reload).
             request.setHeader(b"Connection", b"close")
-            raise ShuttingDown("relayd is shutting down", retry_after=RETRY_AFTER_NOT_READY)
+            request.channel.persistent = False
         started = self._clock.seconds()
         try:
             result = self._accept(request, route, started)
@@ -395,10 +402,17 @@ class IngestService(ListenerService):
 
     async def _stop(self) -> None:
         await ListenerService.stopService(self)
-        drained = self.app.stop_accepting()
+        self.app.begin_stop()
+        if any(channel.idle for channel in self._site.channels):
+            # Closing an idle keep-alive races with a request the client is
+            # sending right now (a broken pipe for it).  Busy clients send
+            # their next request within this grace and get it answered with
+            # Connection: close; only connections idle through it are closed.
+            await deferLater(self._clock, DRAIN_GRACE, lambda: None)
         for channel in list(self._site.channels):
             if channel.idle:
                 channel.loseConnection()
+        drained = self.app.wait_idle()
         timeout = self._clock.callLater(self._timeout, drained.cancel)
         try:
             await drained

@@ -79,7 +79,6 @@ UnsupportedMediaType = _problem(
 )
 Overloaded = _problem("Overloaded", 503, "Overloaded", "overloaded", "overloaded")
 NotReady = _problem("NotReady", 503, "Not ready", "not-ready", "not_ready")
-ShuttingDown = _problem("ShuttingDown", 503, "Shutting down", "shutting-down", "shutting_down")
 StoreTimeout = _problem("StoreTimeout", 503, "Not stored in time", "store-timeout", "store_timeout")
 
 

@@ -180,16 +180,11 @@ class KleinSurfaceTests(SynchronousTestCase, IngestFixture):
         resp, _ = self.assertProblem(self.treq.get("http://relayd/leads"), 405)
         self.assertEqual(resp.headers.getRawHeaders(b"allow"), [b"POST"])
 
-    def test_shutting_down(self):
-        """Once stopping, new requests get 503 and Connection: close."""
-        self.successResultOf(self.app.stop_accepting())
-        resp, _ = self.assertProblem(self.post("/events", b"{}"), 503)
-        self.assertEqual(self.buffer.messages, 0)
-
     def test_graceful_stop_waits_for_stored_acks(self):
-        """stop_accepting fires only after in-flight stored requests are answered."""
+        """wait_idle fires only after in-flight stored requests are answered."""
         d = self.post("/leads", b"{}")
-        stopped = self.app.stop_accepting()
+        self.app.begin_stop()
+        stopped = self.app.wait_idle()
         self.assertNoResult(stopped)
         self.store_all()
         self.successResultOf(stopped)
@@ -218,6 +213,20 @@ class HotPathTests(SynchronousTestCase, IngestFixture):
         self.assertIn(b"Content-Length: 53\r\n", out)
         self.assertIn(b'"status":"OK"', out)
         self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.buffer.messages, 1)
+
+    def test_stopping_serves_then_closes(self):
+        """While stopping, a request on an open keep-alive is still served, then the connection closes."""
+        self.app.begin_stop()
+        body = b'{"a": 1}'
+        self.channel.dataReceived(
+            b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"), out)
+        self.assertIn(b"Connection: close\r\n", out)
+        self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.buffer.messages, 1)
 
     def test_413_before_the_body(self):
