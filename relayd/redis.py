@@ -148,6 +148,10 @@ class RedisClient(Service):
                 yield proto.execute_command(b"SELECT", cfg.db)
             yield proto.execute_command(b"PING")
         except Exception as e:
+            if not self.running:  # stopped while the handshake ran: no back-off timer to leave behind
+                if proto.transport is not None and proto.connected:
+                    proto.transport.loseConnection()
+                return
             self._setup_failures += 1
             if self._setup_failures == 1:
                 self._log.error("redis handshake (AUTH/SELECT/PING) failed: {error}; retrying with backoff", error=e)
