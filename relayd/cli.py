@@ -18,7 +18,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Dispatch a sub-command; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["spool"]:
-        from relayd.spool_cli import main as spool_main
+        from relayd.spool.cli import main as spool_main
 
         return spool_main(args[1:])
     print(USAGE, file=sys.stderr)

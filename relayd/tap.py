@@ -21,21 +21,21 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.admin import AdminApp
-from relayd.adoption import OrphanAdopter
-from relayd.buffer import RingBuffer
+from relayd.ops.admin import AdminApp
+from relayd.outbox.adoption import OrphanAdopter
+from relayd.outbox.buffer import RingBuffer
 from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
-from relayd.forwarder import Forwarder
-from relayd.http_layer import IngestSite
+from relayd.outbox.forwarder import Forwarder
+from relayd.ingest.http_layer import IngestSite
 from relayd.ids import IdGenerator
-from relayd.ingest import IngestApp, IngestRoute, IngestService
+from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.listener import ListenerService
-from relayd.metrics import Metrics
-from relayd.redis import RedisClient
-from relayd.sdnotify import NotifyService
-from relayd.spooler import Spooler
-from relayd.supervisor import make_supervisor, resolve_workers
-from relayd.validation import compile_schema_file
+from relayd.ops.metrics import Metrics
+from relayd.redis.client import RedisClient
+from relayd.process.sdnotify import NotifyService
+from relayd.outbox.spooler import Spooler
+from relayd.process.supervisor import make_supervisor, resolve_workers
+from relayd.ingest.validation import compile_schema_file
 
 
 class Options(usage.Options):
@@ -108,7 +108,7 @@ def build_service(
 ) -> RelayService:
     """Wire one relayd process from a validated config (no I/O until started).
 
-    A worker process of a multi-worker daemon (relayd/worker.py) passes its
+    A worker process of a multi-worker daemon (relayd/process/worker.py) passes its
     spool directory, the endpoints of its inherited sockets and its index;
     one process alone uses ``<spool dir>/worker-0`` and the config's endpoints.
     """

@@ -12,8 +12,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from relayd.auth import BearerTokens, WebhookVerifier, read_secret
-from relayd.problems import Forbidden, Unauthorized
+from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
+from relayd.ingest.problems import Forbidden, Unauthorized
 
 
 class BearerTokenTests(SynchronousTestCase):

@@ -7,7 +7,7 @@ import unittest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from relayd.buffer import ENTRY_OVERHEAD, RingBuffer, Waiter
+from relayd.outbox.buffer import ENTRY_OVERHEAD, RingBuffer, Waiter
 
 
 class BufferMachine(RuleBasedStateMachine):

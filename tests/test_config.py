@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relayd.config import ConfigError, config_from_string, load_config, parse_size
-from relayd.validation import compile_schema_file
+from relayd.ingest.validation import compile_schema_file
 from tests.strategies import configs, sizes
 
 MINIMAL = '[[route]]\npath = "/leads"\nlist = "leads"\n'

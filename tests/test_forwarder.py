@@ -1,7 +1,7 @@
-"""Unit tests of `relayd.forwarder.Forwarder`: batching, flow control, retries, shutdown.
+"""Unit tests of `relayd.outbox.forwarder.Forwarder`: batching, flow control, retries, shutdown.
 
 Everything runs on a `twisted.internet.task.Clock` against `FakeRedis`, an
-in-test stand-in for the part of `relayd.redis.RedisClient` the forwarder
+in-test stand-in for the part of `relayd.redis.client.RedisClient` the forwarder
 uses (``ready``, ``on_ready``, ``lpush``).  Every LPUSH returns a Deferred
 that the test fires or fails by hand, so each test decides exactly when
 Redis "answers" and nothing depends on timing.
@@ -19,10 +19,10 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd.buffer import ENTRY_OVERHEAD, RingBuffer, Waiter
-from relayd.forwarder import DRAIN_POLL, RETRY_INITIAL_DELAY, RETRY_MAX_DELAY, Forwarder
-from relayd.metrics import Metrics
-from relayd.redis import ConnectionError, ResponseError, TimeoutError
+from relayd.outbox.buffer import ENTRY_OVERHEAD, RingBuffer, Waiter
+from relayd.outbox.forwarder import DRAIN_POLL, RETRY_INITIAL_DELAY, RETRY_MAX_DELAY, Forwarder
+from relayd.ops.metrics import Metrics
+from relayd.redis.client import ConnectionError, ResponseError, TimeoutError
 
 #: Largest delay a retry may take: the capped backoff times the largest jitter factor (0.5 + 1.0).
 MAX_RETRY_WAIT = RETRY_MAX_DELAY * 1.5

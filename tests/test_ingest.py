@@ -9,14 +9,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd.buffer import RingBuffer
+from relayd.outbox.buffer import RingBuffer
 from relayd.codec import decode_envelope
 from relayd.config import RouteConfig
-from relayd.http_layer import IngestSite
+from relayd.ingest.http_layer import IngestSite
 from relayd.ids import IdGenerator
-from relayd.ingest import IngestApp, IngestRoute
-from relayd.metrics import Metrics
-from relayd.validation import compile_schema
+from relayd.ingest.app import IngestApp, IngestRoute
+from relayd.ops.metrics import Metrics
+from relayd.ingest.validation import compile_schema
 
 INCREMENT = compile_schema(
     {

@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayd.config import LimitsConfig
-from relayd.http_layer import IngestSite
+from relayd.ingest.http_layer import IngestSite
 from tests.test_ingest import IngestFixture
 
 HEAD = b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n"

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd.problems import TooManyRequests
-from relayd.ratelimit import MAX_CLIENTS, RateLimiter
+from relayd.ingest.problems import TooManyRequests
+from relayd.ingest.ratelimit import MAX_CLIENTS, RateLimiter
 
 
 class RateLimiterTests(SynchronousTestCase):

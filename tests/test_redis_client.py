@@ -1,4 +1,4 @@
-"""Integration tests of `relayd.redis.RedisClient` against a real ``redis-server``.
+"""Integration tests of `relayd.redis.client.RedisClient` against a real ``redis-server``.
 
 Each test starts its own server on a free port (`tests.harness.RedisServer`)
 and drives a `RedisClient` on the real reactor; trial runs the ``async def``
@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from relayd.config import RedisConfig
-from relayd.redis import ConnectionError, RedisClient, TimeoutError
+from relayd.redis.client import ConnectionError, RedisClient, TimeoutError
 from tests.harness import RedisServer
 
 #: Seconds a condition may take to become true before the test fails: a

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.internet.task import Clock
 
-from relayd.sdnotify import Notifier, child_environment
+from relayd.process.sdnotify import Notifier, child_environment
 from tests.harness import REPO_ROOT, RedisServer, RelaydProcess, free_port, port_accepts, wait_for
 
 

@@ -1,4 +1,4 @@
-"""Tests for relayd.spool: framing, the entry codec, the Spool API, recovery and full disks."""
+"""Tests for relayd.spool.store: framing, the entry codec, the Spool API, recovery and full disks."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayd import spool as spool_mod
-from relayd.spool import (
+from relayd.spool.store import (
     FRAME_OVERHEAD,
     MAX_PAYLOAD_BYTES,
     Spool,
@@ -554,7 +554,7 @@ class RecoveryTests(SpoolTestCase):
 _FSIZE_CHILD = textwrap.dedent(
     """
     import json, os, resource, signal, sys
-    from relayd.spool import Spool, SpoolWriteError
+    from relayd.spool.store import Spool, SpoolWriteError
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
     path, limit = sys.argv[1], int(sys.argv[2])
     sp = Spool.open(path, 1 << 30, segment_bytes=1 << 20)

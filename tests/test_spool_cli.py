@@ -1,4 +1,4 @@
-"""Tests for ``relayd spool inspect|verify`` (relayd.spool_cli.main)."""
+"""Tests for ``relayd spool inspect|verify`` (relayd.spool.cli.main)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd.spool import FRAME_OVERHEAD, Spool, encode_record
-from relayd.spool_cli import EXIT_CORRUPT, EXIT_OK, EXIT_USAGE, main
+from relayd.spool.store import FRAME_OVERHEAD, Spool, encode_record
+from relayd.spool.cli import EXIT_CORRUPT, EXIT_OK, EXIT_USAGE, main
 
 
 class SpoolCLITests(SynchronousTestCase):

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from relayd import spool as spool_mod
-from relayd.spool import Spool, SpoolFull
+from relayd.spool.store import Spool, SpoolFull
 from tests.strategies import spool_payloads
 
 SEGMENT_BYTES = 160  # a handful of records per segment, so rolling and deletion happen constantly

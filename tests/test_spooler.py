@@ -10,9 +10,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd.buffer import RingBuffer, Waiter
-from relayd.metrics import Metrics
-from relayd.spooler import COMMIT_WINDOW, REPLAY_PIPELINE, REPLAY_RETRY, Spooler
+from relayd.outbox.buffer import RingBuffer, Waiter
+from relayd.ops.metrics import Metrics
+from relayd.outbox.spooler import COMMIT_WINDOW, REPLAY_PIPELINE, REPLAY_RETRY, Spooler
 from tests.test_forwarder import FakeRedis
 
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relayd.config import ConfigError
-from relayd.problems import (
+from relayd.ingest.problems import (
     BadRequest,
     InvalidBatch,
     MalformedJSON,
@@ -20,7 +20,7 @@ from relayd.problems import (
     SchemaViolation,
     UnsupportedMediaType,
 )
-from relayd.validation import BodyParser, compile_schema, compile_schema_file
+from relayd.ingest.validation import BodyParser, compile_schema, compile_schema_file
 from tests.strategies import json_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

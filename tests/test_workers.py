@@ -210,7 +210,7 @@ class AdoptionTests(RelayTestCase):
         import shutil
         import tempfile
 
-        from relayd.spool import Spool, encode_entry
+        from relayd.spool.store import Spool, encode_entry
 
         self.redis = RedisServer(self)
         base = tempfile.mkdtemp(prefix="relayd-adopt-")
@@ -235,7 +235,7 @@ class AdoptionTests(RelayTestCase):
         import shutil
         import tempfile
 
-        from relayd.spool import Spool, encode_entry
+        from relayd.spool.store import Spool, encode_entry
 
         self.redis = RedisServer(self)
         base = tempfile.mkdtemp(prefix="relayd-adopt-")

@@ -1,6 +1,6 @@
 """The twisted.web layer under ingest: the guards twisted.web lacks.
 
-The domain (routes, parsing, acks) lives in `relayd.ingest`; this module
+The domain (routes, parsing, acks) lives in `relayd.ingest.app`; this module
 keeps the HTTP machinery honest about resources (CONVENTIONS.md):
 
 - `IngestChannel` decides 413 from Content-Length *before* the body is read
@@ -29,8 +29,8 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
 from relayd.config import LimitsConfig
-from relayd.metrics import Metrics
-from relayd.problems import (
+from relayd.ops.metrics import Metrics
+from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
     HeadersTooLarge,
@@ -44,7 +44,7 @@ from relayd.problems import (
 DEADLINE_SWEEP = 0.25  # seconds: resolution of head/body deadlines
 
 if TYPE_CHECKING:  # pragma: no cover
-    from relayd.ingest import IngestApp
+    from relayd.ingest.app import IngestApp
 
 
 def _raw_problem(problem: Problem) -> bytes:

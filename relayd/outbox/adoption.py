@@ -41,8 +41,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from relayd.spool import Spool, SpoolError, SpoolLockedError
-from relayd.spooler import push_records
+from relayd.spool.store import Spool, SpoolError, SpoolLockedError
+from relayd.outbox.spooler import push_records
 
 CLAIM_LOCK = ".claim.lock"
 WORKER_DIR_RE = re.compile(r"^worker-(\d+)$")

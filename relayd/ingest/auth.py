@@ -36,7 +36,7 @@ from typing import Any, Callable, FrozenSet, List, Optional
 
 from twisted.logger import Logger
 
-from relayd.problems import Forbidden, Unauthorized
+from relayd.ingest.problems import Forbidden, Unauthorized
 
 RELOAD_CHECK_INTERVAL = 1.0  # seconds between mtime checks of a tokens file
 

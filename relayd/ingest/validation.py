@@ -24,7 +24,7 @@ import ujson
 
 from relayd.codec import split_ndjson
 from relayd.config import ConfigError
-from relayd.problems import (
+from relayd.ingest.problems import (
     BadRequest,
     InvalidBatch,
     MalformedJSON,

@@ -28,7 +28,7 @@ import math
 from collections import OrderedDict
 from typing import Callable, Optional, Tuple
 
-from relayd.problems import TooManyRequests
+from relayd.ingest.problems import TooManyRequests
 
 MAX_CLIENTS = 100_000  # per-client buckets kept per route (~100 B each)
 

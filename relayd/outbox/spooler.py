@@ -1,6 +1,6 @@
 """Spill and replay: the disk path between the buffer and Redis.
 
-`Spooler` owns this worker's `Spool` (relayd/spool.py) and switches the
+`Spooler` owns this worker's `Spool` (relayd/spool/store.py) and switches the
 daemon between two modes:
 
 direct
@@ -45,11 +45,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayd.buffer import Entry, RingBuffer
-from relayd.metrics import Metrics
-from relayd.problems import NotReady
-from relayd.redis import RedisClient
-from relayd.spool import Spool, SpoolFull, SpoolWriteError, SyncPlan, decode_entry, encode_entry, run_sync
+from relayd.outbox.buffer import Entry, RingBuffer
+from relayd.ops.metrics import Metrics
+from relayd.ingest.problems import NotReady
+from relayd.redis.client import RedisClient
+from relayd.spool.store import Spool, SpoolFull, SpoolWriteError, SyncPlan, decode_entry, encode_entry, run_sync
 
 COMMIT_WINDOW = 0.002  # seconds: a 2 ms window lets ~hundreds of requests share one fsync
 RETRY_AFTER_ERROR = 1.0  # seconds before writing again after ENOSPC/EIO

@@ -11,7 +11,7 @@ Per-message events do not exist anywhere in relayd (a log line per request
 costs a third of the request); what is logged here is lifecycle, errors and
 mode changes.
 
-Use with twistd: ``twistd -n --logger relayd.logs.observer relayd ...``;
+Use with twistd: ``twistd -n --logger relayd.ops.logs.observer relayd ...``;
 worker processes install it themselves.
 """
 
@@ -91,5 +91,5 @@ def make_observer(stream: Optional[IO[str]] = None, json_lines: Optional[bool] =
 
 
 def observer() -> ILogObserver:
-    """Log observer factory for ``twistd --logger relayd.logs.observer``."""
+    """Log observer factory for ``twistd --logger relayd.ops.logs.observer``."""
     return make_observer()

@@ -6,7 +6,7 @@ encoding (`codec`), the buffer offer, and the ack.  Every `Problem` raised
 on the way becomes an ``application/problem+json`` response in one place
 (`write_problem`), and nothing is enqueued before the whole request
 validated.  The twisted.web guards underneath (body caps, deadlines,
-connection caps, the hot-path dispatch) are in `relayd.http_layer`.
+connection caps, the hot-path dispatch) are in `relayd.ingest.http_layer`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from relayd.auth import BearerTokens, WebhookVerifier, read_secret
-from relayd.buffer import RingBuffer, Waiter
+from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
+from relayd.outbox.buffer import RingBuffer, Waiter
 from relayd.codec import EncodeError, encode_envelopes
 from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.listener import ListenerService
-from relayd.metrics import Metrics, RouteMetrics
-from relayd.problems import (
+from relayd.ops.metrics import Metrics, RouteMetrics
+from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
     LengthRequired,
@@ -39,8 +39,8 @@ from relayd.problems import (
     StoreTimeout,
     render_problem,
 )
-from relayd.ratelimit import RateLimiter
-from relayd.validation import BodyParser, Validator
+from relayd.ingest.ratelimit import RateLimiter
+from relayd.ingest.validation import BodyParser, Validator
 
 JSON_CONTENT_TYPE = b"application/json"
 RETRY_AFTER_OVERLOAD = 1  # seconds: the forwarder drains a full buffer in well under that

@@ -9,15 +9,15 @@ per core) runs this small process instead of the relay itself.  It
   connections over the workers' own accept queues.  With systemd socket
   activation (``listen = "systemd:domain=INET:index=0"``) the activated
   socket is the only one and all workers accept from it;
-* starts the workers (`relayd.worker`, fresh interpreters through
+* starts the workers (`relayd.process.worker`, fresh interpreters through
   ``reactor.spawnProcess``) and passes each its socket(s) as inherited
   descriptors;
 * restarts a worker that dies (jittered exponential backoff) or whose
   heartbeat stops for `[server] worker_timeout`; the dead worker's spool
   directory is recovered by its successor or adopted by another worker
-  (relayd/adoption.py);
+  (relayd/outbox/adoption.py);
 * serves the one admin endpoint: ``/metrics`` merged from every worker's
-  private admin socket (relayd/metrics_merge.py), ``/readyz`` (every worker
+  private admin socket (relayd/ops/metrics_merge.py), ``/readyz`` (every worker
   listens, recovered its spool and can store), ``/healthz``;
 * tells systemd ``READY=1`` once every worker is ready, and pings the
   watchdog from its reactor while every worker's heartbeat is fresh;
@@ -73,12 +73,12 @@ from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from relayd.admin import AdminApp
+from relayd.ops.admin import AdminApp
 from relayd.config import Config, ConfigError
 from relayd.listener import ListenerService
-from relayd.metrics_merge import Family, MetricsMerger
-from relayd.sdnotify import Notifier, child_environment
-from relayd.worker import bind_reuseport
+from relayd.ops.metrics_merge import Family, MetricsMerger
+from relayd.process.sdnotify import Notifier, child_environment
+from relayd.process.worker import bind_reuseport
 
 #: Backoff before restarting a dead worker: 0.1 s doubling to 10 s, jittered.
 RESTART_BACKOFF_MIN = 0.1
@@ -207,7 +207,7 @@ class _UnixEndpoints:
 class Supervisor(MultiService):
     """Starts, watches, reloads and stops the worker processes."""
 
-    _log = Logger(namespace="relayd.supervisor")
+    _log = Logger(namespace="relayd.process.supervisor")
 
     def __init__(
         self,
@@ -317,7 +317,7 @@ class Supervisor(MultiService):
         argv = [
             self._python,
             "-m",
-            "relayd.worker",
+            "relayd.process.worker",
             "--config",
             config_path,
             "--index",
@@ -682,7 +682,7 @@ class Supervisor(MultiService):
             info.add("relayd_worker_info", labels, 1.0)
             total = 0.0
             if handle.last_metrics:
-                from relayd.metrics_merge import parse
+                from relayd.ops.metrics_merge import parse
 
                 for name, _kind, _doc, samples in parse(handle.last_metrics):
                     if name == "relayd_ingested":

@@ -24,10 +24,10 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from relayd.buffer import Entry, RingBuffer
-from relayd.metrics import Metrics
-from relayd.redis import RedisClient, ResponseError, TimeoutError
-from relayd.spooler import Spooler
+from relayd.outbox.buffer import Entry, RingBuffer
+from relayd.ops.metrics import Metrics
+from relayd.redis.client import RedisClient, ResponseError, TimeoutError
+from relayd.outbox.spooler import Spooler
 
 HIGH_WATER = 0.5  # spill once the buffer is half full: Redis is slower than ingest
 SPILL_RETRY = 0.1  # seconds before retrying a spill the spool refused

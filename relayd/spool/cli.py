@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Callable, List, Optional, TextIO
 
-from relayd.spool import ScanReport, SpoolDirectoryError, scan_directory
+from relayd.spool.store import ScanReport, SpoolDirectoryError, scan_directory
 
 EXIT_OK = 0
 EXIT_CORRUPT = 1

@@ -1,6 +1,6 @@
-"""One worker process: ``python -m relayd.worker --config PATH --index N ...``.
+"""One worker process: ``python -m relayd.process.worker --config PATH --index N ...``.
 
-The supervisor (relayd/supervisor.py) starts one of these per core with
+The supervisor (relayd/process/supervisor.py) starts one of these per core with
 ``reactor.spawnProcess``: a fresh interpreter with its own reactor, running
 the same service tree as a single-process relayd (`relayd.tap.build_service`),
 with three differences:
@@ -10,7 +10,7 @@ with three differences:
   `AdoptedStreamServerEndpoint`; without ``--listen-fd`` the worker binds
   its own ``SO_REUSEPORT`` socket from ``[server] listen`` (standalone use);
 * the spool is the first unlocked ``worker-*`` directory below
-  ``[spool] dir`` (relayd/adoption.py), and an `OrphanAdopter` drains
+  ``[spool] dir`` (relayd/outbox/adoption.py), and an `OrphanAdopter` drains
   directories whose worker is gone;
 * admin (metrics, readiness) listens on a private unix socket that the
   supervisor scrapes (``--admin unix:PATH``).
@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from twisted.internet.defer import gatherResults
 from twisted.logger import Logger, globalLogBeginner
 
-from relayd.logs import make_observer, set_process_fields
+from relayd.ops.logs import make_observer, set_process_fields
 
 #: Seconds between heartbeats: the supervisor restarts a worker that stays
 #: silent for `[server] worker_timeout` and only pings systemd's watchdog
@@ -55,7 +55,7 @@ HEARTBEAT_INTERVAL = 1.0
 #: Seconds between checks that the parent still exists (backs up the stdin EOF).
 PARENT_POLL_INTERVAL = 1.0
 
-_log = Logger(namespace="relayd.worker")
+_log = Logger(namespace="relayd.process.worker")
 
 
 # -- listening sockets -------------------------------------------------------
@@ -227,7 +227,7 @@ def final_counters(metrics: Any) -> str:
 
 
 def _arguments(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m relayd.worker", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m relayd.process.worker", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--index", type=int, default=0, help="worker slot (log field and metrics label)")
     p.add_argument("--generation", type=int, default=0, help="reload generation (log field)")
@@ -249,10 +249,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from relayd.adoption import claim
+    from relayd.outbox.adoption import claim
     from relayd.config import ConfigError, load_config
     from relayd.tap import build_service
-    from relayd.validation import compile_schema_file
+    from relayd.ingest.validation import compile_schema_file
 
     status = StatusPipe(args.status_fd)
     try:
@@ -288,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         service.getServiceNamed("spooler").open()  # locks `path` (SpoolLockedError if held)
         return service
 
-    from relayd.spool import SpoolError
+    from relayd.spool.store import SpoolError
 
     try:
         spool_path, service = claim(config.spool.dir, open_dir)

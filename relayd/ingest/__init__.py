@@ -1,0 +1,1 @@
+"""HTTP ingest: guards, routes, body validation, auth, rate limits, problem documents."""

@@ -1,0 +1,1 @@
+"""Operations: admin endpoints, Prometheus metrics, structured logs."""

@@ -1,0 +1,1 @@
+"""Processes: the supervisor of N workers, the worker entry point, systemd notify."""

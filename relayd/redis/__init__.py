@@ -1,0 +1,1 @@
+"""Talking to Redis: a reconnecting, binary-safe client."""

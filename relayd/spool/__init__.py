@@ -1,0 +1,1 @@
+"""The on-disk spool: a segmented, CRC-checked record log with durable cursors."""
