@@ -3,7 +3,8 @@
 Parsing is a pure function (`config_from_string`) so every rule can be
 property-tested without touching a disk.  The checks that need the file
 system (schema files readable and valid, spool directory writable) live in
-`check_environment`, and `load_config` composes both: a config that loads is
+`check_environment`, and `load_config` composes both (plus the command
+line's overrides): a config that loads is
 fully validated before any port is bound.
 
 Every rejection is a `ConfigError` whose message is one line naming the key
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 from urllib.parse import unquote
 
 import attrs
@@ -68,7 +69,7 @@ class ServerConfig:
 
     listen: str = DEFAULT_LISTEN
     admin: str = DEFAULT_ADMIN
-    workers: Any = 1  # int >= 1, or "auto"
+    workers: Union[int, str] = 1  # int >= 1, or "auto"
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
@@ -461,11 +462,56 @@ def check_environment(config: Config, compile_schema: Callable[[str, str], Any])
     return validators
 
 
-def load_config(path: str, compile_schema: Callable[[str, str], Any]) -> Tuple[Config, dict]:
-    """Read, parse and check the config file at `path`.
+@attrs.frozen
+class ConfigOverrides:
+    """Command-line overrides of ``[server]`` (``twistd relayd --listen/--admin/--workers``).
 
-    Relative paths inside it resolve against the current directory (the
-    daemon's working directory, as for twistd's own ``--pidfile``).
+    Kept apart from the file's values so that a reload (SIGHUP) re-reads the
+    file and applies the same overrides again.
+    """
+
+    listen: Optional[str] = None
+    admin: Optional[str] = None
+    workers: Optional[str] = None  # as typed: an integer >= 1 or "auto"
+
+
+def apply_overrides(config: Config, overrides: ConfigOverrides) -> Config:
+    """`config` with the command line's ``[server]`` overrides; raises `ConfigError` for a bad one."""
+    server = config.server
+    if overrides.listen:
+        server = attrs.evolve(server, listen=overrides.listen)
+    if overrides.admin:
+        server = attrs.evolve(server, admin=overrides.admin)
+    if overrides.workers:
+        w = overrides.workers
+        if w != "auto" and not (w.isdigit() and int(w) >= 1):
+            raise ConfigError(f'--workers: expected an integer >= 1 or "auto", got {w!r}')
+        server = attrs.evolve(server, workers=w if w == "auto" else int(w))
+    return attrs.evolve(config, server=server)
+
+
+@attrs.frozen
+class LoadedConfig:
+    """A config file as loaded: the validated values, its compiled schemas, and its text.
+
+    The text is kept because the supervisor hands each generation of workers
+    a snapshot of exactly what it validated (relayd/process/generations.py).
+    """
+
+    config: Config
+    validators: Dict[str, Any]
+    text: str
+
+
+def load_config(
+    path: str, compile_schema: Callable[[str, str], Any], overrides: ConfigOverrides = ConfigOverrides()
+) -> LoadedConfig:
+    """Read, parse and check the config file at `path`, then apply the command line's `overrides`.
+
+    The one loader: twistd's start, a SIGHUP reload and each worker process
+    all read their config through here.  Relative paths inside it resolve
+    against the current directory (the daemon's working directory, as for
+    twistd's own ``--pidfile``).
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -475,4 +521,15 @@ def load_config(path: str, compile_schema: Callable[[str, str], Any]) -> Tuple[C
     except UnicodeDecodeError:
         raise ConfigError(f"config: {path} is not UTF-8") from None
     config = config_from_string(text, base_dir=os.getcwd())
-    return config, check_environment(config, compile_schema)
+    validators = check_environment(config, compile_schema)
+    return LoadedConfig(apply_overrides(config, overrides), validators, text)
+
+
+def resolve_workers(workers: Union[int, str]) -> int:
+    """``"auto"`` -> the CPUs this process may run on; an int stays."""
+    if workers == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+    return int(workers)

@@ -24,7 +24,7 @@ from twisted.web.server import Site
 from relayd.ops.admin import AdminApp
 from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
-from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
+from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, load_config, resolve_workers
 from relayd.outbox.forwarder import Forwarder
 from relayd.ingest.http_layer import IngestSite
 from relayd.ids import IdGenerator
@@ -34,7 +34,8 @@ from relayd.ops.metrics import Metrics
 from relayd.redis.client import RedisClient
 from relayd.process.sdnotify import NotifyService
 from relayd.outbox.spooler import Spooler
-from relayd.process.supervisor import make_supervisor, resolve_workers
+from relayd.compat import exit_status_zero
+from relayd.process.supervisor import make_supervisor
 from relayd.ingest.validation import compile_schema_file
 
 
@@ -81,7 +82,7 @@ class RelayService(MultiService):
         if clean:
             # twistd re-raises the stop signal on exit (status 143 for
             # SIGTERM); the contract promises 0 after a lossless stop.
-            self._reactor._exitSignal = None
+            exit_status_zero(self._reactor)
         self._log.info("relayd stopped (clean={clean})", clean=clean)
 
     def stopService(self) -> Deferred:
@@ -195,33 +196,9 @@ def build_service(
     return root
 
 
-def _apply_overrides(config: Config, options: Options) -> Config:
-    import attrs
-
-    server = config.server
-    if options["listen"]:
-        server = attrs.evolve(server, listen=options["listen"])
-    if options["admin"]:
-        server = attrs.evolve(server, admin=options["admin"])
-    if options["workers"]:
-        w = options["workers"]
-        if w != "auto" and not (w.isdigit() and int(w) >= 1):
-            raise ConfigError(f'--workers: expected an integer >= 1 or "auto", got {w!r}')
-        server = attrs.evolve(server, workers=w if w == "auto" else int(w))
-    return attrs.evolve(config, server=server)
-
-
-def _reload_config(options: Options) -> Tuple[Config, str]:
-    """The config file again, validated, with the command line's overrides; and its text."""
-    path = options["config"]
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config: cannot read {path}: {e}") from None
-    config = config_from_string(text, base_dir=os.getcwd())
-    check_environment(config, compile_schema_file)
-    return _apply_overrides(config, options), text
+def overrides_of(options: Options) -> ConfigOverrides:
+    """The command line's ``[server]`` overrides."""
+    return ConfigOverrides(listen=options["listen"], admin=options["admin"], workers=options["workers"])
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
@@ -230,16 +207,21 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    overrides = overrides_of(options)
+
+    def load() -> LoadedConfig:
+        return load_config(options["config"], compile_schema_file, overrides)
+
     try:
-        config, validators = load_config(options["config"], compile_schema_file)
-        config = _apply_overrides(config, options)
+        loaded = load()
     except ConfigError as e:
         sys.stderr.write(f"relayd: {e}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
+    config, validators = loaded.config, loaded.validators
     log = Logger(namespace="relayd")
     if resolve_workers(config.server.workers) > 1:
-        return make_supervisor(reactor, config, lambda: _reload_config(options))
+        return make_supervisor(reactor, loaded, load)
 
     service = build_service(config, validators, reactor)
     current = {"config": config}
@@ -247,15 +229,15 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     def reload() -> None:
         """SIGHUP in a single process: swap routes in place, the socket stays open."""
         try:
-            new, new_validators = load_config(options["config"], compile_schema_file)
-            new = _apply_overrides(new, options)
+            reloaded = load()
         except ConfigError as e:
             log.error("SIGHUP: new config rejected, the old one stays: {error}", error=str(e))
             return
         ingest = service.getServiceNamed("ingest")
         # New routes read their tokens and secret files afresh.
         assert service.metrics is not None
-        ingest.app.replace_routes(build_routes(new, new_validators, service.metrics, reactor))
+        new = reloaded.config
+        ingest.app.replace_routes(build_routes(new, reloaded.validators, service.metrics, reactor))
         tables = ("server", "redis", "buffer", "spool", "limits")
         pending = [name for name in tables if getattr(new, name) != getattr(current["config"], name)]
         if pending:

@@ -87,11 +87,6 @@ class IngestRoute:
                 seconds, config.rate_limit, config.rate_burst, config.client_rate_limit, config.client_rate_burst, share
             )
 
-    def reload(self) -> None:
-        """Re-read reloadable credentials (SIGHUP)."""
-        if self.tokens is not None:
-            self.tokens.reload()
-
 
 class IngestApp:
     """The Klein application for ingest routes; dependencies injected."""
@@ -180,11 +175,6 @@ class IngestApp:
     def replace_routes(self, routes: List[IngestRoute]) -> None:
         """Serve `routes` from the next request on (SIGHUP); requests in flight keep theirs."""
         self._routes = {r.path_bytes: r for r in routes}
-
-    def reload_credentials(self) -> None:
-        """Re-read every route's tokens file (SIGHUP)."""
-        for route in self._routes.values():
-            route.reload()
 
     def route_for(self, request: Request) -> Optional[IngestRoute]:
         """The route of a POST to a configured path (the hot path), else None."""

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable, Mapping, Optional
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -161,3 +163,47 @@ class NotifyService(Service):
         self.notifier.stopping()
         self.notifier.stop_watchdog()
         return succeed(None)
+
+
+class SupervisorNotify:
+    """The supervisor's sd_notify: ``READY=1`` once all workers are ready, then the watchdog.
+
+    Only the supervisor (the unit's main pid) notifies; the watchdog is
+    pinged from its reactor, and only while `healthy()` (every worker's
+    heartbeat is fresh), so a blocked supervisor *or* a blocked worker
+    stops the pings.
+    """
+
+    _log = Logger(namespace="relayd.process.supervisor")
+
+    def __init__(self, reactor: IReactorTime, notifier: Notifier, healthy: Callable[[], bool]) -> None:
+        self._reactor = reactor
+        self._notifier = notifier
+        self._healthy = healthy
+        self._announced = False
+
+    def workers_ready(self, pids: Sequence[Optional[int]]) -> None:
+        """Every worker of the first generation is ready: announce it (once)."""
+        if self._announced:
+            return
+        self._announced = True
+        self._log.info(
+            "relayd ready: {count} workers listening (pids {pids})",
+            count=len(pids),
+            pids=", ".join(str(p) for p in pids),
+        )
+        self._notifier.ready(f"{len(pids)} workers ready")
+        self._notifier.start_watchdog(self._reactor, self._healthy)
+
+    def reloading(self) -> None:
+        """``RELOADING=1`` with the monotonic timestamp systemd pairs it by."""
+        self._notifier.reloading(int(time.monotonic() * 1e6))
+
+    def status(self, text: str) -> None:
+        """``READY=1`` with a status line (after a reload, whichever way it went)."""
+        self._notifier.ready(text)
+
+    def stopping(self) -> None:
+        """``STOPPING=1``; no more watchdog pings."""
+        self._notifier.stopping()
+        self._notifier.stop_watchdog()
