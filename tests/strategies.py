@@ -114,3 +114,16 @@ def spool_records():
 def spool_entries():
     """(Redis list key, item) pairs for the spool entry codec; keys may be empty or binary."""
     return st.tuples(st.binary(max_size=40), st.binary(max_size=200))
+
+
+@st.composite
+def status_messages(draw):
+    """Any message a worker can send on its status pipe (relayd/process/status.py)."""
+    from relayd.process.status import FinalMetrics, Heartbeat, Ready
+
+    kind = draw(st.sampled_from(("ready", "hb", "final")))
+    if kind == "ready":
+        return Ready(pid=draw(st.integers(1, 2**22)), spool=draw(st.text()))
+    if kind == "hb":
+        return Heartbeat(at=draw(st.floats(0, 2e9, allow_nan=False)))
+    return FinalMetrics(text=draw(st.text()))

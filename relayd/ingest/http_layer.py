@@ -28,6 +28,7 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
+from relayd.compat import HookedHTTPChannel
 from relayd.config import LimitsConfig
 from relayd.ops.metrics import Metrics
 from relayd.ingest.problems import (
@@ -108,7 +109,7 @@ class IngestRequest(Request):
         site.app.serve(self, route)
 
 
-class IngestChannel(HTTPChannel):
+class IngestChannel(HookedHTTPChannel):
     """An HTTPChannel with the guards twisted.web lacks.
 
     - 413 from Content-Length before any body byte is read;
@@ -176,7 +177,7 @@ class IngestChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         """Decide 413 from Content-Length, before any body byte is read."""
-        self.body_limit = self.site.body_limit(self._path)
+        self.body_limit = self.site.body_limit(self.request_path)
         if self.length is not None and self.length > self.body_limit:
             self.reject(PayloadTooLarge(f"Content-Length {self.length} exceeds the route's max_body of {self.body_limit} bytes"))
             return
@@ -195,9 +196,9 @@ class IngestChannel(HTTPChannel):
         self._phase = "idle"
         super().requestDone(request)
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         """Twisted's bad-request path, as a problem document (431 for header limits)."""
-        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
+        if self.received_header_size > self.totalHeadersSize or self.received_header_count > self.maxHeaders:
             self.reject(
                 HeadersTooLarge(
                     f"at most {self.maxHeaders} header fields and {self.totalHeadersSize} bytes of request head"
