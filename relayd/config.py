@@ -438,13 +438,13 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
     )
 
 
-def check_environment(config: Config, compile_schema: Callable[[str, str], Any]) -> dict:
+def check_environment(config: Config, compile_schema: Callable[[str, str], Any]) -> Dict[str, Any]:
     """Check what needs the file system; return ``{route path: compiled schema}``.
 
     `compile_schema(path, key)` loads and compiles one schema file and raises
     `ConfigError` naming `key` when it cannot.
     """
-    validators = {}
+    validators: Dict[str, Any] = {}
     for i, route in enumerate(config.routes):
         if route.schema is not None:
             validators[route.path] = compile_schema(route.schema, f"route[{i}].schema")

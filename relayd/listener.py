@@ -178,7 +178,7 @@ class _Ports:
 
     def stopListening(self) -> Deferred[None]:
         """Close every socket (close only: see `SharedSocketsEndpoint`)."""
-        ds: List[Deferred[object]] = []
+        ds: List[Deferred[None]] = []
         for port in self.ports:
             stopped = port.stopListening()
             if isinstance(stopped, Deferred):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import attrs
 from twisted.application.service import MultiService
@@ -21,22 +21,22 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.ops.admin import AdminApp
-from relayd.outbox.adoption import OrphanAdopter
-from relayd.outbox.buffer import RingBuffer
+from relayd.compat import exit_status_zero
 from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, load_config, resolve_workers
-from relayd.outbox.forwarder import Forwarder
-from relayd.ingest.http_layer import IngestSite
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
-from relayd.listener import ListenerService
-from relayd.ops.metrics import Metrics
-from relayd.redis.client import RedisClient
-from relayd.process.sdnotify import NotifyService
-from relayd.outbox.spooler import Spooler
-from relayd.compat import exit_status_zero
-from relayd.process.supervisor import make_supervisor
+from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
+from relayd.listener import ListenerService
+from relayd.ops.admin import AdminApp
+from relayd.ops.metrics import Metrics
+from relayd.outbox.adoption import OrphanAdopter
+from relayd.outbox.buffer import RingBuffer
+from relayd.outbox.forwarder import Forwarder
+from relayd.outbox.spooler import Spooler
+from relayd.process.sdnotify import NotifyService
+from relayd.process.supervisor import make_supervisor
+from relayd.redis.client import RedisClient
 
 
 class Options(usage.Options):
@@ -85,7 +85,7 @@ class RelayService(MultiService):
             exit_status_zero(self._reactor)
         self._log.info("relayd stopped (clean={clean})", clean=clean)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Stop children sequentially; fires when all have drained."""
         self.running = 0
         return Deferred.fromCoroutine(self._stop_in_order())

@@ -30,7 +30,6 @@ from twisted.web.server import Request, Site
 
 from relayd.compat import HookedHTTPChannel
 from relayd.config import LimitsConfig
-from relayd.ops.metrics import Metrics
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -41,6 +40,7 @@ from relayd.ingest.problems import (
     TooManyConnections,
     render_problem,
 )
+from relayd.ops.metrics import Metrics
 
 DEADLINE_SWEEP = 0.25  # seconds: resolution of head/body deadlines
 
@@ -288,7 +288,7 @@ class IngestSite(Site):
 
     def now(self) -> float:
         """The injected clock's time."""
-        return self._clock.seconds()
+        return float(self._clock.seconds())
 
     def stopFactory(self) -> None:
         """Stop the deadline sweeper with the port (it starts with the first connection)."""

@@ -12,7 +12,7 @@ counts with its last scrape (metrics) or as not ready (readiness).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -24,6 +24,8 @@ from zope.interface import implementer
 from relayd.ops.metrics_merge import Family, MetricsMerger, parse
 from relayd.process.pool import WorkerHandle, WorkerPool
 from relayd.process.rundir import RunDir
+
+_T = TypeVar("_T")
 
 #: Seconds a scrape of one worker's admin socket may take.
 SCRAPE_TIMEOUT = 2.0
@@ -63,12 +65,13 @@ class WorkerAdmin:
         def body(response: IResponse) -> Deferred[Tuple[int, bytes]]:
             return readBody(response).addCallback(lambda data: (response.code, data))
 
-        def done(result: object) -> object:
+        def done(result: _T) -> _T:
             if call.active():
                 call.cancel()
             return result
 
-        return d.addCallback(body).addBoth(done)  # type: ignore[return-value]  # addBoth keeps the value
+        scraped: Deferred[Tuple[int, bytes]] = d.addCallback(body)
+        return scraped.addBoth(done)
 
     def readiness(self) -> Deferred[Dict[str, bool]]:
         """Checks: every current worker listens, and each answers its own /readyz 200."""

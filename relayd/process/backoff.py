@@ -30,7 +30,7 @@ class RestartPolicy:
             self._failures[slot] = 0
         n = self._failures.get(slot, 0)
         self._failures[slot] = n + 1
-        return min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2**n) * self._rng.uniform(0.5, 1.0)
+        return float(min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2**n) * self._rng.uniform(0.5, 1.0))
 
     def reset(self) -> None:
         """Forget every slot's deaths (a new generation starts fresh)."""

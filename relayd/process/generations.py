@@ -18,7 +18,7 @@ config, not with whatever the file says now.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -38,9 +38,10 @@ WORKER_START_TIMEOUT = 60.0
 
 def first_error(failure: Failure) -> BaseException:
     """The worker's own error inside a `DeferredList(fireOnOneErrback=True)` failure."""
-    value = failure.value
-    sub = getattr(value, "subFailure", None)
-    return sub.value if isinstance(sub, Failure) else value
+    sub = getattr(failure.value, "subFailure", None)
+    error = sub.value if isinstance(sub, Failure) else failure.value
+    assert error is not None
+    return error
 
 
 class Generations:
@@ -80,10 +81,10 @@ class Generations:
         config_path = self._write_snapshot(generation)
         return [self._pool.spawn(slot, generation, workers, config_path) for slot in range(workers)]
 
-    def _all_ready(self, handles: List[WorkerHandle]) -> DeferredList:  # type: ignore[type-arg]  # Twisted's DeferredList generic varies by release
+    def _all_ready(self, handles: List[WorkerHandle]) -> Deferred[List[Tuple[bool, WorkerHandle]]]:
         return DeferredList([self._pool.wait_ready(h) for h in handles], fireOnOneErrback=True, consumeErrors=True)
 
-    def start(self) -> Deferred[object]:
+    def start(self) -> Deferred[List[Tuple[bool, WorkerHandle]]]:
         """Start generation 0; fires when all of its workers are ready, fails when one exits first."""
         workers = resolve_workers(self.config.server.workers)
         self._pool.current = self._start(0, workers)
@@ -156,4 +157,4 @@ class Generations:
                 timeout.cancel()
             return result
 
-        return done.addCallbacks(succeeded, failed).addBoth(finish)  # type: ignore[no-any-return,return-value]
+        return done.addCallbacks(succeeded, failed).addBoth(finish)

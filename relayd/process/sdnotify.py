@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import succeed
@@ -119,7 +119,7 @@ class Notifier:
             self._sock = None
 
 
-def child_environment(environ: Optional[Mapping[str, str]] = None) -> dict:
+def child_environment(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """A copy of the environment without the systemd notify/activation variables."""
     env = dict(os.environ if environ is None else environ)
     for key in NOTIFY_ENV:

@@ -67,7 +67,7 @@ from typing import Callable, Mapping, Optional
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
@@ -175,8 +175,10 @@ class Supervisor(MultiService):
     def install_sighup(self) -> None:
         """SIGHUP -> `reload` on the reactor thread."""
 
+        threads = IReactorFromThreads(self._reactor)
+
         def on_sighup(signum: int, frame: Optional[FrameType]) -> None:
-            self._core.callFromThread(self.reload)
+            threads.callFromThread(self.reload)
 
         signal.signal(signal.SIGHUP, on_sighup)
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFDSet,
+    IReactorSocket,
     IReactorTime,
     IReadDescriptor,
     IStreamServerEndpoint,
@@ -167,7 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from relayd.spool.store import SpoolError
     from relayd.tap import build_service
 
-    reactor: IReactorCore = global_reactor  # type: ignore[assignment]  # the module object provides the interfaces
+    reactor: IReactorCore = global_reactor
+    socket_reactor = IReactorSocket(global_reactor)
     clock = IReactorTime(reactor)
     status = StatusWriter(args.status_fd)
     try:
@@ -180,14 +182,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     endpoint: IStreamServerEndpoint
     if args.listen_fd:
         family = socket.AF_INET6 if args.family == "INET6" else socket.AF_INET
-        endpoint = SharedSocketsEndpoint(global_reactor, args.listen_fd, family)
+        endpoint = SharedSocketsEndpoint(socket_reactor, args.listen_fd, family)
     else:
         try:
             sock = bind_reuseport(args.listen or config.server.listen)
         except (OSError, ValueError) as e:
             sys.stderr.write(f"relayd worker {args.index}: cannot listen: {e}\n")
             return 2
-        endpoint = SharedSocketsEndpoint(global_reactor, [sock.fileno()], sock.family)
+        endpoint = SharedSocketsEndpoint(socket_reactor, [sock.fileno()], sock.family)
         # The endpoint adopts a dup; ours closes once listening starts.
         reactor.callWhenRunning(sock.close)
     admin_endpoint = serverFromString(global_reactor, args.admin or config.server.admin)
