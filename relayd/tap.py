@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from types import FrameType
 from typing import Any, Dict, List, Optional
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -61,7 +63,7 @@ class RelayService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IReactorCore) -> None:
         super().__init__()
         self._reactor = reactor
         self.metrics: Optional[Metrics] = None  # set by build_service (workers report it)
@@ -92,7 +94,9 @@ class RelayService(MultiService):
 
 
 
-def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: Any) -> List[IngestRoute]:
+def build_routes(
+    config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: IReactorTime
+) -> List[IngestRoute]:
     """The ingest routes of a config; rate limits get this process's share."""
     share = 1.0 / max(1, resolve_workers(config.server.workers))
     return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
@@ -101,7 +105,7 @@ def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, r
 def build_service(
     config: Config,
     validators: Dict[str, Any],
-    reactor: Any,
+    reactor: IReactorTime,
     spool_path: Optional[str] = None,
     listen_endpoint: Any = None,
     admin_endpoint: Any = None,
@@ -178,7 +182,7 @@ def build_service(
         config.spool.fsync,
     )
 
-    root = RelayService(reactor)
+    root = RelayService(IReactorCore(reactor))
     root.metrics = metrics
     root.worker_index = worker_index
     # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, Redis.
@@ -201,7 +205,7 @@ def overrides_of(options: Options) -> ConfigOverrides:
     return ConfigOverrides(listen=options["listen"], admin=options["admin"], workers=options["workers"])
 
 
-def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
+def makeService(options: Options, reactor: Optional[IReactorTime] = None) -> MultiService:
     """twistd entry point: load and validate the config, then build the tree."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -249,8 +253,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
             log.info("SIGHUP: routes and tokens reloaded ({count} routes)", count=len(new.routes))
         current["config"] = attrs.evolve(current["config"], routes=new.routes)
 
-    def on_sighup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reload)  # type: ignore[union-attr]
+    threads = IReactorFromThreads(reactor)
+
+    def on_sighup(signum: int, frame: Optional[FrameType]) -> None:
+        threads.callFromThread(reload)
 
     signal.signal(signal.SIGHUP, on_sighup)
     return service

@@ -21,6 +21,7 @@ from __future__ import annotations
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Dict, Optional, Set
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -254,7 +255,7 @@ class IngestSite(Site):
     requestFactory = IngestRequest
 
     def __init__(
-        self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: Any, limits: Optional[LimitsConfig] = None
+        self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: IReactorTime, limits: Optional[LimitsConfig] = None
     ) -> None:
         super().__init__(app.resource(), timeout=idle_timeout, reactor=reactor)
         self.limits = limits if limits is not None else LimitsConfig()

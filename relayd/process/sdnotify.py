@@ -21,8 +21,8 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -92,7 +92,7 @@ class Notifier:
         """``STOPPING=1``."""
         return self.notify(STOPPING=1)
 
-    def start_watchdog(self, clock: Any, healthy: Callable[[], bool] = lambda: True) -> None:
+    def start_watchdog(self, clock: IReactorTime, healthy: Callable[[], bool] = lambda: True) -> None:
         """Ping ``WATCHDOG=1`` every half period from `clock` while `healthy()`."""
         if self._address is None or self.watchdog_interval is None or self._watchdog is not None:
             return
@@ -134,8 +134,11 @@ class NotifyService(Service):
     hears ``STOPPING=1`` as the drain begins.
     """
 
-    def __init__(self, reactor: Any, ready: Any, status: str, notifier: Optional[Notifier] = None) -> None:
+    def __init__(
+        self, reactor: IReactorTime, ready: Deferred[Any], status: str, notifier: Optional[Notifier] = None
+    ) -> None:
         self._reactor = reactor
+        self._core = IReactorCore(reactor)
         self._ready = ready
         self._status = status
         self.notifier = notifier if notifier is not None else Notifier()
@@ -147,7 +150,7 @@ class NotifyService(Service):
         def announce(result: Any) -> Any:
             # The port is bound before the reactor runs (privileged start);
             # it answers once the reactor runs: announce from there.
-            self._reactor.callWhenRunning(self._announce)
+            self._core.callWhenRunning(self._announce)
             return result
 
         self._ready.addCallback(announce)
@@ -157,7 +160,7 @@ class NotifyService(Service):
             self.notifier.ready(self._status)
             self.notifier.start_watchdog(self._reactor)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         """``STOPPING=1``; stop pinging."""
         super().stopService()
         self.notifier.stopping()
