@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_compat -*-
 """Every use of a Twisted private API in relayd, each behind a name.
 
 Twisted's underscore names are free to change in any release.  relayd

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """The supervisor's admin answers, aggregated from the workers' private admin sockets.
 
 Each worker serves ``/metrics`` and ``/readyz`` on a unix socket in the

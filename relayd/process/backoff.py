@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_backoff -*-
 """When to restart a worker that died: jittered exponential backoff per slot.
 
 A worker that crashes at start would otherwise be restarted in a tight

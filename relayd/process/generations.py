@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """Reload generations: a new set of workers takes over before the old one drains.
 
 Generation 0 starts with the daemon.  On SIGHUP the config is loaded and

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """Heartbeats: a worker whose reactor stops turning is killed (and so restarted).
 
 Each worker writes a heartbeat every second (relayd/process/status.py).

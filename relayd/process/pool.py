@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """The worker processes: starting them, watching them exit, restarting the dead.
 
 `WorkerPool` owns every live worker process (`WorkerHandle`): it builds the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """The supervisor's runtime directory: workers' admin sockets and config snapshots.
 
 ``$RUNTIME_DIRECTORY`` under systemd (``RuntimeDirectory=relayd``, removed by

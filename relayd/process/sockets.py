@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """The ingest sockets the supervisor binds once and every worker inherits.
 
 One ``SO_REUSEPORT`` socket per worker slot (the kernel spreads new

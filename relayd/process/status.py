@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_status -*-
 """The status pipe: what a worker tells its supervisor, both ends in one place.
 
 A worker writes one JSON object per line to the descriptor the supervisor

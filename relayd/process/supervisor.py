@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers,tests.test_sdnotify -*-
 """The supervisor: N worker processes, one reactor each, sharing the ingest port.
 
 ``twistd relayd`` with ``[server] workers = N`` (N > 1, or ``"auto"`` = one
