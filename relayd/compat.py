@@ -104,14 +104,17 @@ class HookedHTTPChannel(HTTPChannel):
     @property
     def received_header_size(self) -> int:
         """Bytes of request head received so far."""
-        return int(self._receivedHeaderSize)
+        size: int = self._receivedHeaderSize
+        return size
 
     @property
     def received_header_count(self) -> int:
         """Header fields received so far."""
-        return int(self._receivedHeaderCount)
+        count: int = self._receivedHeaderCount
+        return count
 
     @property
     def request_path(self) -> bytes:
         """The path of the request being received (set once its request line is parsed)."""
-        return bytes(self._path)
+        path: bytes = self._path
+        return path

@@ -21,7 +21,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from relayd.compat import exit_status_zero
 from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, load_config, resolve_workers
@@ -30,7 +29,7 @@ from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
 from relayd.listener import ListenerService
-from relayd.ops.admin import AdminApp
+from relayd.ops.admin import AdminApp, AdminSite
 from relayd.ops.metrics import Metrics
 from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
@@ -169,8 +168,7 @@ def build_service(
             "can_store": redis.ready or spooler.usable,
         }
 
-    admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
-    admin_site.log = lambda request: None  # type: ignore[method-assign]
+    admin_site = AdminSite(AdminApp(metrics, readiness), reactor)
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
     adopter = OrphanAdopter(
         reactor,

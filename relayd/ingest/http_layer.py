@@ -217,7 +217,7 @@ class IngestChannel(HookedHTTPChannel):
         self._cancel_deadline()
         self.site.on_reject(problem)
         self.transport.write(_raw_problem(problem))
-        self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]  # drop the rest
         self.loseConnection()
 
     def getHost(self) -> Any:

@@ -11,7 +11,9 @@ from typing import Any, Callable, Dict, Union
 import ujson
 from klein import Klein
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.web.server import Request
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
+from twisted.web.server import Request, Site
 
 PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -65,3 +67,13 @@ class AdminApp:
     def resource(self) -> Any:
         """The twisted.web resource of this app."""
         return self._app.resource()
+
+
+class AdminSite(Site):
+    """The admin app's Site: no access log (scrapes every few seconds would flood the journal)."""
+
+    def __init__(self, app: AdminApp, reactor: IReactorTime) -> None:
+        super().__init__(app.resource(), reactor=reactor)
+
+    def log(self, request: http.Request) -> None:
+        """No access log."""

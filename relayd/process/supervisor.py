@@ -71,12 +71,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from relayd.compat import exit_status_zero
 from relayd.config import Config, LoadedConfig, resolve_workers
 from relayd.listener import ListenerService
-from relayd.ops.admin import AdminApp
+from relayd.ops.admin import AdminApp, AdminSite
 from relayd.process.aggregate import WorkerAdmin
 from relayd.process.generations import Generations, first_error
 from relayd.process.heartbeats import DEFAULT_WORKER_TIMEOUT, HeartbeatMonitor
@@ -123,8 +122,7 @@ class Supervisor(MultiService):
             reactor, self.pool, self._sockets, self._rundir, self._notify, load, config, config_text
         )
         self._admin = WorkerAdmin(reactor, self.pool, self._rundir)
-        admin_site = Site(AdminApp(self._admin, self._admin.readiness).resource(), reactor=reactor)
-        admin_site.log = lambda request: None  # type: ignore[method-assign]  # no access log
+        admin_site = AdminSite(AdminApp(self._admin, self._admin.readiness), reactor)
         self.admin = ListenerService(serverFromString(reactor, config.server.admin), admin_site, "admin")
         self.admin.setServiceParent(self)
 
