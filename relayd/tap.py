@@ -35,6 +35,7 @@ from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
 from relayd.outbox.forwarder import Forwarder
 from relayd.outbox.spooler import Spooler
+from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor
 from relayd.redis.client import RedisClient
@@ -122,19 +123,19 @@ def build_service(
     metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
     redis = RedisClient(reactor, config.redis)
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
+    writer = RedisWriter(reactor, redis, metrics)
     spooler = Spooler(
         reactor,
         spool_path or os.path.join(config.spool.dir, "worker-0"),
         config.spool.max_bytes,
         config.spool.fsync,
-        buffer,
-        redis,
         metrics,
     )
     forwarder = Forwarder(
         reactor,
         buffer,
         redis,
+        writer,
         spooler,
         metrics,
         batch_messages=config.redis.batch_messages,
@@ -148,7 +149,7 @@ def build_service(
         reactor,
         routes,
         buffer,
-        lambda: redis.ready or spooler.usable,
+        forwarder.can_store,
         IdGenerator(reactor.seconds),
         metrics,
         config.buffer.ack_timeout,
@@ -165,7 +166,7 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": redis.ready or spooler.usable,
+            "can_store": forwarder.can_store(1, 0),
         }
 
     admin_site = AdminSite(AdminApp(metrics, readiness), reactor)
@@ -175,6 +176,7 @@ def build_service(
         config.spool.dir,
         lambda: spooler.spool.path if spooler.spool is not None else None,
         redis,
+        writer,
         metrics,
         config.spool.max_bytes,
         config.spool.fsync,
