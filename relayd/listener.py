@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.compat import close_only_on_stop, inherited_descriptors, inherited_named_descriptors, parse_endpoint
+from relayd.config import DEFAULT_BACKLOG
 
 
 class ListenerService(Service):
@@ -119,7 +120,7 @@ def parse_tcp_endpoint(description: str) -> TCPSpec:
         kind=kind,
         port=int(port),
         interface=kwargs.get("interface", args[2] if len(args) > 2 else default_iface),
-        backlog=int(kwargs.get("backlog", 50)),
+        backlog=int(kwargs.get("backlog", DEFAULT_BACKLOG)),
     )
 
 
