@@ -38,7 +38,6 @@ from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
 
-
 #: /readyz says "can store" when a message of this size could be stored now:
 #: a spool with less room than one ordinary message is as good as full.
 READY_MESSAGE_BYTES = 1024
