@@ -39,6 +39,7 @@ from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor
 from relayd.redis.client import RedisClient
+from relayd.reply.inbox import ReplyInbox
 
 #: /readyz says "can store" when a message of this size could be stored now:
 #: a spool with less room than one ordinary message is as good as full.
@@ -149,6 +150,8 @@ def build_service(
     )
     shutdown_timeout = config.server.shutdown_timeout
     routes = build_routes(config, validators, metrics, reactor)
+    # Request/reply routes get this process's private reply list and its reader.
+    inbox = ReplyInbox(reactor, config.redis, metrics) if any(r.reply_timeout for r in config.routes) else None
     app = IngestApp(
         reactor,
         routes,
@@ -157,6 +160,7 @@ def build_service(
         IdGenerator(reactor.seconds),
         metrics,
         config.buffer.ack_timeout,
+        inbox,
     )
     site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits)
     ingest = IngestService(
@@ -189,12 +193,17 @@ def build_service(
     root = RelayService(IReactorCore(reactor))
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, Redis.
-    for name, child in (
+    # Stopped in reverse: admin, ingest (waits for replies), replies, forwarder, adopter, spooler, Redis.
+    children: List[Tuple[str, Any]] = [
         ("redis", redis),
         ("spooler", spooler),
         ("adopter", adopter),
         ("forwarder", forwarder),
+    ]
+    if inbox is not None:
+        children.append(("replies", inbox))
+    for name, child in (
+        *children,
         ("ingest", ingest),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),

@@ -56,6 +56,20 @@ class Metrics:
         self.idempotency_keys = Gauge(
             "relayd_idempotency_keys", "Idempotency keys remembered in this process (LRU).", registry=r
         )
+        self.reply_waiting = Gauge("relayd_reply_waiting", "Request/reply requests waiting for their reply.", registry=r)
+        self.replies = Counter(
+            "relayd_replies",
+            "Replies read from this process's reply list, by outcome (matched, late, malformed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.reply_timeouts = Counter("relayd_reply_timeouts", "Request/reply requests answered 504.", registry=r)
+        self.reply_roundtrip = Histogram(
+            "relayd_reply_roundtrip_seconds",
+            "Request/reply: request received to reply matched.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.redis_errors = Counter("relayd_redis_errors", "Failed Redis pushes, by kind.", ["kind"], registry=r)
         self.batch_size = Histogram(
             "relayd_batch_size", "Messages per LPUSH.", buckets=BATCH_BUCKETS, registry=r
