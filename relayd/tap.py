@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from types import FrameType
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
 from twisted.application.service import MultiService
