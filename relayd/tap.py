@@ -22,6 +22,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from relayd.ops.admin import AdminApp
+from relayd.ops.looplag import LoopLagMonitor
 from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
 from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
@@ -94,6 +95,7 @@ class RelayService(MultiService):
 def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: Any) -> List[IngestRoute]:
     """The ingest routes of a config; rate limits get this process's share."""
     share = 1.0 / max(1, resolve_workers(config.server.workers))
+    metrics.describe_routes((r.path, r.list, r.ack) for r in config.routes)
     return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
 
 
@@ -164,6 +166,9 @@ def build_service(
             "can_store": redis.ready or spooler.usable,
         }
 
+    metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
+    metrics.watch(metrics.spool_disk_bytes, lambda: spooler.spool.disk_bytes if spooler.spool is not None else 0)
+    metrics.spool_max_bytes.set(config.spool.max_bytes)
     admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
     admin_site.log = lambda request: None  # type: ignore[method-assign]
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
@@ -180,7 +185,7 @@ def build_service(
     root = RelayService(reactor)
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, Redis.
+    # Stopped in reverse: looplag, admin, ingest, forwarder, adopter, spooler, Redis.
     for name, child in (
         ("redis", redis),
         ("spooler", spooler),
@@ -189,6 +194,7 @@ def build_service(
         ("ingest", ingest),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
+        ("looplag", LoopLagMonitor(reactor, metrics.reactor_lag)),
     ):
         child.setName(name)
         child.setServiceParent(root)
