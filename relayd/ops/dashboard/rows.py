@@ -48,8 +48,8 @@ def ingest_row() -> Row:
             timeseries(
                 "Responses /s by status class",
                 Query(f"sum by (code_class) (relayd:responses:rate5m{{{SEL}}})", "{{code_class}}"),
-                description="2xx = acknowledged; 429 = rate limited; 5xx = overloaded, not ready, store timeout, "
-                "too many connections, internal. Recording rule relayd:responses:rate5m (5 m window).",
+                description="2xx = acknowledged; 429 = rate limited; 5xx = overloaded, not ready, store timeout or "
+                "failure, too many connections, internal. Recording rule relayd:responses:rate5m (5 m window).",
                 unit="reqps",
                 stack=True,
             ),
