@@ -38,6 +38,7 @@ from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
+from relayd.ops.gctune import GcService
 from relayd.reply.inbox import ReplyInbox
 
 #: /readyz says "can store" when a message of this size could be stored now:
@@ -210,6 +211,7 @@ def build_service(
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
         ("looplag", LoopLagMonitor(reactor, metrics.reactor_lag)),
+        ("gc", GcService(reactor, metrics)),
     ):
         child.setName(name)
         child.setServiceParent(root)

@@ -60,6 +60,13 @@ class Metrics:
         self.idempotency_keys = Gauge(
             "relayd_idempotency_keys", "Idempotency keys remembered in this process (LRU).", registry=r
         )
+        self.gc_pause = Histogram(
+            "relayd_gc_pause_seconds",
+            "Cyclic garbage collections, by generation: how long each stalled the reactor.",
+            ["generation"],
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         self.reply_waiting = Gauge("relayd_reply_waiting", "Request/reply requests waiting for their reply.", registry=r)
         self.replies = Counter(
             "relayd_replies",
