@@ -41,7 +41,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from relayd.spool.store import Spool, SpoolError, SpoolLockedError
+from relayd.spool.errors import SpoolError, SpoolLockedError
+from relayd.spool.spool import Spool
 from relayd.outbox.spooler import push_records
 
 CLAIM_LOCK = ".claim.lock"

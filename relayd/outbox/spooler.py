@@ -49,7 +49,11 @@ from relayd.outbox.buffer import Entry, RingBuffer
 from relayd.ops.metrics import Metrics
 from relayd.ingest.problems import NotReady
 from relayd.redis.client import RedisClient
-from relayd.spool.store import Spool, SpoolFull, SpoolWriteError, SyncPlan, decode_entry, encode_entry, run_sync
+from relayd.spool.errors import SpoolFull, SpoolWriteError
+from relayd.spool.record import decode_entry, encode_entry
+from relayd.spool.segments import DEFAULT_SEGMENT_BYTES as SEGMENT_BYTES
+from relayd.spool.spool import Spool
+from relayd.spool.sync import SyncPlan, run_sync
 
 COMMIT_WINDOW = 0.002  # seconds: a 2 ms window lets ~hundreds of requests share one fsync
 RETRY_AFTER_ERROR = 1.0  # seconds before writing again after ENOSPC/EIO
@@ -59,7 +63,6 @@ REPLAY_MAX_RECORDS = 1000  # one LPUSH per list per batch, like the forwarder
 REPLAY_MAX_BYTES = 1024 * 1024
 MIN_RECORD_BYTES = 64  # framing (16 B) + entry header + a tiny envelope: less room is no room
 MODE_LOG_INTERVAL = 10.0  # seconds between spill/direct log lines
-SEGMENT_BYTES = 64 * 1024 * 1024  # NSQ/Vector use 100-128 MiB; 64 MiB frees disk sooner
 
 
 def push_records(redis: RedisClient, records: List[Tuple[Any, bytes]]) -> Tuple[Deferred, Dict[bytes, int]]:
