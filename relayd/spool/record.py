@@ -20,7 +20,9 @@ accelerated (the ``crc32c`` package), and it is what Vector's ``disk_v2``
 and Kafka use to tell a torn or rotten frame from a valid one.
 
 Payloads are opaque to the spool; `encode_entry` / `decode_entry` are a tiny
-codec for (Redis list key, item) that the daemon stores as payloads.
+codec for (Redis list key, item).  The daemon writes payloads through
+`relayd.outbox.targets` (a record carries its target), whose list-target
+encoding is byte-for-byte this entry format, so older spools replay.
 """
 
 from __future__ import annotations
