@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
+from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config, with_backlog
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.ingest.http_layer import IngestSite
@@ -202,7 +202,7 @@ def _apply_overrides(config: Config, options: Options) -> Config:
 
     server = config.server
     if options["listen"]:
-        server = attrs.evolve(server, listen=options["listen"])
+        server = attrs.evolve(server, listen=with_backlog(options["listen"], server.backlog))
     if options["admin"]:
         server = attrs.evolve(server, admin=options["admin"])
     if options["workers"]:
