@@ -38,6 +38,10 @@ from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
 
+#: /readyz says "can store" when a message of this size could be stored now:
+#: a spool with less room than one ordinary message is as good as full.
+READY_MESSAGE_BYTES = 1024
+
 
 class Options(usage.Options):
     """Command line of the twistd plugin."""
@@ -162,7 +166,7 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": forwarder.can_store(1, 0),
+            "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
         }
 
     admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)

@@ -393,6 +393,7 @@ class RelaydProcess:
         spool: Mapping[str, Any] | None = None,
         redis: Mapping[str, Any] | None = None,
         buffer: Mapping[str, Any] | None = None,
+        limits: Mapping[str, Any] | None = None,
         config_text: str | None = None,
         files: Mapping[str, Any] | None = None,
         wait_ready: bool = True,
@@ -423,6 +424,8 @@ class RelaydProcess:
             }
             if buffer:
                 tables["buffer"] = dict(buffer)
+            if limits:
+                tables["limits"] = dict(limits)
             self.tables = tables
             config_text = to_toml(tables, routes)
         self.config_path = self.write_file("relayd.conf", config_text)
