@@ -58,7 +58,7 @@ def compile_schema(schema: Any, key: str = "schema", path: Optional[str] = None)
         base_uri = INLINE_BASE_URI
         retriever = LocalRetriever(None, top_level_id(schema))
     try:
-        registry = jsonschema_rs.Registry(metaschema_resources(), draft=draft.number, retriever=retriever)
+        registry = jsonschema_rs.Registry(metaschema_resources(), retriever=retriever)
         validator = draft.validator_cls(
             schema,
             formats=borrowed_formats(draft) or None,

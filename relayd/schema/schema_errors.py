@@ -29,6 +29,8 @@ _UNKNOWN_FORMAT = re.compile(r"Unknown format: '(.*)'\. ")
 #: jsonschema-rs's preamble before the retriever's own reason: noise in a one-line error.
 _NOT_PRESENT = re.compile(r"^Resource '[^']*' is not present in a registry and retrieving it failed: (\w+: )?")
 
+_NOT_LOCAL = re.compile(r"^Resource '([^']*)' is not present in a registry and retrieving it failed: Retriev")
+
 RefSite = Tuple[str, str, str, str]  # pointer, keyword, value as written, absolute URI
 
 
@@ -66,9 +68,9 @@ def _locate_ref(schema: Any, base_uri: str, failed_uri: Optional[str], message: 
         for site in sites:
             if urldefrag(site[3])[0] == document:
                 return site
-    for site in sites:  # "Pointer '/defs/x' does not exist", "Anchor 'a' ..."
-        fragment = urldefrag(site[3])[1]
-        if site[2] in message or (fragment and f"'{fragment}'" in message):
+    for site in sites:  # "Pointer '/defs/x' does not exist", "Anchor 'a' ...", "Resource 'uri' ..."
+        document, fragment = urldefrag(site[3])
+        if site[2] in message or f"'{document}'" in message or (fragment and f"'{fragment}'" in message):
             return site
     return None
 
@@ -93,5 +95,9 @@ def describe(error: Exception, schema: Any, base_uri: str, retriever: LocalRetri
         return f"unresolvable reference: {reason or message} at /"
     pointer, keyword, value, _ = site
     if reason is None:
-        reason = _NOT_PRESENT.sub("", message)
+        not_local = _NOT_LOCAL.match(message)
+        if not_local:  # a reference kind jsonschema-rs resolves without asking the retriever
+            reason = f"{not_local.group(1)} is not local (relayd never fetches schemas over the network)"
+        else:
+            reason = _NOT_PRESENT.sub("", message)
     return f"{keyword} {value!r} cannot be resolved: {reason} at {pointer}"
