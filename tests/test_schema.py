@@ -28,6 +28,7 @@ from relayd.schema.drafts import DEFAULT, DRAFT4, DRAFT7, DRAFT2019, DRAFT2020
 from relayd.schema.formats import KNOWN_FORMATS
 from relayd.schema.metaschemas import metaschema_resources
 from tests.harness import RedisServer, RelaydProcess, wait_for
+from tests.strategies import json_schemas, json_values
 
 JSON = b"application/json"
 NDJSON = b"application/x-ndjson"
@@ -406,7 +407,22 @@ class HostileValueTests(unittest.TestCase):
 
 
 class RouteSchemaProperties(unittest.TestCase):
-    """The hot path's yes/no and the 400's explanation always agree."""
+    """The hot path's yes/no and the 400's explanation always agree; no schema value escapes as a crash."""
+
+    @given(json_schemas(), json_values(max_leaves=8))
+    def test_any_schema_compiles_or_is_one_config_line(self, schema: Any, value: Any) -> None:
+        """Any JSON value as a schema compiles or is one ConfigError line; a compiled one judges any body."""
+        try:
+            compiled = compile_schema(schema, "route[0].schema")
+        except ConfigError as e:
+            self.assertNotIn("\n", str(e))
+            return
+        try:
+            parsed = BodyParser(compiled).parse(json.dumps(value).encode(), JSON)
+        except SchemaViolation as e:
+            self.assertTrue(e.extensions["field"].startswith("/"))
+            return
+        self.assertEqual(len(parsed.values), 1)
 
     @given(st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
