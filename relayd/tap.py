@@ -24,7 +24,7 @@ from twisted.web.server import Site
 from relayd.ops.admin import AdminApp
 from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
-from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
+from relayd.config import Config, ConfigError, RedisConfig, check_environment, config_from_string, load_config
 from relayd.outbox.forwarder import Forwarder
 from relayd.ingest.http_layer import IngestSite
 from relayd.ids import IdGenerator
@@ -32,6 +32,8 @@ from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.listener import ListenerService
 from relayd.ops.metrics import Metrics
 from relayd.redis.client import RedisClient
+from relayd.redis.cluster import ClusterClient
+from relayd.redis.probe import probe_cluster
 from relayd.process.sdnotify import NotifyService
 from relayd.outbox.spooler import Spooler
 from relayd.process.supervisor import make_supervisor, resolve_workers
@@ -97,6 +99,17 @@ def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, r
     return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
 
 
+def make_redis_client(reactor: Any, config: RedisConfig, metrics: Optional[Metrics] = None) -> Any:
+    """One Redis (`RedisClient`) or a Redis Cluster (`ClusterClient`), by `[redis] cluster`.
+
+    Both have the same surface (`ready`, `on_ready`, `execute`, `lpush`, a
+    Service); a cluster adds `ready_for(key)` and `unwritable_slots()`.
+    """
+    if config.cluster:
+        return ClusterClient(reactor, config, metrics.redis_node if metrics is not None else None)
+    return RedisClient(reactor, config)
+
+
 def build_service(
     config: Config,
     validators: Dict[str, Any],
@@ -116,7 +129,7 @@ def build_service(
     buffer = RingBuffer(config.buffer.max_messages, config.buffer.max_bytes)
     metrics.watch(metrics.buffer_messages, lambda: buffer.messages)
     metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
-    redis = RedisClient(reactor, config.redis)
+    redis = make_redis_client(reactor, config.redis, metrics)
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
     spooler = Spooler(
         reactor,
@@ -164,7 +177,11 @@ def build_service(
             "can_store": redis.ready or spooler.usable,
         }
 
-    admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
+    details = None
+    if isinstance(redis, ClusterClient):
+        cluster = redis
+        details = lambda: {"redis_cluster": cluster.describe()}  # noqa: E731
+    admin_site = Site(AdminApp(metrics, readiness, details).resource(), reactor=reactor)
     admin_site.log = lambda request: None  # type: ignore[method-assign]
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
     adopter = OrphanAdopter(
@@ -233,6 +250,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     try:
         config, validators = load_config(options["config"], compile_schema_file)
         config = _apply_overrides(config, options)
+        if config.redis.cluster:
+            problem = probe_cluster(config.redis)
+            if problem is not None:
+                raise ConfigError(problem)
     except ConfigError as e:
         sys.stderr.write(f"relayd: {e}\n")
         sys.stderr.flush()

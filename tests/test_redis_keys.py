@@ -32,6 +32,8 @@ class KeySlotTests(unittest.TestCase):
         try:
             name = companion(key, *parts)
         except ValueError:
+            if not key:
+                return  # "{}" is no tag: the empty key has no companions
             self.assertIn(b"}", key)
             self.assertEqual(hash_tag(key), key)
             return

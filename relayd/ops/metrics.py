@@ -16,6 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # LAN Redis; the tail up to the ack timeout still needs resolution.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+# Cluster nodes with their own latency series; more (a huge cluster, or
+# churn through failovers) share "other" so one process exports a bounded
+# number of series whatever the topology does.
+MAX_NODE_LABELS = 32
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 
@@ -53,6 +57,13 @@ class Metrics:
         self.redis_latency = Histogram(
             "relayd_redis_roundtrip_seconds", "LPUSH round-trip time.", buckets=REDIS_BUCKETS, registry=r
         )
+        self.redis_node_latency = Histogram(
+            "relayd_redis_node_roundtrip_seconds",
+            f"Round-trip time of each command, by Redis Cluster node (at most {MAX_NODE_LABELS}, then 'other').",
+            ["node"],
+            buckets=REDIS_BUCKETS,
+            registry=r,
+        )
         self.request_latency = Histogram(
             "relayd_request_duration_seconds",
             "Time from request body received to response.",
@@ -82,6 +93,7 @@ class Metrics:
         )
         self._routes: Dict[str, RouteMetrics] = {}
         self._forwarded_children: Dict[bytes, Counter] = {}
+        self._node_children: Dict[str, Histogram] = {}
 
     def route(self, path: str) -> RouteMetrics:
         """The pre-bound series of one route."""
@@ -96,6 +108,14 @@ class Metrics:
             child = self.forwarded.labels(list=list_key.decode("utf-8", "replace"))
             self._forwarded_children[list_key] = child
         return child
+
+    def redis_node(self, node: str) -> Callable[[float], None]:
+        """The ``observe`` of one cluster node's latency series (bounded: see MAX_NODE_LABELS)."""
+        child = self._node_children.get(node)
+        if child is None:
+            label = node if len(self._node_children) < MAX_NODE_LABELS else "other"
+            child = self._node_children[node] = self.redis_node_latency.labels(node=label)
+        return child.observe
 
     def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Make `gauge` read its value at scrape time (no hot-path updates)."""
