@@ -40,6 +40,9 @@ class RedisCluster:
             "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
             "--cluster-require-full-coverage", "yes" if full_coverage else "no",
+            # A replica's first sync would wait 5 s for more replicas to share
+            # it; a failover before that finds a replica with no data.
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         # An explicit bus port: the default (port + 10000) needs ports <= 55535
         # and may be taken; free_port gives both from the whole range.
@@ -111,7 +114,8 @@ class RedisCluster:
         raise AssertionError(f"no live replica of {primary.port}")
 
     def wait_ok(self, expected_primaries: int, timeout: float = CLUSTER_START_TIMEOUT) -> None:
-        """Until every live node says cluster_state:ok and all agree on `expected_primaries` owners."""
+        """Until every live node says cluster_state:ok, all agree on `expected_primaries` owners,
+        and every live replica has its link to its primary up (else it could not fail over)."""
 
         def ok() -> bool:
             views = []
@@ -119,6 +123,9 @@ class RedisCluster:
                 try:
                     info = _text(node.command("CLUSTER", "INFO"))
                     if "cluster_state:ok" not in info:
+                        return False
+                    replication = _text(node.command("INFO", "replication"))
+                    if "role:slave" in replication and "master_link_status:up" not in replication:
                         return False
                     views.append(self.ranges(node))
                 except (OSError, RedisError):
