@@ -351,6 +351,13 @@ class ClusterClient(Service):
                 if node.ready:
                     return node.execute(*args)
             return fail(ConnectionError("redis cluster: no node connected"))
+        return self._route(key, args)
+
+    def lpush(self, key: bytes, values: List[bytes]) -> Deferred:
+        """``LPUSH key v1 .. vN`` on the key's primary (the key is known: no parsing)."""
+        return self._route(key, (b"LPUSH", key, *values))
+
+    def _route(self, key: bytes, args: Any) -> Deferred:
         slot = self._slot(key)
         address = self._owners[slot]
         if address is None:
@@ -362,23 +369,20 @@ class ClusterClient(Service):
             return fail(ConnectionError(f"redis cluster: primary {address[0]}:{address[1]} of slot {slot} not connected"))
         return self._send(primary, address, slot, args, MAX_REDIRECTS, False)
 
-    def lpush(self, key: bytes, values: List[bytes]) -> Deferred:
-        """``LPUSH key v1 .. vN`` on the key's primary."""
-        return self.execute(b"LPUSH", key, *values)
-
     def _send(self, node: RedisClient, address: Address, slot: int, args: Any, left: int, asking: bool) -> Deferred:
         started = self._reactor.seconds()
         if asking:
             node.execute(b"ASKING").addErrback(lambda _: None)  # its failure shows in the command's reply
-        d = node.execute(*args)
-        observe = self._observers.get(address)
-        if observe is not None:
-            d.addCallback(self._observed, observe, started)
-        d.addErrback(self._failed, address, slot, args, left)
-        return d
+        return node.execute(*args).addCallbacks(
+            self._observed,
+            self._failed,
+            callbackArgs=(self._observers.get(address), started),
+            errbackArgs=(address, slot, args, left),
+        )
 
-    def _observed(self, reply: Any, observe: Callable[[float], None], started: float) -> Any:
-        observe(self._reactor.seconds() - started)
+    def _observed(self, reply: Any, observe: Optional[Callable[[float], None]], started: float) -> Any:
+        if observe is not None:
+            observe(self._reactor.seconds() - started)
         return reply
 
     def _failed(self, failure: Failure, address: Address, slot: int, args: Any, left: int) -> Any:
