@@ -279,3 +279,124 @@ class ClusterClientTests(TestCase):
         self.assertIn(f"127.0.0.1:{plain.port}: not a cluster node", problem)
         self.assertIn(f"127.0.0.1:{closed}: cannot connect", problem)
         self.assertNotIn("\n", problem)
+
+
+class FakeNode:
+    """A node client double: answers each command through `answer(address, args)`."""
+
+    def __init__(self, address: tuple, answer: Any) -> None:
+        self.address = address
+        self.answer = answer
+        self.ready = True
+        self.running = False
+        self.commands: list = []
+        self._ready: list = []
+        self._lost: list = []
+
+    def on_ready(self, listener: Any) -> None:
+        """Record a ready listener."""
+        self._ready.append(listener)
+
+    def on_lost(self, listener: Any) -> None:
+        """Record a lost listener."""
+        self._lost.append(listener)
+
+    def startService(self) -> None:
+        """Start: ready at once, like a connection that came up."""
+        self.running = True
+        for listener in self._ready:
+            listener()
+
+    def stopService(self) -> Any:
+        """Stop."""
+        from twisted.internet.defer import succeed
+
+        self.running = False
+        return succeed(None)
+
+    def execute(self, *args: Any) -> Any:
+        """Record the command; answer it."""
+        from twisted.internet.defer import fail, succeed
+
+        self.commands.append(args)
+        result = self.answer(self.address, args)
+        return fail(result) if isinstance(result, Exception) else succeed(result)
+
+
+def shards(*owners: tuple) -> list:
+    """A CLUSTER SHARDS reply splitting the slots evenly among `owners`."""
+    step = SLOTS // len(owners)
+    out = []
+    for i, (host, port) in enumerate(owners):
+        last = SLOTS - 1 if i == len(owners) - 1 else (i + 1) * step - 1
+        node = [b"port", port, b"endpoint", host.encode(), b"role", b"master", b"health", b"online"]
+        out.append([b"slots", [i * step, last], b"nodes", [node]])
+    return out
+
+
+class ClusterClientUnitTests(unittest.TestCase):
+    """Bounds of the client's own logic, on a fake clock with node doubles."""
+
+    def build(self, answer: Any) -> tuple:
+        """A started client over nodes A and B (seed A) whose commands go to `answer`."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        nodes: dict = {}
+
+        def factory(address: tuple) -> FakeNode:
+            nodes[address] = FakeNode(address, answer)
+            return nodes[address]
+
+        client = ClusterClient(clock, RedisConfig(cluster=(("a", 1),)), node_factory=factory)  # type: ignore[arg-type]
+        client.startService()
+        return client, clock, nodes
+
+    def test_redirect_loop_is_bounded(self) -> None:
+        """Two nodes that keep answering MOVED to each other: the command fails after MAX_REDIRECTS, no loop."""
+        from relayd.redis.client import ResponseError
+        from relayd.redis.cluster import MAX_REDIRECTS
+
+        def answer(address: tuple, args: tuple) -> Any:
+            if args[0] == b"CLUSTER":
+                return shards(("a", 1), ("b", 2))
+            other = 2 if address[1] == 1 else 1
+            return ResponseError(f"MOVED {key_slot(args[1])} {'ab'[other - 1]}:{other}")
+
+        client, clock, nodes = self.build(answer)
+        self.assertTrue(client.ready)
+        failures: list = []
+        client.lpush(b"k", [b"v"]).addErrback(failures.append)
+        self.assertEqual(len(failures), 1)
+        self.assertTrue(failures[0].check(ResponseError))
+        pushes = sum(1 for n in nodes.values() for c in n.commands if c[0] == b"LPUSH")
+        self.assertEqual(pushes, MAX_REDIRECTS + 1)
+        client.stopService()
+
+    def test_refreshes_are_coalesced_and_stop_leaves_no_timer(self) -> None:
+        """A burst of MOVED costs one map read per MIN_REFRESH_INTERVAL; stopping cancels every timer."""
+        from relayd.redis.client import ResponseError
+        from relayd.redis.cluster import MIN_REFRESH_INTERVAL
+
+        moved = {"on": True}
+
+        def answer(address: tuple, args: tuple) -> Any:
+            if args[0] == b"CLUSTER":
+                return shards(("a", 1), ("b", 2))
+            if address == ("a", 1) and moved["on"]:
+                return ResponseError(f"MOVED {key_slot(args[1])} b:2")
+            return 1
+
+        client, clock, nodes = self.build(answer)
+        reads = lambda: sum(1 for n in nodes.values() for c in n.commands if c[0] == b"CLUSTER")  # noqa: E731
+        before = reads()
+        keys = [b"k%d" % i for i in range(200) if client._owners[key_slot(b"k%d" % i)] == ("a", 1)]
+        clock.advance(MIN_REFRESH_INTERVAL)
+        for key in keys:
+            client.lpush(key, [b"v"])
+            client._map.set_owner(key_slot(key), ("a", 1))  # as if the map were still stale
+        self.assertLessEqual(reads() - before, 1)
+        clock.advance(MIN_REFRESH_INTERVAL)
+        self.assertLessEqual(reads() - before, 2)
+        client.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
