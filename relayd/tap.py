@@ -21,23 +21,36 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.ops.admin import AdminApp
-from relayd.outbox.adoption import OrphanAdopter
-from relayd.outbox.buffer import RingBuffer
-from relayd.config import Config, ConfigError, RedisConfig, check_environment, config_from_string, load_config
-from relayd.outbox.forwarder import Forwarder
-from relayd.ingest.http_layer import IngestSite
+from relayd.config import (
+    Config,
+    ConfigError,
+    RedisConfig,
+    check_environment,
+    config_from_string,
+    load_config,
+    with_backlog,
+)
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
+from relayd.ingest.http_layer import IngestSite
+from relayd.ingest.validation import compile_schema_file
 from relayd.listener import ListenerService
+from relayd.ops.admin import AdminApp
 from relayd.ops.metrics import Metrics
+from relayd.outbox.adoption import OrphanAdopter
+from relayd.outbox.buffer import RingBuffer
+from relayd.outbox.forwarder import Forwarder
+from relayd.outbox.spooler import Spooler
+from relayd.outbox.writer import RedisWriter
+from relayd.process.sdnotify import NotifyService
+from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
 from relayd.redis.cluster import ClusterClient
 from relayd.redis.probe import probe_cluster
-from relayd.process.sdnotify import NotifyService
-from relayd.outbox.spooler import Spooler
-from relayd.process.supervisor import make_supervisor, resolve_workers
-from relayd.ingest.validation import compile_schema_file
+
+#: /readyz says "can store" when a message of this size could be stored now:
+#: a spool with less room than one ordinary message is as good as full.
+READY_MESSAGE_BYTES = 1024
 
 
 class Options(usage.Options):
@@ -131,19 +144,19 @@ def build_service(
     metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
     redis = make_redis_client(reactor, config.redis, metrics)
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
+    writer = RedisWriter(reactor, redis, metrics)
     spooler = Spooler(
         reactor,
         spool_path or os.path.join(config.spool.dir, "worker-0"),
         config.spool.max_bytes,
         config.spool.fsync,
-        buffer,
-        redis,
         metrics,
     )
     forwarder = Forwarder(
         reactor,
         buffer,
         redis,
+        writer,
         spooler,
         metrics,
         batch_messages=config.redis.batch_messages,
@@ -157,7 +170,7 @@ def build_service(
         reactor,
         routes,
         buffer,
-        lambda: redis.ready or spooler.usable,
+        forwarder.can_store,
         IdGenerator(reactor.seconds),
         metrics,
         config.buffer.ack_timeout,
@@ -174,7 +187,7 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": redis.ready or spooler.usable,
+            "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
         }
 
     details = None
@@ -189,6 +202,7 @@ def build_service(
         config.spool.dir,
         lambda: spooler.spool.path if spooler.spool is not None else None,
         redis,
+        writer,
         metrics,
         config.spool.max_bytes,
         config.spool.fsync,
@@ -217,7 +231,7 @@ def _apply_overrides(config: Config, options: Options) -> Config:
 
     server = config.server
     if options["listen"]:
-        server = attrs.evolve(server, listen=options["listen"])
+        server = attrs.evolve(server, listen=with_backlog(options["listen"], server.backlog))
     if options["admin"]:
         server = attrs.evolve(server, admin=options["admin"])
     if options["workers"]:

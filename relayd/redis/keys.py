@@ -37,15 +37,14 @@ def companion(key: bytes, *parts: bytes) -> bytes:
 
     ``companion(b"leads", b"processing", b"p1") == b"{leads}:processing:p1"``;
     ``companion(b"{shop}:leads", b"dead") == b"{shop}:leads:dead"``.
-    Raises `ValueError` for the empty key and for a key with a ``}`` but no tag (config checks
+    Raises `ValueError` for a key with a ``}`` but no tag (config checks
     names with it, so this never happens at run time).
     """
-    if not key:
-        # "{}" is no tag: "{}:x" would hash all of itself, not the empty key.
-        raise ValueError("the empty key has no companion keys in its slot")
     suffix = b"".join(b":" + p for p in parts)
     if _tag_bounds(key) is not None:
         return key + suffix
+    if not key:
+        raise ValueError("an empty key has no slot to share")
     if b"}" in key:
         # "{a}}" would hash "a", not "a}": no tag can name this key's slot.
         raise ValueError(f"key {key!r} has a '}}' outside a hash tag; no companion key can share its slot")
