@@ -42,6 +42,10 @@ FAILOVER_TIMEOUT = 30.0
 FREEZE_SECONDS = 3.0
 #: Slots moved by the reshard test (its list's slot is among them).
 RESHARD_SLOTS = 64
+#: Seconds before the kill within which a lost message must have been
+#: acknowledged: Redis' replication lag on loopback is well under a
+#: millisecond; this allows a replica starved on a loaded 2-core box.
+REPLICATION_WINDOW = 2.0
 #: Duplicates allowed per list: a command that timed out around a fault may
 #: have run (at-least-once); a few batches' worth at this load.
 MAX_DUPLICATES = 500
@@ -155,7 +159,7 @@ class ClusterFaultTests(ClusterRelayTestCase):
         acknowledged it to relayd before the kill and had not yet streamed
         it to the replica (Redis replicates asynchronously): the test
         asserts every missing message was acknowledged before the kill,
-        within a short window, and every message acknowledged after it is
+        within `REPLICATION_WINDOW`, and every message acknowledged after it is
         there.
         """
         lists = self.start(replicas=1)
@@ -192,7 +196,9 @@ class ClusterFaultTests(ClusterRelayTestCase):
         self.assertEqual(late, [], "messages acknowledged after the kill are missing")
         # Redis' async-replication window: what the dead primary acked but never sent on.
         window = [killed_at - done_at[cid] for cid in report.missing]
-        self.assertTrue(all(w < 1.0 for w in window), f"lost messages acked long before the kill: {sorted(window)[-5:]}")
+        self.assertTrue(
+            all(w < REPLICATION_WINDOW for w in window), f"lost messages acked long before the kill: {sorted(window)[-5:]}"
+        )
         self.assertEqual(report.unknown + report.mismatched, [])
         print(f"\nfailover: {len(oracles[victim_key].acked)} acked on the victim's list, {len(report.missing)} lost "
               f"in the replication window, {report.duplicates} duplicates, relayd followed "

@@ -34,6 +34,11 @@ AUTH + PING handshake, reply timeouts, binary-safe bytes) already live in
 
 A command that timed out or whose connection dropped may still have run
 (as on one Redis): callers that retry deliver at least once.
+
+Blocking reads (``BLMOVE``, ``BRPOP``, ``XREAD BLOCK``) get their own
+``ClusterClient(reactor, attrs.evolve(config, reply_timeout=...))``, as
+they get their own `RedisClient` on one Redis: that gives them one
+connection per primary of their own, routed by the key they block on.
 """
 
 from __future__ import annotations
