@@ -125,6 +125,21 @@ class ClusterIngestTests(ClusterRelayTestCase):
                  if line.startswith("relayd_redis_node_roundtrip_seconds_count")}  # fmt: skip
         self.assertEqual(nodes, {f"127.0.0.1:{self.cluster.primary_for(k).port}" for k in lists})
 
+    def test_two_workers_on_a_cluster(self) -> None:
+        """workers = 2: each worker routes to every primary; the supervisor's merged /metrics keeps the node series."""
+        lists = self.start(server={"workers": 2})
+        for name in lists:
+            oracle = Oracle(route=f"/{name}")
+            for _ in range(30):
+                self.assertEqual(oracle.post(self.relayd, f"/{name}", keep_alive=False)[0], 200)  # type: ignore[index]
+            self.wait_arrival(oracle, name)
+            oracle.assert_ok(self, self.cluster, name)
+        _status, _h, body = self.relayd.get_admin("/metrics")
+        counts = {line.split('node="')[1].split('"')[0]: float(line.split()[-1]) for line in body.decode().splitlines()
+                  if line.startswith("relayd_redis_node_roundtrip_seconds_count")}  # fmt: skip
+        self.assertEqual(set(counts), {f"127.0.0.1:{self.cluster.primary_for(k).port}" for k in lists})
+        self.assertGreaterEqual(sum(counts.values()), 3)
+
     def test_seeds_that_are_no_cluster_exit_2(self) -> None:
         """A seed list where nothing answers as a cluster: exit 2, one line naming redis.cluster, no port bound."""
         plain = RedisServer(self)
