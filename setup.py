@@ -27,7 +27,16 @@ setup(
         'tomli>=2.0; python_version < "3.11"',
     ],
     extras_require={
-        "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11"],
+        "test": [
+            "hypothesis>=6.100",
+            "pytest>=8",
+            "treq>=23.11",
+            # pyyaml: the ops-kit tests read etc/prometheus/*.yml (rule and
+            # alert names, expressions, annotations); YAML is not parsed by hand.
+            "pyyaml>=6.0",
+            # redis-py: the example request/reply worker (examples/) that the tests run
+            "redis>=5",
+        ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0", "tox>=4"],
     },
     entry_points={"console_scripts": ["relayd = relayd.cli:main"]},

@@ -59,6 +59,9 @@ DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to send the request line + headers (ngi
 DEFAULT_BODY_TIMEOUT = 30.0  # seconds for a whole body (1 MiB at ~35 KiB/s)
 DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # request line + headers; twisted.web's own default
 DEFAULT_MAX_HEADERS = 64  # header fields per request (browsers send ~15)
+# How long an Idempotency-Key is remembered: Stripe keeps keys 24 h, which
+# covers client retry loops and a day of operator replays.
+DEFAULT_IDEMPOTENCY_WINDOW = 24 * 3600.0
 DEFAULT_LISTEN = "tcp:8080"
 # listen(2) backlog when the endpoint string sets none.  Twisted's default
 # is 50: a burst of 5,000 connects had 1,784 closed unanswered with it, none
@@ -141,6 +144,8 @@ class RouteConfig:
     rate_burst: Optional[int] = None
     client_rate_limit: Optional[Tuple[float, float]] = None
     client_rate_burst: Optional[int] = None
+    idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
+    reply_timeout: Optional[float] = None  # set: a request/reply route
 
 
 @attrs.frozen
@@ -194,6 +199,23 @@ def parse_size(value: Any, key: str) -> int:
         if m:
             return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()]
     raise ConfigError(f'{key}: expected a size like "1MiB", got {value!r}')
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """``"500ms"``, ``"10s"``, ``"5m"``, ``"24h"``, ``"7d"`` or a number of seconds -> seconds (> 0)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(f'{key}: expected a duration like "10s", "5m" or "24h", got {value!r}')
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    return seconds
 
 
 def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -388,7 +410,8 @@ def _parse_spool(data: Mapping[str, Any], base_dir: str) -> SpoolConfig:
 _ROUTE_KEYS = (
     "path", "list", "ack", "schema", "format", "max_body", "max_lines", "max_depth",
     "auth_tokens_file", "webhook_secret_file", "webhook_scheme", "webhook_tolerance",
-    "rate_limit", "rate_burst", "client_rate_limit", "client_rate_burst",
+    "rate_limit", "rate_burst", "client_rate_limit", "client_rate_burst", "idempotency_window",
+    "reply_timeout",
 )
 WEBHOOK_SCHEMES = ("standard", "github")
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour)\s*$")
@@ -422,6 +445,12 @@ def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
         raise ConfigError(f"{where}.list: must not be empty")
     schema = _typed(t, "schema", str, None, where)
     fmt = _choice(_typed(t, "format", str, "envelope", where), FORMATS, f"{where}.format")
+    reply_timeout = parse_duration(t["reply_timeout"], f"{where}.reply_timeout") if "reply_timeout" in t else None
+    if reply_timeout is not None:
+        if fmt != "envelope":
+            raise ConfigError(f'{where}.reply_timeout: a request/reply route needs format = "envelope" (for reply_to)')
+        if t.get("ack", "stored") != "stored":
+            raise ConfigError(f'{where}.reply_timeout: a request/reply route stores its requests (ack = "stored")')
     return RouteConfig(
         path=path,
         list=list_key,
@@ -447,6 +476,12 @@ def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
             if "client_rate_burst" in t
             else None
         ),
+        idempotency_window=(
+            parse_duration(t["idempotency_window"], f"{where}.idempotency_window")
+            if "idempotency_window" in t
+            else DEFAULT_IDEMPOTENCY_WINDOW
+        ),
+        reply_timeout=reply_timeout,
     )
 
 

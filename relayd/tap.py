@@ -36,6 +36,8 @@ from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
 from relayd.listener import ListenerService
 from relayd.ops.admin import AdminApp
+from relayd.ops.gctune import GcService
+from relayd.ops.looplag import LoopLagMonitor
 from relayd.ops.metrics import Metrics
 from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
@@ -44,9 +46,10 @@ from relayd.outbox.spooler import Spooler
 from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
-from relayd.redis.client import RedisClient
 from relayd.redis.cluster import ClusterClient
+from relayd.redis.factory import make_redis_client as redis_client_for
 from relayd.redis.probe import probe_cluster
+from relayd.reply.inbox import ReplyInbox
 
 #: /readyz says "can store" when a message of this size could be stored now:
 #: a spool with less room than one ordinary message is as good as full.
@@ -109,18 +112,13 @@ class RelayService(MultiService):
 def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: Any) -> List[IngestRoute]:
     """The ingest routes of a config; rate limits get this process's share."""
     share = 1.0 / max(1, resolve_workers(config.server.workers))
+    metrics.describe_routes((r.path, r.list, r.ack) for r in config.routes)
     return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
 
 
 def make_redis_client(reactor: Any, config: RedisConfig, metrics: Optional[Metrics] = None) -> Any:
-    """One Redis (`RedisClient`) or a Redis Cluster (`ClusterClient`), by `[redis] cluster`.
-
-    Both have the same surface (`ready`, `on_ready`, `execute`, `lpush`, a
-    Service); a cluster adds `ready_for(key)` and `unwritable_slots()`.
-    """
-    if config.cluster:
-        return ClusterClient(reactor, config, metrics.redis_node if metrics is not None else None)
-    return RedisClient(reactor, config)
+    """This process's Redis client (one Redis or a cluster: `relayd.redis.factory`)."""
+    return redis_client_for(reactor, config, metrics.redis_node if metrics is not None else None)
 
 
 def build_service(
@@ -166,6 +164,8 @@ def build_service(
     )
     shutdown_timeout = config.server.shutdown_timeout
     routes = build_routes(config, validators, metrics, reactor)
+    # Request/reply routes get this process's private reply list and its reader.
+    inbox = ReplyInbox(reactor, config.redis, metrics) if any(r.reply_timeout for r in config.routes) else None
     app = IngestApp(
         reactor,
         routes,
@@ -174,6 +174,7 @@ def build_service(
         IdGenerator(reactor.seconds),
         metrics,
         config.buffer.ack_timeout,
+        inbox,
     )
     site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits)
     ingest = IngestService(
@@ -190,6 +191,9 @@ def build_service(
             "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
         }
 
+    metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
+    metrics.watch(metrics.spool_disk_bytes, lambda: spooler.spool.disk_bytes if spooler.spool is not None else 0)
+    metrics.spool_max_bytes.set(config.spool.max_bytes)
     details = None
     if isinstance(redis, ClusterClient):
         cluster = redis
@@ -211,15 +215,22 @@ def build_service(
     root = RelayService(reactor)
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, Redis.
-    for name, child in (
+    # Stopped in reverse: looplag, admin, ingest (waits for replies), replies, forwarder, adopter, spooler, Redis.
+    children: List[Tuple[str, Any]] = [
         ("redis", redis),
         ("spooler", spooler),
         ("adopter", adopter),
         ("forwarder", forwarder),
+    ]
+    if inbox is not None:
+        children.append(("replies", inbox))
+    for name, child in (
+        *children,
         ("ingest", ingest),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
+        ("looplag", LoopLagMonitor(reactor, metrics.reactor_lag)),
+        ("gc", GcService(reactor, metrics)),
     ):
         child.setName(name)
         child.setServiceParent(root)

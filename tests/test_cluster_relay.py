@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 import unittest
 from typing import Any, Callable
@@ -23,7 +24,7 @@ from typing import Any, Callable
 from relayd.redis.keys import key_slot
 from tests.cluster_harness import REDIS_CLI, RedisCluster, keys_on_each_primary
 from tests.fault_tools import LoadGenerator, metric_values
-from tests.harness import Oracle, RedisServer, RelaydProcess, json_body, ndjson, wait_for
+from tests.harness import Oracle, RedisServer, RelaydProcess, RespClient, json_body, ndjson, wait_for
 
 #: Messages per second each load generator offers (one per route).
 LOAD_RATE = 100.0
@@ -139,6 +140,41 @@ class ClusterIngestTests(ClusterRelayTestCase):
                   if line.startswith("relayd_redis_node_roundtrip_seconds_count")}  # fmt: skip
         self.assertEqual(set(counts), {f"127.0.0.1:{self.cluster.primary_for(k).port}" for k in lists})
         self.assertGreaterEqual(sum(counts.values()), 3)
+
+    def test_request_reply_on_a_cluster(self) -> None:
+        """Request/reply: the request list and each process's reply list may sit on different primaries; every
+        request gets its own reply (the inbox's blocking reader is cluster-aware too)."""
+        self.cluster = RedisCluster(self, primaries=3, replicas=0)
+        (name,) = keys_on_each_primary(self.cluster)[:1]
+        self.relayd = RelaydProcess(
+            self, routes=[{"path": "/quote", "list": name, "reply_timeout": "5s"}], redis_url=None,
+            redis={"cluster": self.cluster.seeds[:1], "reply_timeout": REPLY_TIMEOUT}, server={"workers": 2},
+        )  # fmt: skip
+        stop = threading.Event()
+        reply_lists: set[str] = set()
+
+        def worker() -> None:
+            # A consumer as users write it: BRPOP the request list on its primary, LPUSH
+            # the reply to `reply_to` on *that* key's primary.
+            with RespClient("127.0.0.1", self.cluster.primary_for(name).port, timeout=5) as c:
+                while not stop.is_set():
+                    popped = c.command("BRPOP", name, 1)
+                    if popped is None:
+                        continue
+                    envelope = json.loads(popped[1])
+                    reply_lists.add(envelope["reply_to"])
+                    reply = json.dumps({"id": envelope["id"], "body": {"echo": envelope["body"]}})
+                    self.cluster.command_for(envelope["reply_to"], "LPUSH", envelope["reply_to"], reply)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        self.addCleanup(lambda: (stop.set(), thread.join(10)))
+        for i in range(40):
+            status, _headers, body = self.relayd.post("/quote", json.dumps({"i": i}).encode(), keep_alive=False)
+            self.assertEqual((status, json.loads(body)), (200, {"echo": {"i": i}}))
+        slots = {key_slot(r.encode()) for r in reply_lists}
+        self.assertEqual(len(reply_lists), 2, reply_lists)  # one reply list per worker process
+        print(f"\nrequest/reply: reply lists in slots {sorted(slots)}, requests in slot {key_slot(name.encode())}")
 
     def test_seeds_that_are_no_cluster_exit_2(self) -> None:
         """A seed list where nothing answers as a cluster: exit 2, one line naming redis.cluster, no port bound."""

@@ -32,7 +32,6 @@ from tests.fault_tools import (
     LoadGenerator,
     Outcome,
     RssSampler,
-    fs_usage,
     metric_values,
     mount_tmpfs,
     oracle_restricted,

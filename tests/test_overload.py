@@ -122,3 +122,4 @@ class ConnectionBurstTests(unittest.TestCase):
         for s in socks:
             s.close()
         self.assertEqual((answered, closed_unanswered, pending), (BURST, 0, 0))
+        self.assertTrue(relayd.alive())
