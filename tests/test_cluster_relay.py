@@ -126,6 +126,19 @@ class ClusterIngestTests(ClusterRelayTestCase):
                  if line.startswith("relayd_redis_node_roundtrip_seconds_count")}  # fmt: skip
         self.assertEqual(nodes, {f"127.0.0.1:{self.cluster.primary_for(k).port}" for k in lists})
 
+    def test_idempotency_keys_on_every_primary(self) -> None:
+        """Idempotency-Key on a cluster: the script's marker keys are companions of the list, so it runs on the
+        list's primary; a repeat is answered as a duplicate and stored once, on each of the three primaries."""
+        lists = self.start()
+        for name in lists:
+            first = self.relayd.post(f"/{name}", b'{"n": 1}', {"Idempotency-Key": f"order-{name}"})
+            again = self.relayd.post(f"/{name}", b'{"n": 1}', {"Idempotency-Key": f"order-{name}"})
+            self.assertEqual(first[0], 200, first)
+            self.assertEqual(again[0], 200, again)
+            self.assertEqual(json_body(again)["id"], json_body(first)["id"])
+            wait_for(lambda n=name: self.cluster.llen(n) >= 1, ARRIVAL_TIMEOUT, f"the message in {name}")
+            self.assertEqual(self.cluster.llen(name), 1)
+
     def test_two_workers_on_a_cluster(self) -> None:
         """workers = 2: each worker routes to every primary; the supervisor's merged /metrics keeps the node series."""
         lists = self.start(server={"workers": 2})
