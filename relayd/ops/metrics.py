@@ -106,7 +106,6 @@ class Metrics:
         self.redis_latency = Histogram(
             "relayd_redis_roundtrip_seconds", "LPUSH round-trip time.", buckets=REDIS_BUCKETS, registry=r
         )
-<<<<<<< HEAD
         self.redis_node_latency = Histogram(
             "relayd_redis_node_roundtrip_seconds",
             f"Round-trip time of each command, by Redis Cluster node (at most {MAX_NODE_LABELS}, then 'other').",
@@ -114,15 +113,6 @@ class Metrics:
             buckets=REDIS_BUCKETS,
             registry=r,
         )
-        self.request_latency = Histogram(
-            "relayd_request_duration_seconds",
-            "Time from request body received to response.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-=======
->>>>>>> main
         self.buffer_messages = Gauge("relayd_buffer_messages", "Messages in memory.", registry=r)
         self.buffer_bytes = Gauge("relayd_buffer_bytes", "Bytes in memory (with overhead).", registry=r)
         self.redis_up = Gauge("relayd_redis_up", "1 while Redis takes writes.", registry=r)
@@ -161,12 +151,7 @@ class Metrics:
             buckets=REACTOR_LAG_BUCKETS,
             registry=r,
         )
-<<<<<<< HEAD
-        self._routes: Dict[str, RouteMetrics] = {}
-        self._forwarded_children: Dict[bytes, Counter] = {}
         self._node_children: Dict[str, Histogram] = {}
-=======
->>>>>>> main
 
     def route(self, path: str) -> RouteMetrics:
         """The pre-bound series of one route."""
