@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relayd.compat import exit_status_zero
-from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, load_config, resolve_workers
+from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, RedisConfig, load_config, resolve_workers
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.ingest.http_layer import IngestSite
@@ -40,7 +40,9 @@ from relayd.outbox.spooler import Spooler
 from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor
-from relayd.redis.client import RedisClient
+from relayd.redis.cluster import ClusterClient
+from relayd.redis.factory import make_redis_client as redis_client_for
+from relayd.redis.probe import probe_cluster
 from relayd.reply.inbox import ReplyInbox
 
 #: /readyz says "can store" when a message of this size could be stored now:
@@ -110,6 +112,11 @@ def build_routes(
     return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
 
 
+def make_redis_client(reactor: Any, config: RedisConfig, metrics: Optional[Metrics] = None) -> Any:
+    """This process's Redis client (one Redis or a cluster: `relayd.redis.factory`)."""
+    return redis_client_for(reactor, config, metrics.redis_node if metrics is not None else None)
+
+
 def build_service(
     config: Config,
     validators: Dict[str, Any],
@@ -129,7 +136,7 @@ def build_service(
     buffer = RingBuffer(config.buffer.max_messages, config.buffer.max_bytes)
     metrics.watch(metrics.buffer_messages, lambda: buffer.messages)
     metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
-    redis = RedisClient(reactor, config.redis)
+    redis = make_redis_client(reactor, config.redis, metrics)
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
     writer = RedisWriter(reactor, redis, metrics)
     spooler = Spooler(
@@ -183,7 +190,11 @@ def build_service(
     metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
     metrics.watch(metrics.spool_disk_bytes, lambda: spooler.spool.disk_bytes if spooler.spool is not None else 0)
     metrics.spool_max_bytes.set(config.spool.max_bytes)
-    admin_site = AdminSite(AdminApp(metrics, readiness), reactor)
+    details = None
+    if isinstance(redis, ClusterClient):
+        cluster = redis
+        details = lambda: {"redis_cluster": cluster.describe()}  # noqa: E731
+    admin_site = AdminSite(AdminApp(metrics, readiness, details), reactor)
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
     adopter = OrphanAdopter(
         reactor,
@@ -239,6 +250,10 @@ def makeService(options: Options, reactor: Optional[IReactorTime] = None) -> Mul
 
     try:
         loaded = load()
+        if loaded.config.redis.cluster:
+            problem = probe_cluster(loaded.config.redis)
+            if problem is not None:
+                raise ConfigError(problem)
     except ConfigError as e:
         sys.stderr.write(f"relayd: {e}\n")
         sys.stderr.flush()

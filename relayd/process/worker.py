@@ -165,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from relayd.config import ConfigError, load_config
     from relayd.ingest.validation import compile_schema_file
     from relayd.outbox.adoption import claim
-    from relayd.spool.store import SpoolError
+    from relayd.spool.errors import SpoolError
     from relayd.tap import build_service
 
     reactor: IReactorCore = global_reactor
