@@ -6,7 +6,14 @@ setup(
     name="relayd",
     version="0.1.0",
     description="Durable HTTP-to-Redis relay: fast acks, bounded memory, no lost messages",
-    python_requires=">=3.9",  # 3.11 is the target; 3.9 keeps Debian's pypy3 open
+    python_requires=">=3.10",  # 3.11 is the target; ujson>=5.12 and current Twisted need 3.10
+    # The checkout root is the import root of both relayd/ and the plugin in
+    # twisted/plugins/ (no __init__.py there: Twisted's plugin directory is
+    # found by scanning sys.path).  Saying so explicitly makes setuptools'
+    # default editable mode put the checkout on sys.path (a static path entry)
+    # instead of an import hook that Twisted's plugin scan cannot see: then
+    # `pip install -e .` gives a working `twistd relayd`.
+    package_dir={"": "."},
     packages=find_packages(include=["relayd", "relayd.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/relayd_plugin.py"]},
     install_requires=[
@@ -24,7 +31,7 @@ setup(
         "fastjsonschema>=2.19",
         # crc32c: hardware-accelerated CRC32C for spool records.
         "crc32c>=2.4",
-        'tomli>=2.0; python_version < "3.11"',
+        'tomli>=2.0; python_version < "3.11"',  # tomllib is 3.11+
     ],
     extras_require={
         "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11"],
