@@ -34,7 +34,9 @@ setup(
         'tomli>=2.0; python_version < "3.11"',  # tomllib is 3.11+
     ],
     extras_require={
-        "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11"],
+        # build: the standard PEP 517 front end, so tests build the sdist and the
+        # wheel exactly as a packager does (wheel from the sdist).
+        "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11", "build>=1.0"],
         "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0", "tox>=4"],
     },
     entry_points={"console_scripts": ["relayd = relayd.cli:main"]},
