@@ -8,9 +8,10 @@ docs/operations.md's install walkthrough, etc/systemd/relayd.service.
 * `EditableInstallTests`: ``pip install -e .`` into a fresh venv, then
   ``twistd relayd --help`` with no ``PYTHONPATH``, from another directory.
 * `DistributionTests`: ``python -m build`` gives an sdist and a wheel (built
-  from that sdist); their contents; then docs/operations.md's walkthrough
-  with that wheel: Debian's ``/usr/bin/python3`` venv under a temp
-  ``/opt``-like root, a service user, the unit's ``ExecStart`` run as that
+  from that sdist); their contents; then docs/operations.md's walkthrough:
+  Debian's ``/usr/bin/python3`` venv under a temp ``/opt``-like root, the
+  wheel built and installed with that venv's pip (Debian's pip 23.0),
+  ``relayd plugin-cache``, a service user, the unit's ``ExecStart`` run as that
   user with the unit's working directory, environment and umask, readiness
   (``READY=1`` on a ``NOTIFY_SOCKET`` and ``/readyz``), a POST, a clean
   SIGTERM, and a log with no warning, traceback or plugin-cache complaint.
@@ -288,15 +289,17 @@ class DistributionTests(unittest.TestCase):
     """``python -m build`` output, and docs/operations.md followed with that wheel."""
 
     tmp: str
+    src: str
     dist: str
+    build_output: str
 
     @classmethod
     def setUpClass(cls) -> None:
         """Build the sdist and, from it, the wheel once (pip's isolated build env, as a user would)."""
         cls.tmp = tempfile.mkdtemp(prefix="relayd-dist-")
-        src = copy_source(os.path.join(cls.tmp, "src"))
+        cls.src = copy_source(os.path.join(cls.tmp, "src"))
         cls.dist = os.path.join(cls.tmp, "dist")
-        built = run([sys.executable, "-m", "build", "--outdir", cls.dist, src], env=clean_env())
+        built = run([sys.executable, "-m", "build", "--outdir", cls.dist, cls.src], env=clean_env())
         if built.returncode != 0:
             shutil.rmtree(cls.tmp, True)
             raise AssertionError("python -m build failed:\n" + built.stdout[-4000:])
@@ -384,7 +387,13 @@ class DistributionTests(unittest.TestCase):
         venv = mapped("/opt/relayd/.venv")
         made = run([python3, "-m", "venv", venv], timeout=300)
         self.assertEqual(made.returncode, 0, made.stdout)
-        wheel = self.only("relayd-*-py3-none-any.whl")
+        # docs/operations.md builds the wheel with that venv's pip (Debian's pip 23.0): no legacy path.
+        wheels = os.path.join(root, "dist")
+        built = run([os.path.join(venv, "bin", "pip"), "wheel", "--no-deps", "-w", wheels, self.src], env=clean_env())
+        self.assertEqual(built.returncode, 0, built.stdout)
+        self.assertNotIn("legacy", built.stdout.lower())
+        self.assertNotIn("DEPRECATION", built.stdout)
+        (wheel,) = glob.glob(os.path.join(wheels, "relayd-*-py3-none-any.whl"))
         installed = run([os.path.join(venv, "bin", "pip"), "install", wheel], env=clean_env())
         self.assertEqual(installed.returncode, 0, installed.stdout)
         self.assertNotIn("DEPRECATION", installed.stdout)
