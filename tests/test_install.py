@@ -423,10 +423,17 @@ class DistributionTests(unittest.TestCase):
         # /etc/relayd: the config (0640, group relayd) and the schemas.
         redis = RedisServer(self)
         redis.start()
+
+        def install(path: str, mode: int) -> None:  # install -m MODE -g relayd
+            os.chown(path, 0, gid)
+            os.chmod(path, mode)
+
         etc = mapped("/etc/relayd")
         os.makedirs(os.path.join(etc, "schemas"))
+        install(etc, 0o750)
+        install(os.path.join(etc, "schemas"), 0o750)
         for schema in glob.glob(os.path.join(REPO_ROOT, "etc", "schemas", "*.json")):
-            shutil.copy(schema, os.path.join(etc, "schemas"))
+            install(shutil.copy(schema, os.path.join(etc, "schemas")), 0o640)
         with open(os.path.join(REPO_ROOT, "etc", "relayd.conf"), "rb") as f:
             conf = tomllib.load(f)
         routes = conf.pop("route")
@@ -442,8 +449,7 @@ class DistributionTests(unittest.TestCase):
         config_path = os.path.join(etc, "relayd.conf")
         with open(config_path, "w") as f:
             f.write(to_toml(conf, routes))
-        os.chown(config_path, 0, gid)
-        os.chmod(config_path, 0o640)
+        install(config_path, 0o640)
 
         # What systemd would do: StateDirectory, RuntimeDirectory, WorkingDirectory, Environment, UMask.
         state_dir = mapped("/var/lib/" + unit["StateDirectory"][0])
