@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
+from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config, with_backlog
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.ingest.http_layer import IngestSite
@@ -37,6 +37,10 @@ from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
+
+#: /readyz says "can store" when a message of this size could be stored now:
+#: a spool with less room than one ordinary message is as good as full.
+READY_MESSAGE_BYTES = 1024
 
 
 class Options(usage.Options):
@@ -162,7 +166,7 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": forwarder.can_store(1, 0),
+            "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
         }
 
     admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
@@ -202,7 +206,7 @@ def _apply_overrides(config: Config, options: Options) -> Config:
 
     server = config.server
     if options["listen"]:
-        server = attrs.evolve(server, listen=options["listen"])
+        server = attrs.evolve(server, listen=with_backlog(options["listen"], server.backlog))
     if options["admin"]:
         server = attrs.evolve(server, admin=options["admin"])
     if options["workers"]:

@@ -24,6 +24,7 @@ from relayd.codec import EncodeError, encode_envelopes
 from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
+from relayd.ingest.idempotency import RecentKeys, key_digest, parse_key
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -42,6 +43,7 @@ from relayd.ingest.validation import BodyParser, Validator
 from relayd.listener import ListenerService
 from relayd.ops.metrics import Metrics, RouteMetrics
 from relayd.outbox.buffer import NotStored, RingBuffer, Waiter
+from relayd.outbox.dedup import DedupListTarget, encode_bundle
 from relayd.outbox.targets import ListTarget
 
 JSON_CONTENT_TYPE = b"application/json"
@@ -67,6 +69,8 @@ class IngestRoute:
         self.path = config.path
         self.path_bytes = config.path.encode()
         self.target = ListTarget(config.list.encode())
+        self.dedup_target = DedupListTarget(config.list.encode(), int(config.idempotency_window * 1000))
+        self.recent = RecentKeys(clock.seconds, config.idempotency_window)
         self.stored = config.ack == "stored"
         self.envelope = config.format == "envelope"
         self.max_body = config.max_body
@@ -114,6 +118,7 @@ class IngestApp:
         self._metrics = metrics
         self._ack_timeout = ack_timeout
         self._pending_acks: Deque[Tuple[float, Waiter, int]] = deque()
+        metrics.watch(metrics.idempotency_keys, lambda: sum(len(r.recent) for r in self._routes.values()))
         self._sweeper = LoopingCall(self._expire_acks)
         self._sweeper.clock = clock
         self.stopping = False
@@ -238,6 +243,18 @@ class IngestApp:
         body = request.content.read()
         if route.webhook is not None:
             route.webhook.check(headers, body)
+        stored = route.stored
+        ack = headers.getRawHeaders(b"relayd-ack")
+        if ack is not None:
+            stored = _ack_level(ack[0], route.stored)
+        digest = None
+        idem = headers.getRawHeaders(b"idempotency-key")
+        if idem is not None:
+            digest = key_digest(route.path_bytes, parse_key(idem[0]))
+            first_id = route.recent.get(digest)
+            if first_id is not None:
+                self._metrics.duplicates.labels(where="memory").inc()
+                return self._duplicate(request, route, first_id, started)
         ctype = headers.getRawHeaders(b"content-type")
         parsed = route.parser.parse(body, ctype[0] if ctype else None)
         count = len(parsed.values)
@@ -257,18 +274,35 @@ class IngestApp:
         else:
             items = parsed.raws
         try:
-            return self._enqueue(request, route, items, ids, started, parsed.batch)
+            return self._enqueue(request, route, items, ids, started, parsed.batch, stored, digest)
         except Problem:
             if route.limiter is not None and client is not None:
                 route.limiter.refund(client, count)  # refused requests take no tokens
             raise
 
     def _enqueue(
-        self, request: Request, route: IngestRoute, items: List[bytes], ids: List[str], started: float, batch: bool
+        self,
+        request: Request,
+        route: IngestRoute,
+        items: List[bytes],
+        ids: List[str],
+        started: float,
+        batch: bool,
+        stored: bool,
+        digest: Optional[bytes],
     ) -> Any:
-        """Offer the encoded messages to the buffer; the ack, or a Deferred of it."""
+        """Offer the encoded messages to the buffer; the ack, or the `Waiter` of it.
+
+        With an idempotency `digest` the request travels as one bundle to
+        the route's dedup target (relayd/outbox/dedup.py), so that it is
+        stored once or not at all.
+        """
         count = len(items)
-        if route.stored:
+        target: Any = route.target
+        if digest is not None:
+            target = route.dedup_target
+            items = [encode_bundle(digest, ids[0].encode(), items)]
+        if stored:
             size = 0
             for item in items:
                 size += len(item)
@@ -276,8 +310,8 @@ class IngestApp:
                 raise NotReady(
                     "neither Redis nor the disk spool can take messages now", retry_after=RETRY_AFTER_NOT_READY
                 )
-            waiter = Waiter(count)
-            if not self._buffer.offer(route.target, items, waiter):
+            waiter = Waiter(len(items))
+            if not self._buffer.offer(target, items, waiter):
                 raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
             route.metrics.ingested.inc(count)
             self._pending_acks.append((started + self._ack_timeout, waiter, count))
@@ -285,23 +319,46 @@ class IngestApp:
             d.addCallbacks(
                 self._acknowledge,
                 _not_stored_problem,
-                callbackArgs=(request, route, ids, started, batch),
+                callbackArgs=(request, route, ids, started, batch, waiter, digest),
             )
             return waiter
-        if not self._buffer.offer(route.target, items, None):
+        if not self._buffer.offer(target, items, None):
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
         route.metrics.ingested.inc(count)
+        if digest is not None:
+            route.recent.put(digest, ids[0].encode())
         return self._acknowledge(None, request, route, ids, started, batch)
 
     def _acknowledge(
-        self, _: object, request: Request, route: IngestRoute, ids: List[str], started: float, batch: bool
+        self,
+        _: object,
+        request: Request,
+        route: IngestRoute,
+        ids: List[str],
+        started: float,
+        batch: bool,
+        waiter: Optional[Waiter] = None,
+        digest: Optional[bytes] = None,
     ) -> bytes:
+        if digest is not None:
+            first_id = waiter.duplicate_of if waiter is not None else None
+            route.recent.put(digest, first_id or ids[0].encode())
+            if first_id is not None:
+                return self._duplicate(request, route, first_id, started)
         request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
         route.metrics.latency.observe(self._clock.seconds() - started)
         if batch:
             body = b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())
         else:
             body = b'{"status":"OK","id":"%s"}' % ids[0].encode()
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
+
+    def _duplicate(self, request: Request, route: IngestRoute, first_id: bytes, started: float) -> bytes:
+        """The answer to a repeated Idempotency-Key: 2xx with the first request's id."""
+        request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
+        route.metrics.latency.observe(self._clock.seconds() - started)
+        body = b'{"status":"OK","id":"%s","duplicate":true}' % first_id
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
 
@@ -349,6 +406,18 @@ class IngestApp:
     def resource(self) -> Any:
         """The twisted.web resource of this app."""
         return self._app.resource()
+
+
+def _ack_level(raw: bytes, route_stored: bool) -> bool:
+    """``Relayd-Ack``: a request may ask for a stronger ack than its route's, never a weaker one."""
+    value = raw.strip().lower()
+    if value == b"stored":
+        return True
+    if value == b"accepted":
+        if route_stored:
+            raise BadRequest("Relayd-Ack: accepted is weaker than this route's stored ack; not granted")
+        return False
+    raise BadRequest('Relayd-Ack must be "stored" or "accepted"')
 
 
 def _not_stored_problem(failure: Any) -> Any:

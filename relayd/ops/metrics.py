@@ -46,6 +46,16 @@ class Metrics:
         self.forwarded = Counter(
             "relayd_forwarded", "Messages pushed to Redis (directly or replayed from the spool).", ["list"], registry=r
         )
+        self.duplicates = Counter(
+            "relayd_duplicates_dropped",
+            "Requests with an Idempotency-Key already seen, by where they were caught "
+            "(memory: this process's recent keys; direct/replay: the Redis script).",
+            ["where"],
+            registry=r,
+        )
+        self.idempotency_keys = Gauge(
+            "relayd_idempotency_keys", "Idempotency keys remembered in this process (LRU).", registry=r
+        )
         self.redis_errors = Counter("relayd_redis_errors", "Failed Redis pushes, by kind.", ["kind"], registry=r)
         self.batch_size = Histogram(
             "relayd_batch_size", "Messages per LPUSH.", buckets=BATCH_BUCKETS, registry=r
