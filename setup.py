@@ -34,9 +34,19 @@ setup(
         'tomli>=2.0; python_version < "3.11"',  # tomllib is 3.11+
     ],
     extras_require={
-        # build: the standard PEP 517 front end, so tests build the sdist and the
-        # wheel exactly as a packager does (wheel from the sdist).
-        "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11", "build>=1.0"],
+        "test": [
+            "hypothesis>=6.100",
+            "pytest>=8",
+            "treq>=23.11",
+            # pyyaml: the ops-kit tests read etc/prometheus/*.yml (rule and
+            # alert names, expressions, annotations); YAML is not parsed by hand.
+            "pyyaml>=6.0",
+            # redis-py: the example request/reply worker (examples/) that the tests run
+            "redis>=5",
+            # build: the standard PEP 517 front end, so tests build the sdist and the
+            # wheel exactly as a packager does (wheel from the sdist).
+            "build>=1.0",
+        ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0", "tox>=4"],
     },
     entry_points={"console_scripts": ["relayd = relayd.cli:main"]},

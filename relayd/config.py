@@ -142,6 +142,7 @@ class RouteConfig:
     client_rate_limit: Optional[Tuple[float, float]] = None
     client_rate_burst: Optional[int] = None
     idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
+    reply_timeout: Optional[float] = None  # set: a request/reply route
 
 
 @attrs.frozen
@@ -363,6 +364,7 @@ _ROUTE_KEYS = (
     "path", "list", "ack", "schema", "format", "max_body", "max_lines", "max_depth",
     "auth_tokens_file", "webhook_secret_file", "webhook_scheme", "webhook_tolerance",
     "rate_limit", "rate_burst", "client_rate_limit", "client_rate_burst", "idempotency_window",
+    "reply_timeout",
 )
 WEBHOOK_SCHEMES = ("standard", "github")
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour)\s*$")
@@ -396,6 +398,12 @@ def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
         raise ConfigError(f"{where}.list: must not be empty")
     schema = _typed(t, "schema", str, None, where)
     fmt = _choice(_typed(t, "format", str, "envelope", where), FORMATS, f"{where}.format")
+    reply_timeout = parse_duration(t["reply_timeout"], f"{where}.reply_timeout") if "reply_timeout" in t else None
+    if reply_timeout is not None:
+        if fmt != "envelope":
+            raise ConfigError(f'{where}.reply_timeout: a request/reply route needs format = "envelope" (for reply_to)')
+        if t.get("ack", "stored") != "stored":
+            raise ConfigError(f'{where}.reply_timeout: a request/reply route stores its requests (ack = "stored")')
     return RouteConfig(
         path=path,
         list=list_key,
@@ -426,6 +434,7 @@ def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
             if "idempotency_window" in t
             else DEFAULT_IDEMPOTENCY_WINDOW
         ),
+        reply_timeout=reply_timeout,
     )
 
 

@@ -28,6 +28,7 @@ from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
 from relayd.listener import ListenerService
 from relayd.ops.admin import AdminApp
+from relayd.ops.looplag import LoopLagMonitor
 from relayd.ops.metrics import Metrics
 from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
@@ -37,6 +38,8 @@ from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
+from relayd.ops.gctune import GcService
+from relayd.reply.inbox import ReplyInbox
 
 #: /readyz says "can store" when a message of this size could be stored now:
 #: a spool with less room than one ordinary message is as good as full.
@@ -99,6 +102,7 @@ class RelayService(MultiService):
 def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: Any) -> List[IngestRoute]:
     """The ingest routes of a config; rate limits get this process's share."""
     share = 1.0 / max(1, resolve_workers(config.server.workers))
+    metrics.describe_routes((r.path, r.list, r.ack) for r in config.routes)
     return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
 
 
@@ -145,6 +149,8 @@ def build_service(
     )
     shutdown_timeout = config.server.shutdown_timeout
     routes = build_routes(config, validators, metrics, reactor)
+    # Request/reply routes get this process's private reply list and its reader.
+    inbox = ReplyInbox(reactor, config.redis, metrics) if any(r.reply_timeout for r in config.routes) else None
     app = IngestApp(
         reactor,
         routes,
@@ -153,6 +159,7 @@ def build_service(
         IdGenerator(reactor.seconds),
         metrics,
         config.buffer.ack_timeout,
+        inbox,
     )
     site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits)
     ingest = IngestService(
@@ -169,6 +176,9 @@ def build_service(
             "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
         }
 
+    metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
+    metrics.watch(metrics.spool_disk_bytes, lambda: spooler.spool.disk_bytes if spooler.spool is not None else 0)
+    metrics.spool_max_bytes.set(config.spool.max_bytes)
     admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
     admin_site.log = lambda request: None  # type: ignore[method-assign]
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
@@ -186,15 +196,22 @@ def build_service(
     root = RelayService(reactor)
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, Redis.
-    for name, child in (
+    # Stopped in reverse: looplag, admin, ingest (waits for replies), replies, forwarder, adopter, spooler, Redis.
+    children: List[Tuple[str, Any]] = [
         ("redis", redis),
         ("spooler", spooler),
         ("adopter", adopter),
         ("forwarder", forwarder),
+    ]
+    if inbox is not None:
+        children.append(("replies", inbox))
+    for name, child in (
+        *children,
         ("ingest", ingest),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
+        ("looplag", LoopLagMonitor(reactor, metrics.reactor_lag)),
+        ("gc", GcService(reactor, metrics)),
     ):
         child.setName(name)
         child.setServiceParent(root)

@@ -27,7 +27,9 @@ from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
 from relayd.ingest.idempotency import RecentKeys, key_digest, parse_key
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
+    BadGateway,
     BadRequest,
+    GatewayTimeout,
     LengthRequired,
     MethodNotAllowed,
     NotFound,
@@ -45,6 +47,8 @@ from relayd.ops.metrics import Metrics, RouteMetrics
 from relayd.outbox.buffer import NotStored, RingBuffer, Waiter
 from relayd.outbox.dedup import DedupListTarget, encode_bundle
 from relayd.outbox.targets import ListTarget
+from relayd.reply.inbox import ReplyInbox, ReplyTimeout, ReplyUnusable
+from relayd.reply.protocol import Reply
 
 JSON_CONTENT_TYPE = b"application/json"
 RETRY_AFTER_OVERLOAD = 1  # seconds: the forwarder drains a full buffer in well under that
@@ -68,6 +72,7 @@ class IngestRoute:
         rate limits; `share` is this process's share of route rate limits."""
         self.path = config.path
         self.path_bytes = config.path.encode()
+        self.reply_timeout = config.reply_timeout
         self.target = ListTarget(config.list.encode())
         self.dedup_target = DedupListTarget(config.list.encode(), int(config.idempotency_window * 1000))
         self.recent = RecentKeys(clock.seconds, config.idempotency_window)
@@ -109,8 +114,11 @@ class IngestApp:
         ids: IdGenerator,
         metrics: Metrics,
         ack_timeout: float,
+        inbox: Optional[ReplyInbox] = None,
     ) -> None:
+        """`inbox` is this process's reply list (needed by request/reply routes)."""
         self._clock = clock
+        self._inbox = inbox
         self._routes: Dict[bytes, IngestRoute] = {r.path_bytes: r for r in routes}
         self._buffer = buffer
         self._can_store = can_store
@@ -267,8 +275,11 @@ class IngestApp:
         else:
             ids = self._ids.next_ids(count)
         if route.envelope:
+            reply_to = None
+            if route.reply_timeout is not None:
+                reply_to = self._check_reply_route(parsed.batch)
             try:
-                items = encode_envelopes(ids, started, route.path, parsed.content_type, parsed.values)
+                items = encode_envelopes(ids, started, route.path, parsed.content_type, parsed.values, reply_to)
             except EncodeError as e:
                 raise BadRequest(f"body has no strict JSON representation: {e}") from None
         else:
@@ -298,6 +309,8 @@ class IngestApp:
         stored once or not at all.
         """
         count = len(items)
+        if route.reply_timeout is not None:
+            return self._request_reply(request, route, items, ids[0], started)
         target: Any = route.target
         if digest is not None:
             target = route.dedup_target
@@ -353,6 +366,43 @@ class IngestApp:
             body = b'{"status":"OK","id":"%s"}' % ids[0].encode()
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
+
+    # -- request/reply ---------------------------------------------------------
+
+    def _check_reply_route(self, batch: bool) -> bytes:
+        """The reply list to name in the envelope; refuse what a reply route cannot serve."""
+        if batch:
+            raise BadRequest("a request/reply route takes one message per request, not an NDJSON batch")
+        if self._inbox is None or not self._inbox.ready:
+            # No worker could answer through the spool: answer now, store nothing.
+            raise NotReady("request/reply needs Redis, which is unreachable", retry_after=RETRY_AFTER_NOT_READY)
+        return self._inbox.list_name
+
+    def _request_reply(self, request: Request, route: IngestRoute, items: List[bytes], request_id: str, started: float) -> Any:
+        """Store the request like any stored message, then wait for its reply."""
+        assert self._inbox is not None and route.reply_timeout is not None
+        size = len(items[0])
+        if not self._can_store(1, size):
+            raise NotReady("neither Redis nor the disk spool can take messages now", retry_after=RETRY_AFTER_NOT_READY)
+        waiter = ReplyWaiter(self._inbox, request_id)
+        reply = self._inbox.wait(request_id, max(0.0, route.reply_timeout - (self._clock.seconds() - started)))
+        if not self._buffer.offer(route.target, items, waiter):
+            self._inbox.forget(request_id)
+            raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
+        route.metrics.ingested.inc(1)
+        self._pending_acks.append((started + self._ack_timeout, waiter, 1))
+        d = waiter.deferred
+        d.addCallback(lambda _: reply)
+        d.addCallbacks(self._relay_reply, _reply_problem, callbackArgs=(request, route, started), errbackArgs=(waiter,))
+        return waiter
+
+    def _relay_reply(self, reply: Reply, request: Request, route: IngestRoute, started: float) -> bytes:
+        request.setResponseCode(reply.status)
+        for name, value in reply.headers:
+            request.setHeader(name, value)
+        request.setHeader(b"Content-Length", b"%d" % len(reply.body))
+        route.metrics.latency.observe(self._clock.seconds() - started)
+        return reply.body
 
     def _duplicate(self, request: Request, route: IngestRoute, first_id: bytes, started: float) -> bytes:
         """The answer to a repeated Idempotency-Key: 2xx with the first request's id."""
@@ -433,13 +483,37 @@ def _not_stored_problem(failure: Any) -> Any:
 def _client_gone(failure: Any, waiter: Waiter) -> None:
     """The client left while its stored ack was pending: free its waiter.
 
-    Its messages are dropped if none is stored or on its way (nothing
-    changes, like a 503); otherwise they are stored and nobody is told.
     Consumes the ``notifyFinish`` error (a client leaving is no error of
     ours: it must not be logged as unhandled).
     """
-    if waiter.untouched:
-        waiter.cancel()
+    waiter.client_gone()
+
+
+class ReplyWaiter(Waiter):
+    """A request/reply request: stored like any message, then waiting for its reply."""
+
+    __slots__ = ("_inbox", "_request_id")
+
+    def __init__(self, inbox: ReplyInbox, request_id: str) -> None:
+        super().__init__(1)
+        self._inbox = inbox
+        self._request_id = request_id
+
+    def client_gone(self) -> None:
+        """Also free the reply entry at once (its reply, if any, will count as late)."""
+        super().client_gone()
+        self._inbox.forget(self._request_id)
+
+
+def _reply_problem(failure: Any, waiter: ReplyWaiter) -> Any:
+    """Not stored: 503 (and forget the reply); no reply: 504; a malformed reply: 502."""
+    error = failure.value
+    if isinstance(error, ReplyTimeout):
+        raise GatewayTimeout("no reply within the route's reply_timeout; the request stays queued")
+    if isinstance(error, ReplyUnusable):
+        raise BadGateway(f"the reply could not be relayed: {error.reason}")
+    waiter._inbox.forget(waiter._request_id)
+    return _not_stored_problem(failure)
 
 
 def _finish(request: Request, body: bytes) -> None:

@@ -8,7 +8,7 @@ few attribute lookups, not a label-dict hash per message.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterable, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -17,6 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# Reactor loop lag (seconds): a healthy reactor is late by well under 1 ms;
+# 0.1 s is what the alert calls slow, and the watchdog kills a worker whose
+# heartbeat is 30 s late, so the buckets stop there.
+REACTOR_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class RouteMetrics:
@@ -56,6 +60,27 @@ class Metrics:
         self.idempotency_keys = Gauge(
             "relayd_idempotency_keys", "Idempotency keys remembered in this process (LRU).", registry=r
         )
+        self.gc_pause = Histogram(
+            "relayd_gc_pause_seconds",
+            "Cyclic garbage collections, by generation: how long each stalled the reactor.",
+            ["generation"],
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.reply_waiting = Gauge("relayd_reply_waiting", "Request/reply requests waiting for their reply.", registry=r)
+        self.replies = Counter(
+            "relayd_replies",
+            "Replies read from this process's reply list, by outcome (matched, late, malformed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.reply_timeouts = Counter("relayd_reply_timeouts", "Request/reply requests answered 504.", registry=r)
+        self.reply_roundtrip = Histogram(
+            "relayd_reply_roundtrip_seconds",
+            "Request/reply: request received to reply matched.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.redis_errors = Counter("relayd_redis_errors", "Failed Redis pushes, by kind.", ["kind"], registry=r)
         self.batch_size = Histogram(
             "relayd_batch_size", "Messages per LPUSH.", buckets=BATCH_BUCKETS, registry=r
@@ -90,6 +115,24 @@ class Metrics:
         self.fsync_latency = Histogram(
             "relayd_spool_fsync_seconds", "Spool group-commit fsync time.", buckets=REDIS_BUCKETS, registry=r
         )
+        # -- for the operations kit (etc/prometheus, etc/grafana, docs/runbook.md) --
+        self.spool_disk_bytes = Gauge(
+            "relayd_spool_disk_bytes", "Size of the spool's segment files (what [spool] max_bytes bounds).", registry=r
+        )
+        self.spool_max_bytes = Gauge(
+            "relayd_spool_max_bytes", "The spool's [spool] max_bytes (per worker; summed over workers).", registry=r
+        )
+        self.ready = Gauge("relayd_ready", "1 while /readyz would answer 200 (every readiness check passes).", registry=r)
+        self.route_info = Gauge(
+            "relayd_route_info", "One series per configured route: its list and ack mode.", ["route", "list", "ack"],
+            registry=r,
+        )
+        self.reactor_lag = Histogram(
+            "relayd_reactor_lag_seconds",
+            "How late the reactor ran a timed call (relayd/ops/looplag.py): CPU-bound or blocking code.",
+            buckets=REACTOR_LAG_BUCKETS,
+            registry=r,
+        )
         self._routes: Dict[str, RouteMetrics] = {}
         self._forwarded_children: Dict[bytes, Counter] = {}
 
@@ -106,6 +149,16 @@ class Metrics:
             child = self.forwarded.labels(list=list_key.decode("utf-8", "replace"))
             self._forwarded_children[list_key] = child
         return child
+
+    def describe_routes(self, routes: Iterable[Tuple[str, str, str]]) -> None:
+        """Set `relayd_route_info` to exactly these ``(path, list, ack)`` routes (start and SIGHUP).
+
+        Alert rules join on it to single out stored-ack routes: the request
+        latency histogram itself has no ack label.
+        """
+        self.route_info.clear()
+        for path, list_key, ack in routes:
+            self.route_info.labels(route=path, list=list_key, ack=ack).set(1)
 
     def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Make `gauge` read its value at scrape time (no hot-path updates)."""

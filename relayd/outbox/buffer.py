@@ -81,8 +81,14 @@ class Waiter:
             self.deferred.errback(error)
 
     def cancel(self) -> None:
-        """The client went away: drop what was not taken yet, answer nothing."""
+        """Drop what was not taken yet, answer nothing."""
         self.cancelled = True
+
+    def client_gone(self) -> None:
+        """The client left while waiting: its messages are dropped if none
+        was written anywhere yet (like a 503), else stored, telling nobody."""
+        if self.untouched:
+            self.cancel()
 
     def stored(self, count: int = 1) -> None:
         """Record that `count` of its messages are stored; fire when all are.
