@@ -28,6 +28,7 @@ from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
 from relayd.listener import ListenerService
 from relayd.ops.admin import AdminApp
+from relayd.ops.gctune import GcService
 from relayd.ops.looplag import LoopLagMonitor
 from relayd.ops.metrics import Metrics
 from relayd.outbox.adoption import OrphanAdopter
@@ -38,7 +39,6 @@ from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
-from relayd.ops.gctune import GcService
 from relayd.reply.inbox import ReplyInbox
 
 #: /readyz says "can store" when a message of this size could be stored now:
