@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
 
 from relayd.ops.metrics import Metrics
 
@@ -68,14 +69,14 @@ class GcService(Service):
         if self._freeze_on_start:
             self._reactor.callWhenRunning(self.freeze)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred:
         """Remove the callback and restore the thresholds."""
         super().stopService()
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
         if self._saved is not None:
             gc.set_threshold(*self._saved)
-        return None
+        return succeed(None)
 
     def freeze(self) -> None:
         """Collect once, then move every surviving object to the permanent generation."""

@@ -12,6 +12,8 @@ from typing import Callable, Dict, Iterable, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from relayd.ops.fastmetrics import FastCollector, FastCounter, FastHistogram, items, single
+
 # Request latency buckets (seconds): stored acks live around 0.2-5 ms on a
 # LAN Redis; the tail up to the ack timeout still needs resolution.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -24,11 +26,11 @@ REACTOR_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 
 class RouteMetrics:
-    """The pre-bound children of one route's series."""
+    """One route's series: the per-request ones as plain numbers (relayd/ops/fastmetrics.py)."""
 
     def __init__(self, metrics: Metrics, route: str) -> None:
-        self.ingested = metrics.ingested.labels(route=route)
-        self.latency = metrics.request_latency.labels(route=route)
+        self.ingested = FastCounter()
+        self.latency = FastHistogram(LATENCY_BUCKETS)
         self._rejected = metrics.rejected
         self._route = route
 
@@ -43,12 +45,27 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.ingested = Counter("relayd_ingested", "Messages accepted from clients.", ["route"], registry=r)
+        # Per-request and per-batch series: plain numbers exported at scrape time.
+        self._routes: Dict[str, RouteMetrics] = {}
+        fast = FastCollector()
+        fast.counter(
+            "relayd_ingested", "Messages accepted from clients.", "route",
+            lambda: [(path, rm.ingested) for path, rm in self._routes.items()],
+        )
+        fast.histogram(
+            "relayd_request_duration_seconds", "Time from request body received to response.", ("route",),
+            lambda: [((path,), rm.latency) for path, rm in self._routes.items()],
+        )
+        self._forwarded_children: Dict[str, FastCounter] = {}
+        fast.counter(
+            "relayd_forwarded", "Messages pushed to Redis (directly or replayed from the spool).", "list",
+            items(self._forwarded_children),
+        )
+        self.batch_size = FastHistogram(BATCH_BUCKETS)
+        fast.histogram("relayd_batch_size", "Messages per LPUSH.", (), single(self.batch_size))
+        r.register(fast)
         self.rejected = Counter(
             "relayd_rejected", "Requests rejected, by reason.", ["route", "reason"], registry=r
-        )
-        self.forwarded = Counter(
-            "relayd_forwarded", "Messages pushed to Redis (directly or replayed from the spool).", ["list"], registry=r
         )
         self.duplicates = Counter(
             "relayd_duplicates_dropped",
@@ -82,18 +99,8 @@ class Metrics:
             registry=r,
         )
         self.redis_errors = Counter("relayd_redis_errors", "Failed Redis pushes, by kind.", ["kind"], registry=r)
-        self.batch_size = Histogram(
-            "relayd_batch_size", "Messages per LPUSH.", buckets=BATCH_BUCKETS, registry=r
-        )
         self.redis_latency = Histogram(
             "relayd_redis_roundtrip_seconds", "LPUSH round-trip time.", buckets=REDIS_BUCKETS, registry=r
-        )
-        self.request_latency = Histogram(
-            "relayd_request_duration_seconds",
-            "Time from request body received to response.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
         self.buffer_messages = Gauge("relayd_buffer_messages", "Messages in memory.", registry=r)
         self.buffer_bytes = Gauge("relayd_buffer_bytes", "Bytes in memory (with overhead).", registry=r)
@@ -133,8 +140,6 @@ class Metrics:
             buckets=REACTOR_LAG_BUCKETS,
             registry=r,
         )
-        self._routes: Dict[str, RouteMetrics] = {}
-        self._forwarded_children: Dict[bytes, Counter] = {}
 
     def route(self, path: str) -> RouteMetrics:
         """The pre-bound series of one route."""
@@ -142,12 +147,12 @@ class Metrics:
             self._routes[path] = RouteMetrics(self, path)
         return self._routes[path]
 
-    def forwarded_to(self, list_key: bytes) -> Counter:
-        """The forwarded counter child of one list (cached)."""
-        child = self._forwarded_children.get(list_key)
+    def forwarded_to(self, list_key: bytes) -> FastCounter:
+        """The forwarded counter of one list (created on first use)."""
+        name = list_key.decode("utf-8", "replace")
+        child = self._forwarded_children.get(name)
         if child is None:
-            child = self.forwarded.labels(list=list_key.decode("utf-8", "replace"))
-            self._forwarded_children[list_key] = child
+            child = self._forwarded_children[name] = FastCounter()
         return child
 
     def describe_routes(self, routes: Iterable[Tuple[str, str, str]]) -> None:
