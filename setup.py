@@ -26,9 +26,11 @@ setup(
         # prometheus-client: the standard text exposition format and histogram
         # maths, instead of a hand-written exporter.
         "prometheus-client>=0.20",
-        # fastjsonschema compiles a JSON Schema to Python code once at config
-        # load: ~10x faster per message than an interpreted validator.
-        "fastjsonschema>=2.19",
+        # jsonschema-rs: every draft users write (4, 6, 7, 2019-09, 2020-12),
+        # passes the official test suite, ~5x faster per message than
+        # fastjsonschema (drafts 4-7 only), and lets relayd resolve $refs
+        # offline; 0.61 has the offline/retriever/registry API relayd uses.
+        "jsonschema-rs>=0.61",
         # crc32c: hardware-accelerated CRC32C for spool records.
         "crc32c>=2.4",
         'tomli>=2.0; python_version < "3.11"',  # tomllib is 3.11+
