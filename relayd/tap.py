@@ -184,7 +184,7 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
+            "can_store": forwarder.can_store(1, max(READY_MESSAGE_BYTES, spooler.refused_size)),
         }
 
     metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
