@@ -21,21 +21,23 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.ops.admin import AdminApp
-from relayd.outbox.adoption import OrphanAdopter
-from relayd.outbox.buffer import RingBuffer
 from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
-from relayd.outbox.forwarder import Forwarder
-from relayd.ingest.http_layer import IngestSite
+from relayd.deliver.admin import DeliverAdmin
+from relayd.deliver.manager import DeliverManager
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
-from relayd.listener import ListenerService
-from relayd.ops.metrics import Metrics
-from relayd.redis.client import RedisClient
-from relayd.process.sdnotify import NotifyService
-from relayd.outbox.spooler import Spooler
-from relayd.process.supervisor import make_supervisor, resolve_workers
+from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
+from relayd.listener import ListenerService
+from relayd.ops.admin import AdminApp
+from relayd.ops.metrics import Metrics
+from relayd.outbox.adoption import OrphanAdopter
+from relayd.outbox.buffer import RingBuffer
+from relayd.outbox.forwarder import Forwarder
+from relayd.outbox.spooler import Spooler
+from relayd.process.sdnotify import NotifyService
+from relayd.process.supervisor import make_supervisor, resolve_workers
+from relayd.redis.client import RedisClient
 
 
 class Options(usage.Options):
@@ -164,7 +166,8 @@ def build_service(
             "can_store": redis.ready or spooler.usable,
         }
 
-    admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
+    deliver = DeliverManager(reactor, config.delivers, redis, config.redis, metrics, config.server.shutdown_timeout)
+    admin_site = Site(AdminApp(metrics, readiness, DeliverAdmin(deliver, redis)).resource(), reactor=reactor)
     admin_site.log = lambda request: None  # type: ignore[method-assign]
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
     adopter = OrphanAdopter(
@@ -180,9 +183,10 @@ def build_service(
     root = RelayService(reactor)
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, Redis.
+    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, deliver, Redis.
     for name, child in (
         ("redis", redis),
+        ("deliver", deliver),  # its own blocking connections; settles through `redis`, so stops before it
         ("spooler", spooler),
         ("adopter", adopter),
         ("forwarder", forwarder),
@@ -256,6 +260,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         # New routes read their tokens and secret files afresh.
         assert service.metrics is not None
         ingest.app.replace_routes(build_routes(new, new_validators, service.metrics, reactor))
+        service.getServiceNamed("deliver").reconfigure(new.delivers)
         tables = ("server", "redis", "buffer", "spool", "limits")
         pending = [name for name in tables if getattr(new, name) != getattr(current["config"], name)]
         if pending:
@@ -264,8 +269,11 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
                 tables=", ".join(pending),
             )
         else:
-            log.info("SIGHUP: routes and tokens reloaded ({count} routes)", count=len(new.routes))
-        current["config"] = attrs.evolve(current["config"], routes=new.routes)
+            log.info(
+                "SIGHUP: routes, tokens and delivers reloaded ({count} routes, {delivers} delivers)",
+                count=len(new.routes), delivers=len(new.delivers),
+            )
+        current["config"] = attrs.evolve(current["config"], routes=new.routes, delivers=new.delivers)
 
     def on_sighup(signum: int, frame: Any) -> None:
         reactor.callFromThread(reload)  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # LAN Redis; the tail up to the ack timeout still needs resolution.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 
@@ -31,6 +32,28 @@ class RouteMetrics:
     def rejected(self, reason: str) -> None:
         """Count one rejected request (not per message: a batch is one)."""
         self._rejected.labels(route=self._route, reason=reason).inc()
+
+
+class DeliverMetrics:
+    """The pre-bound children of one deliver's series (relayd/deliver/)."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self._attempts = metrics.deliver_attempts
+        self._children: Dict[str, Counter] = {}
+        self._name = name
+        self.retries = metrics.deliver_retries.labels(deliver=name)
+        self.dead_lettered = metrics.deliver_dead_lettered.labels(deliver=name)
+        self.latency = metrics.deliver_latency.labels(deliver=name)
+        self.in_flight = metrics.deliver_in_flight.labels(deliver=name)
+        self.queue_lag = metrics.deliver_queue_lag.labels(deliver=name)
+        self.circuit_state = metrics.deliver_circuit_state.labels(deliver=name)
+
+    def attempt(self, result: str) -> None:
+        """Count one attempt by result: ``2xx``..``5xx`` or ``error`` (timeout, connection)."""
+        child = self._children.get(result)
+        if child is None:
+            child = self._children[result] = self._attempts.labels(deliver=self._name, result=result)
+        child.inc()
 
 
 class Metrics:
@@ -80,6 +103,29 @@ class Metrics:
         self.fsync_latency = Histogram(
             "relayd_spool_fsync_seconds", "Spool group-commit fsync time.", buckets=REDIS_BUCKETS, registry=r
         )
+        self.deliver_attempts = Counter(
+            "relayd_deliver_attempts", "Upstream attempts by result (status class or error).", ["deliver", "result"],
+            registry=r,
+        )
+        self.deliver_retries = Counter("relayd_deliver_retries", "Messages scheduled for a retry.", ["deliver"], registry=r)
+        self.deliver_dead_lettered = Counter(
+            "relayd_deliver_dead_lettered", "Messages moved to the dead-letter list.", ["deliver"], registry=r
+        )
+        self.deliver_latency = Histogram(
+            "relayd_deliver_upstream_seconds", "Upstream exchange time (body included).", ["deliver"],
+            buckets=UPSTREAM_BUCKETS, registry=r,
+        )
+        self.deliver_in_flight = Gauge(
+            "relayd_deliver_in_flight", "Messages claimed by this process, not yet finished.", ["deliver"], registry=r
+        )
+        self.deliver_queue_lag = Gauge(
+            "relayd_deliver_queue_lag_seconds", "Age of the oldest queued message (0 when empty).", ["deliver"],
+            registry=r,
+        )
+        self.deliver_circuit_state = Gauge(
+            "relayd_deliver_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", ["deliver"], registry=r
+        )
+        self._delivers: Dict[str, DeliverMetrics] = {}
         self._routes: Dict[str, RouteMetrics] = {}
         self._forwarded_children: Dict[bytes, Counter] = {}
 
@@ -88,6 +134,12 @@ class Metrics:
         if path not in self._routes:
             self._routes[path] = RouteMetrics(self, path)
         return self._routes[path]
+
+    def deliver(self, name: str) -> DeliverMetrics:
+        """The pre-bound series of one deliver."""
+        if name not in self._delivers:
+            self._delivers[name] = DeliverMetrics(self, name)
+        return self._delivers[name]
 
     def forwarded_to(self, list_key: bytes) -> Counter:
         """The forwarded counter child of one list (cached)."""

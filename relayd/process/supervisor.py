@@ -256,7 +256,7 @@ class Supervisor(MultiService):
         self._check = LoopingCall(self._check_heartbeats)
         self._check.clock = reactor
         self._agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(reactor, self._admin_path_of))
-        admin_site = Site(AdminApp(self, self.readiness).resource(), reactor=reactor)
+        admin_site = Site(AdminApp(self, self.readiness, _WorkersDeliverView(self)).resource(), reactor=reactor)
         admin_site.log = lambda request: None  # type: ignore[method-assign]
         self.admin = ListenerService(serverFromString(reactor, config.server.admin), admin_site, "admin")
         self.admin.setServiceParent(self)
@@ -613,9 +613,9 @@ class Supervisor(MultiService):
 
     # -- admin -------------------------------------------------------------------
 
-    def _get(self, handle: WorkerHandle, path: str) -> Deferred:
+    def _get(self, handle: WorkerHandle, path: str, method: bytes = b"GET") -> Deferred:
         key = os.path.basename(handle.admin_path)[: -len(".sock")]
-        d = self._agent.request(b"GET", f"http://{key}{path}".encode())
+        d = self._agent.request(method, f"http://{key}{path}".encode())
         call = self._reactor.callLater(SCRAPE_TIMEOUT, d.cancel)
 
         def body(response: Any) -> Deferred:
@@ -689,6 +689,54 @@ class Supervisor(MultiService):
                         total += sum(v for n, _, v in samples if n.endswith("_total"))
             ingested.add("relayd_worker_messages_total", labels, total)
         return [workers, up, info, ingested, restarts]
+
+
+class _WorkersDeliverView:
+    """``/deliver`` of a multi-worker daemon: asked of the live workers.
+
+    Queue numbers come from Redis and are the same in every worker; the
+    breaker is per worker, so ``state`` is the most open one among them
+    (and ``states`` lists each).  Replay runs in one worker.
+    """
+
+    _ORDER = {"closed": 0, "half_open": 1, "open": 2}
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def _live(self) -> List[WorkerHandle]:
+        live = [h for h in self._supervisor.current if h.ready and h.exit_code is None]
+        if not live:
+            raise RuntimeError("no worker ready")
+        return live
+
+    async def status(self) -> Dict[str, Any]:
+        """Every live worker's /deliver, merged."""
+        results = await DeferredList(
+            [self._supervisor._get(h, "/deliver") for h in self._live()], consumeErrors=True
+        )
+        merged: Dict[str, Any] = {}
+        for ok, result in results:
+            if not ok or result[0] != 200:
+                continue
+            for name, entry in json.loads(result[1]).items():
+                mine = merged.setdefault(name, dict(entry, states=[]))
+                mine["states"].append(entry["state"])
+                if self._ORDER.get(entry["state"], 0) > self._ORDER.get(mine["state"], 0):
+                    mine["state"] = entry["state"]
+                mine["paused_for"] = max(mine.get("paused_for", 0), entry.get("paused_for", 0))
+        if not merged and not any(ok and result[0] == 200 for ok, result in results):
+            raise RuntimeError("no worker answered /deliver")
+        return merged
+
+    async def replay(self, name: str) -> Optional[int]:
+        """Replay in the first live worker; None when it knows no such deliver."""
+        code, body = await self._supervisor._get(self._live()[0], f"/deliver/{name}/replay", b"POST")
+        if code == 404:
+            return None
+        if code != 200:
+            raise RuntimeError(f"worker answered {code}")
+        return int(json.loads(body)["replayed"])
 
 
 def make_supervisor(reactor: Any, config: Config, load: Callable[[], Tuple[Config, str]]) -> Supervisor:

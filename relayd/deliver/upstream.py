@@ -1,0 +1,157 @@
+"""The upstream HTTP client of one deliver: treq on a persistent, bounded pool.
+
+- One `HTTPConnectionPool` per deliver, persistent, keeping at most
+  `concurrency` idle connections per host (and the service never has more
+  than `concurrency` requests out, so never more connections than that).
+  Idle connections close after `IDLE_TIMEOUT`, below common upstream
+  keep-alive timeouts (Node.js and Apache: 5 s), so relayd closes first and
+  rarely writes into a connection the upstream is closing.
+- ``timeout`` covers the whole exchange, response body included (treq's own
+  timeout stops at the headers): one timer cancels whichever step is running,
+  and cancelling a body read aborts the connection.
+- Twisted's Agent does not retry a POST that failed on a stale keep-alive
+  connection (Twisted #7843: only idempotent methods are retried).  Every
+  request carries ``Idempotency-Key``, so `Upstream.send` retries such a
+  failure (no response at all) once, on a fresh connection, within the timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import attrs
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.client import Agent, HTTPConnectionPool, PartialDownloadError, ResponseNeverReceived, readBody
+from twisted.web.http_headers import Headers
+
+from relayd.deliver.outcome import Outcome, classify_error, classify_status, parse_retry_after
+
+#: Seconds an idle pooled connection is kept: below Node.js's and Apache's 5 s keep-alive.
+IDLE_TIMEOUT = 4.0
+#: Characters of an error answer's body kept in the dead-letter detail.
+DETAIL_BODY_CHARS = 200
+USER_AGENT = b"relayd-deliver"
+
+
+@attrs.frozen
+class Attempt:
+    """One attempt's verdict and how long the exchange took."""
+
+    outcome: Outcome
+    seconds: float
+
+
+class Upstream:
+    """Sends requests to one URL; answers `Attempt`s, never raises."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: str,
+        method: str,
+        headers: Tuple[Tuple[str, str], ...],
+        concurrency: int,
+        timeout: float,
+    ) -> None:
+        self._reactor = reactor
+        self._url = url.encode("utf-8")
+        self._method = method
+        self._static = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        self._timeout = timeout
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = concurrency
+        self.pool.cachedConnectionTimeout = IDLE_TIMEOUT  # type: ignore[assignment]  # a float works
+        self.pool.retryAutomatically = False  # our own retry below covers every method
+        self._client = HTTPClient(Agent(reactor, pool=self.pool))
+
+    def _headers(self, message_id: str, content_type: str, extra: Dict[bytes, bytes]) -> Headers:
+        h = Headers()
+        for k, v in self._static:
+            h.addRawHeader(k, v)
+        h.setRawHeaders(b"Content-Type", [content_type.encode("latin-1", "replace")])
+        h.setRawHeaders(b"Idempotency-Key", [message_id.encode("utf-8")])
+        h.setRawHeaders(b"User-Agent", [USER_AGENT])
+        for k, v in extra.items():
+            h.setRawHeaders(k, [v])
+        return h
+
+    async def send(self, message_id: str, body: bytes, content_type: str, extra: Dict[bytes, bytes]) -> Attempt:
+        """One delivery attempt (with at most one stale-connection retry)."""
+        start = self._reactor.seconds()
+        headers = self._headers(message_id, content_type, extra)
+        state: Dict[str, Any] = {"current": None, "timed_out": False}
+
+        def expire() -> None:
+            state["timed_out"] = True
+            if state["current"] is not None:
+                state["current"].cancel()
+
+        timer = self._reactor.callLater(self._timeout, expire)
+        try:
+            outcome = await self._exchange(headers, body, state)
+        finally:
+            if timer.active():
+                timer.cancel()
+        return Attempt(outcome, self._reactor.seconds() - start)
+
+    async def _exchange(self, headers: Headers, body: bytes, state: Dict[str, Any]) -> Outcome:
+        response = None
+        for attempt in (1, 2):
+            d = self._client.request(self._method, self._url, headers=headers, data=body, allow_redirects=False)
+            state["current"] = d
+            try:
+                response = await d
+                break
+            except (ResponseNeverReceived, RequestTransmissionFailed) as e:
+                if state["timed_out"]:
+                    return classify_error(f"timeout after {self._timeout:g} s")
+                if attempt == 2:
+                    return classify_error(f"no response: {_reasons(e)}")
+            except CancelledError:
+                if state["timed_out"]:
+                    return classify_error(f"timeout after {self._timeout:g} s")
+                raise  # cancelled by a stop, not by the timeout
+            except Exception as e:  # refused, DNS, TLS, parse errors: all retryable
+                if state["timed_out"]:
+                    return classify_error(f"timeout after {self._timeout:g} s")
+                return classify_error(f"{type(e).__name__}: {e}"[:300])
+        assert response is not None
+        body_d: Any = readBody(response.original if hasattr(response, "original") else response)
+        state["current"] = body_d
+        try:
+            data: Optional[bytes] = await body_d
+        except CancelledError:
+            if state["timed_out"]:
+                return classify_error(f"timeout after {self._timeout:g} s (reading the body)")
+            raise
+        except PartialDownloadError as e:  # no Content-Length, ended by close: the body is whole
+            data = e.response
+        except Exception as e:  # a body cut short: the answer is incomplete
+            if state["timed_out"]:
+                return classify_error(f"timeout after {self._timeout:g} s (reading the body)")
+            data = None
+            if 200 <= response.code < 300:
+                return classify_error(f"response body failed: {type(e).__name__}")
+        retry_after = parse_retry_after(
+            (response.headers.getRawHeaders(b"Retry-After") or [None])[0], self._reactor.seconds()
+        )
+        hint = ""
+        if data and not 200 <= response.code < 300:
+            hint = data[:DETAIL_BODY_CHARS].decode("utf-8", "replace").replace("\n", " ")
+        return classify_status(response.code, retry_after, hint)
+
+    def close(self) -> Any:
+        """Close the pooled connections (at stop)."""
+        return self.pool.closeCachedConnections()
+
+
+def _reasons(e: Exception) -> str:
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return ", ".join(type(r.value).__name__ for r in reasons)
+    return type(e).__name__
