@@ -104,3 +104,16 @@ def envelope(mid: str, body: Any, ts: float = 1.0) -> bytes:
 __all__ = [
     "UpstreamProcess", "deliver_toml", "start_relayd", "envelope", "wait_for", "free_port", "RedisServer", "ROUTE",
 ]
+
+
+def admin_request(port: int, method: str, path: str) -> tuple:
+    """One request to an admin port: ``(status, lower-case headers, body)``."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()

@@ -5,11 +5,20 @@ test-case-name: tests.test_deliver_integration
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import unittest
 
-from tests.deliver_fixtures import RedisServer, UpstreamProcess, deliver_toml, envelope, start_relayd, wait_for
+from tests.deliver_fixtures import (
+    RedisServer,
+    UpstreamProcess,
+    admin_request,
+    deliver_toml,
+    envelope,
+    start_relayd,
+    wait_for,
+)
 
 WAIT = 30.0
 
@@ -61,3 +70,167 @@ class DeliverBasics(unittest.TestCase):
         info = json.loads(body)["crm"]
         self.assertEqual((info["queued"], info["in_flight"], info["waiting_for_retry"], info["dead"]), (0, 0, 0, 1))
         self.assertEqual(info["state"], "closed")
+
+    def test_signatures_idempotency_keys_order_and_raw_items(self) -> None:
+        """Standard Webhooks signatures verify; first attempts follow list order; non-envelope items go as they are."""
+        from standardwebhooks.webhooks import Webhook
+
+        secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+        ids = [f"o{i:02d}" for i in range(20)]
+        for mid in ids:
+            self.redis.command("LPUSH", "leads", envelope(mid, {"b": "ok", "mid": mid}))
+        raw_bytes = b"\xff\xfe not utf-8"
+        self.redis.command("LPUSH", "leads", raw_bytes)
+        self.redis.command("LPUSH", "leads", b"[1, 2, 3]")
+        relayd = start_relayd(
+            self,
+            self.redis,
+            deliver_toml(name="crm", list="leads", url=self.upstream.url, concurrency=1, sign_secret_file="crm.secret"),
+            files={"crm.secret": secret + "\n"},
+        )
+        wait_for(lambda: len(self.upstream.requests()) >= 22, WAIT, "22 requests")
+        requests = self.upstream.requests()
+        self.assertEqual([r["headers"]["idempotency-key"] for r in requests[:20]], ids, "oldest first, in order")
+        hook = Webhook(secret)
+        for r in requests:
+            headers = {k: v for k, v in r["headers"].items() if k.startswith("webhook-")}
+            body = r["body"].encode("latin-1")
+            if body != raw_bytes:  # the reference library decodes bodies as UTF-8 first
+                hook.verify(body, headers, json_parse=False)  # raises if the signature is wrong
+            self.assertEqual(headers["webhook-id"], r["headers"]["idempotency-key"])
+        raw = requests[20]
+        self.assertEqual(raw["body"].encode("latin-1"), raw_bytes)
+        self.assertEqual(raw["headers"]["content-type"], "application/octet-stream")
+        self.assertTrue(raw["headers"]["idempotency-key"].startswith("sha256-"))
+        self.assertEqual(requests[21]["headers"]["content-type"], "application/json")
+        self.assertEqual(requests[21]["body"], "[1, 2, 3]")
+        self.assertTrue(relayd.alive())
+
+    def test_max_attempts_dead_letter_and_replay(self) -> None:
+        """An always-500 message is dead after max_attempts; replay puts it back in the list; 404 for unknown names."""
+        self.redis.command("LPUSH", "leads", envelope("d1", {"b": "always-500"}))
+        relayd = start_relayd(
+            self,
+            self.redis,
+            deliver_toml(
+                name="crm", list="leads", url=self.upstream.url, max_attempts=3, backoff="100ms",
+                backoff_max="200ms", breaker_failures=100,
+            ),
+        )
+        wait_for(lambda: self.redis.llen("leads:dead") == 1, WAIT, "dead letter")
+        dead = json.loads(self.redis.items("leads:dead")[0])
+        self.assertEqual(dead["error"]["status"], 500)
+        self.assertEqual(dead["error"]["attempts"], 3)
+        self.assertEqual(len(self.upstream.requests()), 3)
+        # Stop delivering (upstream gone) so the replayed message stays visible in the list.
+        self.upstream.stop()
+        status, headers, body = admin_request(relayd.admin_port, "POST", "/deliver/nope/replay")
+        self.assertEqual(status, 404)
+        self.assertEqual(headers.get("content-type"), "application/problem+json")
+        status, _, body = admin_request(relayd.admin_port, "POST", "/deliver/crm/replay")
+        self.assertEqual((status, json.loads(body)["replayed"]), (200, 1))
+        self.assertEqual(self.redis.llen("leads:dead"), 0)
+        replayed = wait_for(self.all_items, WAIT, "the replayed item in the list (or claimed again)")
+        self.assertEqual([json.loads(i)["id"] for i in replayed], ["d1"])
+
+    def all_items(self) -> list:
+        """Items in the list, its processing lists and its retry set (without retry headers)."""
+        from relayd.deliver.message import parse_claimed
+
+        items = list(self.redis.items("leads"))
+        for key in self.redis.command("KEYS", "{leads}:processing:*"):
+            items += self.redis.items(key.decode())
+        items += self.redis.command("ZRANGE", "{leads}:retry:crm", 0, -1)
+        return [parse_claimed(i).item for i in items]
+
+
+class DeliverFaults(unittest.TestCase):
+    """kill -9, Redis outages, graceful stop, connection bound."""
+
+    def setUp(self) -> None:
+        self.redis = RedisServer(self)
+        self.upstream = UpstreamProcess(self)
+
+    def test_kill_9_mid_delivery_redelivers_after_restart(self) -> None:
+        """Messages in flight when relayd is SIGKILLed are delivered after a restart (lease expiry); none lost."""
+        ids = [f"k{i}" for i in range(6)]
+        for mid in ids:
+            self.redis.command("LPUSH", "leads", envelope(mid, {"b": "slow-once"}))
+        toml = deliver_toml(
+            name="crm", list="leads", url=self.upstream.url, timeout="60s", concurrency=8, visibility_timeout="2s"
+        )
+        relayd = start_relayd(self, self.redis, toml)
+        wait_for(lambda: len(self.upstream.requests()) == 6, WAIT, "all six requests hanging")
+        self.assertEqual(self.upstream.delivered_ids(), set())
+        relayd.kill()
+        self.assertEqual(self.redis.llen("leads"), 0, "claimed, not in the list")
+        relayd.start()
+        wait_for(lambda: self.upstream.delivered_ids() == set(ids), WAIT, "redelivered after the lease expired")
+        wait_for(lambda: self.redis.command("KEYS", "{leads}:processing:*") == [] or all(
+            self.redis.llen(k.decode()) == 0 for k in self.redis.command("KEYS", "{leads}:processing:*")
+        ), WAIT, "processing lists empty")
+
+    def test_redis_down_10s_pauses_and_resumes(self) -> None:
+        """Redis stopped for 10 s (and back empty): delivery pauses, then resumes; relayd stays up."""
+        relayd = start_relayd(self, self.redis, deliver_toml(name="crm", list="leads", url=self.upstream.url))
+        self.redis.command("LPUSH", "leads", envelope("before", {"b": "ok"}))
+        wait_for(lambda: "before" in self.upstream.delivered_ids(), WAIT, "delivered before the outage")
+        self.redis.stop()
+        time.sleep(10)  # the outage itself (the assertion below polls)
+        self.assertTrue(relayd.alive())
+        self.redis.start()
+        self.redis.command("LPUSH", "leads", envelope("after", {"b": "ok"}))
+        wait_for(lambda: "after" in self.upstream.delivered_ids(), WAIT, "delivered after Redis came back")
+
+    def test_graceful_stop_returns_unfinished_messages(self) -> None:
+        """SIGTERM with requests stuck past shutdown_timeout: exit 0, the messages are back in the list."""
+        for i in range(3):
+            self.redis.command("LPUSH", "leads", envelope(f"g{i}", {"b": "slow-once"}))
+        relayd = start_relayd(
+            self,
+            self.redis,
+            deliver_toml(name="crm", list="leads", url=self.upstream.url, timeout="60s"),
+            server={"shutdown_timeout": 1.0},
+        )
+        wait_for(lambda: len(self.upstream.requests()) == 3, WAIT, "three requests hanging")
+        self.assertEqual(relayd.terminate(), 0)
+        self.assertEqual(sorted(json.loads(i)["id"] for i in self.redis.items("leads")), ["g0", "g1", "g2"])
+        self.assertEqual(self.redis.command("KEYS", "{leads}:processing:*"), [])
+
+    def test_connections_stay_within_concurrency(self) -> None:
+        """300 messages at concurrency 4: the upstream never sees more than 4 connections open at once."""
+        for i in range(300):
+            self.redis.command("LPUSH", "leads", envelope(f"c{i}", {"b": "close" if i % 50 == 0 else "ok"}))
+        start_relayd(self, self.redis, deliver_toml(name="crm", list="leads", url=self.upstream.url, concurrency=4))
+        wait_for(lambda: len(self.upstream.delivered_ids()) == 300, WAIT, "all delivered")
+        self.assertLessEqual(self.upstream.max_open_connections(), 4)
+
+
+class DeliverRate(unittest.TestCase):
+    """The global rate, shared by two relayd processes."""
+
+    def test_global_rate_within_10_percent_two_processes(self) -> None:
+        """Two relayd processes on one Redis together start `rate` requests/s (+-10 % over 10 s)."""
+        redis = RedisServer(self)
+        upstream = UpstreamProcess(self)
+        rate = 40
+        for i in range(rate * 16):
+            redis.command("LPUSH", "leads", envelope(f"r{i}", {"b": "ok"}))
+        toml = deliver_toml(name="crm", list="leads", url=upstream.url, rate=f"{rate}/s", concurrency=8)
+        a = start_relayd(self, redis, toml, wait_ready=False)
+        b = start_relayd(self, redis, toml, wait_ready=False)
+        a.wait_ready()
+        b.wait_ready()
+        # Measure a 10 s window that starts once both run, by the upstream's own arrival clock.
+        start = wait_for(lambda: len(upstream.requests()) >= rate and upstream.requests()[-1]["t"], WAIT, "warm-up")
+        wait_for(lambda: upstream.requests()[-1]["t"] >= start + 10.5, 60, "a 10 s window")
+        times = [r["t"] for r in upstream.requests()]
+        window = [t for t in times if start <= t < start + 10.0]
+        self.assertAlmostEqual(len(window) / 10.0, rate, delta=rate * 0.10)
+        for relayd in (a, b):
+            _, _, body = relayd.get_admin("/metrics")
+            attempts = [
+                float(line.split()[-1]) for line in body.decode().splitlines()
+                if line.startswith("relayd_deliver_attempts_total")
+            ]
+            self.assertGreater(sum(attempts), 0, "both processes delivered")
