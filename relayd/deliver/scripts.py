@@ -109,3 +109,17 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 )
+
+#: Claim up to ARGV[1] items at once, oldest first, without blocking (one
+#: round trip for a batch; BLMOVE waits only when the list is empty).
+CLAIM = Script(
+    """
+local out = {}
+for i = 1, tonumber(ARGV[1]) do
+  local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not item then break end
+  out[i] = item
+end
+return out
+"""
+)

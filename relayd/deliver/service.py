@@ -2,8 +2,11 @@
 
 Per message (at most ``concurrency`` at once in this process):
 
-1. **claim**: ``BLMOVE <list> <processing> RIGHT LEFT`` on a dedicated
-   connection (a blocking command holds its connection), oldest first;
+1. **claim**, oldest first, into this process's processing list: a script
+   moves as many items as there are free slots in one round trip (LMOVE
+   RIGHT LEFT each); when the list is empty, ``BLMOVE <list> <processing>
+   RIGHT LEFT`` waits for the next one on a dedicated connection (a blocking
+   command holds its connection);
 2. **gate** (relayd/deliver/gate.py): Retry-After pause, circuit breaker,
    a permit of the global rate;
 3. **send** (relayd/deliver/upstream.py), signed when a secret is configured;
@@ -42,7 +45,7 @@ from relayd.deliver.keys import DeliverKeys
 from relayd.deliver.outcome import DEAD, DONE, backoff_delay, final_outcome
 from relayd.deliver.ratelimit import GlobalRateLimiter
 from relayd.deliver.retries import RetryMover
-from relayd.deliver.scripts import TO_RETRY
+from relayd.deliver.scripts import CLAIM, TO_RETRY
 from relayd.deliver.signing import sign
 from relayd.deliver.upstream import Upstream
 from relayd.ops.metrics import DeliverMetrics
@@ -50,6 +53,8 @@ from relayd.redis.client import RedisClient
 
 #: Seconds one BLMOVE blocks; the dedicated connection's reply timeout is above it.
 BLOCK_SECONDS = 1
+#: Most items one claim script moves (one round trip claims a batch).
+CLAIM_BATCH = 64
 #: Seconds to wait before claiming again after a Redis error.
 CLAIM_RETRY = 0.5
 #: Seconds between settle attempts while Redis is down.
@@ -185,6 +190,22 @@ class DeliverService(Service):
                 else:
                     await waiter
                 continue
+            free = min(self.config.concurrency - self._claimed, CLAIM_BATCH)
+            try:
+                batch = await CLAIM.run(self._redis, [k.list, k.processing], [free])
+            except Exception as e:
+                if not self.running:
+                    return
+                self._log.debug("deliver: claim failed: {error}", error=e)
+                await deferLater(self._reactor, CLAIM_RETRY, lambda: None)
+                continue
+            if batch:
+                for raw in batch:
+                    self._start(raw)
+                continue
+            if not self.running:
+                return
+            # The list is empty: block (on the dedicated connection) until one arrives.
             d = self._blocking.execute(b"BLMOVE", k.list, k.processing, b"RIGHT", b"LEFT", BLOCK_SECONDS)
             self._claiming = d
             try:
@@ -197,12 +218,14 @@ class DeliverService(Service):
                 await deferLater(self._reactor, CLAIM_RETRY, lambda: None)
                 continue
             self._claiming = None
-            if raw is None:
-                continue
-            self._claimed += 1
-            handler = ensureDeferred(self._handle(raw))
-            self._handlers.add(handler)
-            handler.addBoth(self._handled, handler)
+            if raw is not None:
+                self._start(raw)
+
+    def _start(self, raw: bytes) -> None:
+        self._claimed += 1
+        handler = ensureDeferred(self._handle(raw))
+        self._handlers.add(handler)
+        handler.addBoth(self._handled, handler)
 
     def _handled(self, result: Any, handler: Deferred) -> None:
         self._handlers.discard(handler)
