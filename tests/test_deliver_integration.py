@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import time
 import unittest
 
@@ -234,3 +235,83 @@ class DeliverRate(unittest.TestCase):
                 if line.startswith("relayd_deliver_attempts_total")
             ]
             self.assertGreater(sum(attempts), 0, "both processes delivered")
+
+
+class DeliverOperations(unittest.TestCase):
+    """Breaker visibility, SIGHUP, workers = N, bad config."""
+
+    def setUp(self) -> None:
+        self.redis = RedisServer(self)
+
+    def test_breaker_opens_and_shows_in_admin_and_metrics(self) -> None:
+        """Refused connections open the breaker (GET /deliver, metrics); a live upstream closes it and gets the message."""
+        upstream = UpstreamProcess(self, start=False)  # nothing listens yet: connections are refused
+        self.redis.command("LPUSH", "leads", envelope("b1", {"b": "ok"}))
+        relayd = start_relayd(
+            self,
+            self.redis,
+            deliver_toml(
+                name="crm", list="leads", url=upstream.url, breaker_failures=2, backoff="500ms", backoff_max="1s",
+                max_attempts=100,
+            ),
+        )
+
+        def state() -> str:
+            return json.loads(relayd.get_admin("/deliver")[2])["crm"]["state"]
+
+        wait_for(lambda: state() in ("open", "half_open"), WAIT, "the breaker to open")
+        metrics = relayd.get_admin("/metrics")[2].decode()
+        self.assertRegex(metrics, r'relayd_deliver_attempts_total\{deliver="crm",result="error"\} [1-9]')
+        upstream.start()
+        wait_for(lambda: "b1" in upstream.delivered_ids(), WAIT, "delivered once the upstream is up")
+        wait_for(lambda: state() == "closed", WAIT, "the breaker to close")
+        self.assertIn('relayd_deliver_circuit_state{deliver="crm"} 0.0', relayd.get_admin("/metrics")[2].decode())
+
+    def test_sighup_adds_changes_and_removes_delivers(self) -> None:
+        """A deliver added by SIGHUP starts; one removed stops (its list then just queues)."""
+        upstream = UpstreamProcess(self)
+        relayd = start_relayd(self, self.redis, "")
+        self.redis.command("LPUSH", "leads", envelope("h1", {"b": "ok"}))
+        time.sleep(0.5)  # nothing consumes yet (checked right below)
+        self.assertEqual(self.redis.llen("leads"), 1)
+        relayd.rewrite_config([{"path": "/in", "list": "leads"}], deliver_toml(name="crm", list="leads", url=upstream.url))
+        relayd.signal(signal.SIGHUP)
+        wait_for(lambda: "h1" in upstream.delivered_ids(), WAIT, "delivered after the reload")
+        self.assertIn("crm", json.loads(relayd.get_admin("/deliver")[2]))
+        relayd.rewrite_config([{"path": "/in", "list": "leads"}], "")
+        relayd.signal(signal.SIGHUP)
+        wait_for(lambda: json.loads(relayd.get_admin("/deliver")[2] or b"{}") == {}, WAIT, "the deliver removed")
+        self.redis.command("LPUSH", "leads", envelope("h2", {"b": "ok"}))
+        time.sleep(1.0)  # would be delivered within ms if a consumer were left
+        self.assertEqual(self.redis.llen("leads"), 1)
+        self.assertTrue(relayd.alive())
+
+    def test_workers_2_deliver_and_admin(self) -> None:
+        """With workers = 2 both workers consume; the supervisor's /deliver and replay work."""
+        upstream = UpstreamProcess(self)
+        for i in range(50):
+            self.redis.command("LPUSH", "leads", envelope(f"w{i}", {"b": "bad" if i == 0 else "ok"}))
+        relayd = start_relayd(
+            self,
+            self.redis,
+            deliver_toml(name="crm", list="leads", url=upstream.url, concurrency=2),
+            server={"workers": 2},
+        )
+        wait_for(lambda: len(upstream.delivered_ids()) == 49, WAIT, "49 delivered")
+        wait_for(lambda: json.loads(relayd.get_admin("/deliver")[2])["crm"]["dead"] == 1, WAIT, "one dead letter")
+        info = json.loads(relayd.get_admin("/deliver")[2])["crm"]
+        self.assertEqual(len(info["states"]), 2, "both workers answered")
+        upstream.stop()
+        status, _, body = admin_request(relayd.admin_port, "POST", "/deliver/crm/replay")
+        self.assertEqual((status, json.loads(body)["replayed"]), (200, 1))
+
+    def test_bad_deliver_config_exits_2_with_one_line(self) -> None:
+        """A rate like "abc" stops relayd before it binds: exit 2, one stderr line naming the key."""
+        relayd = start_relayd(
+            self, self.redis, deliver_toml(name="crm", list="leads", url="http://127.0.0.1:1/", rate="abc"),
+            wait_ready=False,
+        )
+        self.assertEqual(relayd.wait(), 2)
+        lines = relayd.stderr_text().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("deliver[0].rate", lines[0])

@@ -199,6 +199,8 @@ class DeliverService(Service):
                 self._log.debug("deliver: claim failed: {error}", error=e)
                 await deferLater(self._reactor, CLAIM_RETRY, lambda: None)
                 continue
+            if not self.running:
+                return  # claimed while stopping: never started, returned with the processing list
             if batch:
                 for raw in batch:
                     self._start(raw)
@@ -218,7 +220,7 @@ class DeliverService(Service):
                 await deferLater(self._reactor, CLAIM_RETRY, lambda: None)
                 continue
             self._claiming = None
-            if raw is not None:
+            if raw is not None and self.running:
                 self._start(raw)
 
     def _start(self, raw: bytes) -> None:
