@@ -31,6 +31,8 @@ setup(
             "hypothesis>=6.100",
             "pytest>=8",
             "treq>=23.11",
+            # redis-py: the example request/reply worker (examples/) that the tests run
+            "redis>=5",
             # standardwebhooks: the spec's reference verifier checks our signatures
             # (a hand-written verifier would only agree with our own signer).
             "standardwebhooks>=1.0",

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
+from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config, with_backlog
 from relayd.deliver.admin import DeliverAdmin
 from relayd.deliver.manager import DeliverManager
 from relayd.ids import IdGenerator
@@ -35,9 +35,15 @@ from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
 from relayd.outbox.forwarder import Forwarder
 from relayd.outbox.spooler import Spooler
+from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
+from relayd.reply.inbox import ReplyInbox
+
+#: /readyz says "can store" when a message of this size could be stored now:
+#: a spool with less room than one ordinary message is as good as full.
+READY_MESSAGE_BYTES = 1024
 
 
 class Options(usage.Options):
@@ -120,19 +126,19 @@ def build_service(
     metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
     redis = RedisClient(reactor, config.redis)
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
+    writer = RedisWriter(reactor, redis, metrics)
     spooler = Spooler(
         reactor,
         spool_path or os.path.join(config.spool.dir, "worker-0"),
         config.spool.max_bytes,
         config.spool.fsync,
-        buffer,
-        redis,
         metrics,
     )
     forwarder = Forwarder(
         reactor,
         buffer,
         redis,
+        writer,
         spooler,
         metrics,
         batch_messages=config.redis.batch_messages,
@@ -142,14 +148,17 @@ def build_service(
     )
     shutdown_timeout = config.server.shutdown_timeout
     routes = build_routes(config, validators, metrics, reactor)
+    # Request/reply routes get this process's private reply list and its reader.
+    inbox = ReplyInbox(reactor, config.redis, metrics) if any(r.reply_timeout for r in config.routes) else None
     app = IngestApp(
         reactor,
         routes,
         buffer,
-        lambda: redis.ready or spooler.usable,
+        forwarder.can_store,
         IdGenerator(reactor.seconds),
         metrics,
         config.buffer.ack_timeout,
+        inbox,
     )
     site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits)
     ingest = IngestService(
@@ -163,7 +172,7 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": redis.ready or spooler.usable,
+            "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
         }
 
     deliver = DeliverManager(reactor, config.delivers, redis, config.redis, metrics, config.server.shutdown_timeout)
@@ -175,6 +184,7 @@ def build_service(
         config.spool.dir,
         lambda: spooler.spool.path if spooler.spool is not None else None,
         redis,
+        writer,
         metrics,
         config.spool.max_bytes,
         config.spool.fsync,
@@ -183,13 +193,18 @@ def build_service(
     root = RelayService(reactor)
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, deliver, Redis.
-    for name, child in (
+    # Stopped in reverse: admin, ingest (waits for replies), replies, forwarder, adopter, spooler, deliver, Redis.
+    children: List[Tuple[str, Any]] = [
         ("redis", redis),
         ("deliver", deliver),  # its own blocking connections; settles through `redis`, so stops before it
         ("spooler", spooler),
         ("adopter", adopter),
         ("forwarder", forwarder),
+    ]
+    if inbox is not None:
+        children.append(("replies", inbox))
+    for name, child in (
+        *children,
         ("ingest", ingest),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
@@ -204,7 +219,7 @@ def _apply_overrides(config: Config, options: Options) -> Config:
 
     server = config.server
     if options["listen"]:
-        server = attrs.evolve(server, listen=options["listen"])
+        server = attrs.evolve(server, listen=with_backlog(options["listen"], server.backlog))
     if options["admin"]:
         server = attrs.evolve(server, admin=options["admin"])
     if options["workers"]:
