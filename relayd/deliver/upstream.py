@@ -26,16 +26,17 @@ from typing import Any, Dict, Optional, Tuple
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
-    PartialDownloadError,
+    ResponseDone,
     ResponseNeverReceived,
-    readBody,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
@@ -44,6 +45,8 @@ from relayd.deliver.outcome import Outcome, classify_error, classify_status, par
 
 #: Seconds an idle pooled connection is kept: below Node.js's and Apache's 5 s keep-alive.
 IDLE_TIMEOUT = 4.0
+#: Bytes of a response body kept (the rest is read and dropped): memory stays bounded.
+MAX_BODY = 64 * 1024
 #: Characters of an error answer's body kept in the dead-letter detail.
 DETAIL_BODY_CHARS = 200
 USER_AGENT = b"relayd-deliver"
@@ -83,6 +86,40 @@ class FixedEndpoints:
                 endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
             self._cache[key] = endpoint
         return endpoint
+
+
+class BodyReader(Protocol):
+    """Reads a response body, keeping at most `limit` bytes (the rest is discarded).
+
+    Not `twisted.web.client.readBody`: cancelling its Deferred aborts the
+    connection, and the connectionLost that follows errbacks the same,
+    already cancelled Deferred (AlreadyCalledError logged as critical).
+    Here a cancel stops the transport and the later connectionLost is ignored.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.deferred: Deferred = Deferred(self._cancel)
+        self._parts: list = []
+        self._room = limit
+
+    def dataReceived(self, data: bytes) -> None:
+        """Keep the first `limit` bytes."""
+        if self._room > 0:
+            self._parts.append(data[: self._room])
+            self._room -= len(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        """The body ended: whole (or ended by a close without a length: also whole), or cut short."""
+        if self.deferred.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.deferred.callback(b"".join(self._parts))
+        else:
+            self.deferred.errback(reason)
+
+    def _cancel(self, _: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]  # an IPushProducer here; closes the connection; its connectionLost is ignored
 
 
 @implementer(IBodyProducer)
@@ -185,7 +222,9 @@ class Upstream:
                     return classify_error(f"timeout after {self._timeout:g} s")
                 return classify_error(f"{type(e).__name__}: {e}"[:300])
         assert response is not None
-        body_d: Any = readBody(response)
+        reader = BodyReader(MAX_BODY)
+        response.deliverBody(reader)
+        body_d: Any = reader.deferred
         state["current"] = body_d
         try:
             data: Optional[bytes] = await body_d
@@ -193,8 +232,6 @@ class Upstream:
             if state["timed_out"]:
                 return classify_error(f"timeout after {self._timeout:g} s (reading the body)")
             raise
-        except PartialDownloadError as e:  # no Content-Length, ended by close: the body is whole
-            data = e.response
         except Exception as e:  # a body cut short: the answer is incomplete
             if state["timed_out"]:
                 return classify_error(f"timeout after {self._timeout:g} s (reading the body)")
