@@ -171,6 +171,22 @@ class DeliverFaults(unittest.TestCase):
             self.redis.llen(k.decode()) == 0 for k in self.redis.command("KEYS", "{leads}:processing:*")
         ), WAIT, "processing lists empty")
 
+    def test_retry_survives_a_restart(self) -> None:
+        """A message waiting for its retry stays in Redis across a restart; its attempts keep counting."""
+        self.redis.command("LPUSH", "leads", envelope("s1", {"b": "always-500"}))
+        toml = deliver_toml(
+            name="crm", list="leads", url=self.upstream.url, max_attempts=2, backoff="3s", backoff_max="3s"
+        )
+        relayd = start_relayd(self, self.redis, toml)
+        wait_for(lambda: len(self.upstream.requests()) == 1, WAIT, "the first attempt")
+        wait_for(lambda: self.redis.command("ZCARD", "{leads}:retry:crm") == 1, WAIT, "the retry scheduled")
+        self.assertEqual(relayd.terminate(), 0)
+        self.assertEqual(self.redis.command("ZCARD", "{leads}:retry:crm"), 1, "still waiting after the stop")
+        relayd.start()
+        wait_for(lambda: self.redis.llen("leads:dead") == 1, WAIT, "dead after the second attempt")
+        self.assertEqual(json.loads(self.redis.items("leads:dead")[0])["error"]["attempts"], 2)
+        self.assertEqual(len(self.upstream.requests()), 2)
+
     def test_redis_down_10s_pauses_and_resumes(self) -> None:
         """Redis stopped for 10 s (and back empty): delivery pauses, then resumes; relayd stays up."""
         relayd = start_relayd(self, self.redis, deliver_toml(name="crm", list="leads", url=self.upstream.url))
