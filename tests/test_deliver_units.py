@@ -343,3 +343,25 @@ class DeliverConfigTests(unittest.TestCase):
         self.assertIn("deliver[0].url", self.error("", DELIVER.replace(":8000", ":99999")))
         self.assertIn("deliver[1].name: duplicate", self.error(DELIVER))
         self.assertIn("deliver[0].name", self.error("", DELIVER.replace('"crm"', '"a/b"')))
+
+
+class DeliverMetricsTests(unittest.TestCase):
+    """A deliver removed by SIGHUP leaves no series behind."""
+
+    def test_forget_deliver_drops_every_series(self) -> None:
+        """After forget_deliver, no sample carries the deliver's label (its gauges no longer read a stopped service)."""
+        from relayd.ops.metrics import Metrics
+
+        metrics = Metrics()
+        d = metrics.deliver("crm")
+        d.attempt("2xx")
+        d.attempt("error")
+        d.retries.inc()
+        d.latency.observe(0.01)
+        d.in_flight.set_function(lambda: 3.0)
+        metrics.deliver("other").attempt("2xx")
+        self.assertIn(b'deliver="crm"', metrics.exposition())
+        metrics.forget_deliver("crm")
+        text = metrics.exposition()
+        self.assertNotIn(b'deliver="crm"', text)
+        self.assertIn(b'deliver="other"', text)

@@ -48,6 +48,7 @@ class DeliverManager(Service):
         for config in delivers:
             self.services[config.name] = self._build(config)
         self._pending: List[Deferred] = []
+        self._known = set(self.services)
 
     def _build(self, config: DeliverConfig) -> DeliverService:
         key = self._read_secret(config.sign_secret_file) if config.sign_secret_file else None
@@ -93,6 +94,9 @@ class DeliverManager(Service):
             self._pending.append(d)
             await d
             self._pending.remove(d)
+        for name in self._known - set(wanted):
+            self._metrics.forget_deliver(name)
+        self._known = set(wanted)
         for name, config in wanted.items():
             if name not in self.services:
                 service = self._build(config)

@@ -54,6 +54,10 @@ class DeliverMetrics:
         self.queue_lag = metrics.deliver_queue_lag.labels(deliver=name)
         self.circuit_state = metrics.deliver_circuit_state.labels(deliver=name)
 
+    def results(self) -> list:
+        """The result labels counted so far (to remove them with the deliver)."""
+        return list(self._children)
+
     def attempt(self, result: str) -> None:
         """Count one attempt by result: ``2xx``..``5xx`` or ``error`` (timeout, connection)."""
         child = self._children.get(result)
@@ -198,6 +202,22 @@ class Metrics:
         if name not in self._delivers:
             self._delivers[name] = DeliverMetrics(self, name)
         return self._delivers[name]
+
+    def forget_deliver(self, name: str) -> None:
+        """Drop a removed deliver's series (SIGHUP), so its gauges stop reading a stopped service."""
+        gone = self._delivers.pop(name, None)
+        if gone is None:
+            return
+        for series in (
+            self.deliver_retries, self.deliver_dead_lettered, self.deliver_latency, self.deliver_in_flight,
+            self.deliver_queue_lag, self.deliver_circuit_state,
+        ):
+            try:
+                series.remove(name)
+            except KeyError:
+                pass
+        for result in gone.results():
+            self.deliver_attempts.remove(name, result)
 
     def forwarded_to(self, list_key: bytes) -> FastCounter:
         """The forwarded counter of one list (created on first use)."""
