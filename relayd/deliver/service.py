@@ -49,7 +49,7 @@ from relayd.deliver.scripts import CLAIM, TO_RETRY
 from relayd.deliver.signing import sign
 from relayd.deliver.upstream import Upstream
 from relayd.ops.metrics import DeliverMetrics
-from relayd.redis.client import RedisClient
+from relayd.redis.factory import make_redis_client
 
 #: Seconds one BLMOVE blocks; the dedicated connection's reply timeout is above it.
 BLOCK_SECONDS = 1
@@ -87,7 +87,8 @@ class DeliverService(Service):
         self._sign_key = sign_key
         self._shutdown_timeout = shutdown_timeout
         self.keys = DeliverKeys.for_deliver(config.list, config.name, config.dead_letter, proc_id)
-        self._blocking = blocking or RedisClient(
+        # One Redis, or one connection per primary of a cluster (routed by the list's key).
+        self._blocking = blocking or make_redis_client(
             reactor, attrs.evolve(redis_config, reply_timeout=BLOCK_SECONDS + redis_config.reply_timeout)
         )
         self._claims = Claims(reactor, redis, self.keys, proc_id, config.visibility_timeout)

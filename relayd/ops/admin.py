@@ -32,16 +32,20 @@ class AdminApp:
         self,
         metrics: Any,
         readiness: Callable[[], Union[Dict[str, bool], Deferred[Dict[str, bool]]]],
+        details: Optional[Callable[[], Dict[str, Any]]] = None,
         deliver: Optional[Any] = None,
     ) -> None:
         """`readiness()` returns named checks (or a Deferred of them); ready when all are true.
 
+        `details()`, when given, adds JSON fields to `/readyz`'s body that
+        say more than a boolean can (a cluster's unwritable slot ranges).
         `deliver` answers ``/deliver`` (relayd/deliver/admin.py, or the
         supervisor's merge of its workers): ``async status()`` and
         ``async replay(name) -> count or None``.
         """
         self._metrics = metrics
         self._readiness = readiness
+        self._details = details
         self._deliver = deliver
 
     @_app.route("/healthz", methods=["GET", "HEAD"])
@@ -60,7 +64,10 @@ class AdminApp:
             request.setHeader(b"Content-Type", b"application/json")
             if not ready:
                 request.setHeader(b"Retry-After", b"1")
-            return ujson.dumps({"status": "OK" if ready else "NOT READY", "checks": checks}).encode()
+            body: Dict[str, Any] = {"status": "OK" if ready else "NOT READY", "checks": checks}
+            if self._details is not None:
+                body.update(self._details())
+            return ujson.dumps(body).encode()
 
         checks = self._readiness()
         if isinstance(checks, Deferred):

@@ -256,7 +256,7 @@ class Supervisor(MultiService):
         self._check = LoopingCall(self._check_heartbeats)
         self._check.clock = reactor
         self._agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(reactor, self._admin_path_of))
-        admin_site = Site(AdminApp(self, self.readiness, _WorkersDeliverView(self)).resource(), reactor=reactor)
+        admin_site = Site(AdminApp(self, self.readiness, deliver=_WorkersDeliverView(self)).resource(), reactor=reactor)
         admin_site.log = lambda request: None  # type: ignore[method-assign]
         self.admin = ListenerService(serverFromString(reactor, config.server.admin), admin_site, "admin")
         self.admin.setServiceParent(self)
