@@ -331,3 +331,28 @@ class DeliverOperations(unittest.TestCase):
         lines = relayd.stderr_text().strip().splitlines()
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("deliver[0].rate", lines[0])
+
+
+class DeliverOnCluster(unittest.TestCase):
+    """The same deliver against a Redis Cluster: every multi-key script stays in the list's slot."""
+
+    def test_deliver_retry_and_dead_letter_on_a_cluster(self) -> None:
+        """Deliveries, a retry (retry set + mover) and a dead letter (another slot) on 3 primaries; /deliver counts."""
+        from tests.cluster_harness import RedisCluster
+        from tests.harness import RelaydProcess
+
+        cluster = RedisCluster(self, primaries=3, replicas=0)
+        upstream = UpstreamProcess(self)
+        self.assertNotEqual(cluster.slot_of("leads"), cluster.slot_of("leads:dead"))
+        behaviours = ["ok", "ok", "fail-once", "bad", "ok"]
+        for i, b in enumerate(behaviours):
+            cluster.command_for("leads", "LPUSH", "leads", envelope(f"c{i}", {"b": b}))
+        relayd = RelaydProcess(
+            self, routes=[{"path": "/in", "list": "leads"}], redis_url=None, redis={"cluster": cluster.seeds[:1]},
+            extra_toml=deliver_toml(name="crm", list="leads", url=upstream.url, backoff="100ms", backoff_max="200ms"),
+        )
+        wait_for(lambda: upstream.delivered_ids() == {"c0", "c1", "c2", "c4"}, WAIT, "four delivered")
+        wait_for(lambda: cluster.llen("leads:dead") == 1, WAIT, "one dead letter")
+        self.assertEqual(json.loads(cluster.items("leads:dead")[0])["error"]["status"], 400)
+        info = json.loads(relayd.get_admin("/deliver")[2])["crm"]
+        self.assertEqual((info["queued"], info["waiting_for_retry"], info["dead"]), (0, 0, 1))
