@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
@@ -162,6 +162,38 @@ class LimitsConfig:
     max_headers: int = DEFAULT_MAX_HEADERS
 
 
+# [[deliver]] defaults (docs/delivery.md explains each).
+DEFAULT_DELIVER_CONCURRENCY = 16  # requests in flight per process: hides ~16 RTTs of upstream latency
+DEFAULT_DELIVER_TIMEOUT = 10.0  # seconds for the whole exchange; most APIs answer in < 1 s
+DEFAULT_DELIVER_MAX_ATTEMPTS = 10  # with 1 s doubling to 10 m: ~1.5 h of retries before a dead letter
+DEFAULT_DELIVER_BACKOFF = 1.0  # seconds before the first retry
+DEFAULT_DELIVER_BACKOFF_MAX = 600.0  # seconds; an outage longer than 10 m is retried every ~10 m
+DEFAULT_DELIVER_VISIBILITY = 30.0  # seconds a dead process's claimed messages wait before another takes them
+DEFAULT_DELIVER_BREAKER = 5  # consecutive failures that open the circuit breaker
+DELIVER_METHODS = ("POST", "PUT", "PATCH")
+
+
+@attrs.frozen
+class DeliverConfig:
+    """One `[[deliver]]`: a Redis list fed to an upstream HTTP endpoint."""
+
+    name: str
+    list: str
+    url: str
+    method: str = "POST"
+    headers: Tuple[Tuple[str, str], ...] = ()
+    rate: Optional[Tuple[float, float]] = None  # (requests, per seconds), global; None = unlimited
+    concurrency: int = DEFAULT_DELIVER_CONCURRENCY
+    timeout: float = DEFAULT_DELIVER_TIMEOUT
+    max_attempts: int = DEFAULT_DELIVER_MAX_ATTEMPTS
+    backoff: float = DEFAULT_DELIVER_BACKOFF
+    backoff_max: float = DEFAULT_DELIVER_BACKOFF_MAX
+    dead_letter: str = ""  # filled with "<list>:dead" by the parser
+    sign_secret_file: Optional[str] = None
+    visibility_timeout: float = DEFAULT_DELIVER_VISIBILITY
+    breaker_failures: int = DEFAULT_DELIVER_BREAKER
+
+
 @attrs.frozen
 class Config:
     """The whole daemon configuration."""
@@ -172,6 +204,7 @@ class Config:
     spool: SpoolConfig
     routes: Tuple[RouteConfig, ...]
     limits: LimitsConfig = LimitsConfig()
+    delivers: Tuple[DeliverConfig, ...] = ()
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -516,6 +549,80 @@ def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
     )
 
 
+_DELIVER_KEYS = (
+    "name", "list", "url", "method", "headers", "rate", "concurrency", "timeout", "max_attempts",
+    "backoff", "backoff_max", "dead_letter", "sign_secret_file", "visibility_timeout", "breaker_failures",
+)
+_DELIVER_NAME_RE = re.compile(r"^[A-Za-z0-9._~-]+$")  # one URL path segment: /deliver/<name>/replay
+_HTTP_URL_RE = re.compile(r"^https?://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(/[^\s#]*)?$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+
+
+def _parse_deliver(t: Any, index: int, base_dir: str) -> DeliverConfig:
+    where = f"deliver[{index}]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: expected a table")
+    _check_keys(t, _DELIVER_KEYS, where)
+    for required in ("name", "list", "url"):
+        if required not in t:
+            raise ConfigError(f"{where}.{required}: missing")
+    name = _typed(t, "name", str, None, where)
+    if not _DELIVER_NAME_RE.match(name):
+        raise ConfigError(f"{where}.name: expected letters, digits and ._~- only, got {name!r}")
+    list_key = _typed(t, "list", str, None, where)
+    if not list_key:
+        raise ConfigError(f"{where}.list: must not be empty")
+    if "}" in list_key and "{" not in list_key.split("}")[0]:
+        raise ConfigError(f"{where}.list: a '}}' outside a {{hash tag}} leaves no slot for companion keys")
+    url = _typed(t, "url", str, None, where)
+    try:
+        port_ok = 0 < (urlsplit(url).port or 80) < 65536
+    except ValueError:
+        port_ok = False
+    if not _HTTP_URL_RE.match(url) or not port_ok:
+        raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
+    method = _typed(t, "method", str, "POST", where).upper()
+    _choice(method, DELIVER_METHODS, f"{where}.method")
+    raw_headers = t.get("headers", {})
+    if not isinstance(raw_headers, dict):
+        raise ConfigError(f"{where}.headers: expected a table of name = \"value\"")
+    headers = []
+    for hname, hvalue in raw_headers.items():
+        if not _HEADER_NAME_RE.match(hname) or not isinstance(hvalue, str) or any(c in hvalue for c in "\r\n\0"):
+            raise ConfigError(f"{where}.headers.{hname}: expected a header name and a one-line string value")
+        headers.append((hname, hvalue))
+    backoff = parse_duration(t.get("backoff", DEFAULT_DELIVER_BACKOFF), f"{where}.backoff")
+    backoff_max = parse_duration(t.get("backoff_max", DEFAULT_DELIVER_BACKOFF_MAX), f"{where}.backoff_max")
+    if backoff_max < backoff:
+        raise ConfigError(f"{where}.backoff_max: must be >= backoff ({backoff} s), got {backoff_max} s")
+    timeout = parse_duration(t.get("timeout", DEFAULT_DELIVER_TIMEOUT), f"{where}.timeout")
+    visibility = parse_duration(t.get("visibility_timeout", DEFAULT_DELIVER_VISIBILITY), f"{where}.visibility_timeout")
+    dead = _typed(t, "dead_letter", str, list_key + ":dead", where)
+    if not dead or dead == list_key:
+        raise ConfigError(f"{where}.dead_letter: must be a non-empty list name other than list")
+    return DeliverConfig(
+        name=name,
+        list=list_key,
+        url=url,
+        method=method,
+        headers=tuple(headers),
+        rate=parse_rate(t["rate"], f"{where}.rate") if "rate" in t else None,
+        concurrency=_positive(_typed(t, "concurrency", int, DEFAULT_DELIVER_CONCURRENCY, where), f"{where}.concurrency"),
+        timeout=timeout,
+        max_attempts=_positive(
+            _typed(t, "max_attempts", int, DEFAULT_DELIVER_MAX_ATTEMPTS, where), f"{where}.max_attempts"
+        ),
+        backoff=backoff,
+        backoff_max=backoff_max,
+        dead_letter=dead,
+        sign_secret_file=_optional_path(t, "sign_secret_file", where, base_dir),
+        visibility_timeout=visibility,
+        breaker_failures=_positive(
+            _typed(t, "breaker_failures", int, DEFAULT_DELIVER_BREAKER, where), f"{where}.breaker_failures"
+        ),
+    )
+
+
 def config_from_string(text: str, base_dir: str = ".") -> Config:
     """Parse and validate config text; relative paths resolve against `base_dir`.
 
@@ -525,7 +632,7 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: not valid TOML: {e}") from None
-    _check_keys(data, ("server", "redis", "buffer", "spool", "limits", "route"), "config")
+    _check_keys(data, ("server", "redis", "buffer", "spool", "limits", "route", "deliver"), "config")
     raw_routes = data.get("route", [])
     if not isinstance(raw_routes, list) or not raw_routes:
         raise ConfigError("route: at least one [[route]] table is required")
@@ -535,6 +642,15 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         if r.path in seen:
             raise ConfigError(f"route[{i}].path: duplicate of route[{seen[r.path]}] ({r.path})")
         seen[r.path] = i
+    raw_delivers = data.get("deliver", [])
+    if not isinstance(raw_delivers, list):
+        raise ConfigError("deliver: expected [[deliver]] tables")
+    delivers = tuple(_parse_deliver(t, i, base_dir) for i, t in enumerate(raw_delivers))
+    names: dict[str, int] = {}
+    for i, d in enumerate(delivers):
+        if d.name in names:
+            raise ConfigError(f"deliver[{i}].name: duplicate of deliver[{names[d.name]}] ({d.name})")
+        names[d.name] = i
     return Config(
         server=_parse_server(data),
         redis=_parse_redis(data),
@@ -542,6 +658,7 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         spool=_parse_spool(data, base_dir),
         routes=routes,
         limits=_parse_limits(data),
+        delivers=delivers,
     )
 
 
@@ -559,6 +676,9 @@ def check_environment(config: Config, compile_schema: Callable[[str, str], Any])
             path = getattr(route, key)
             if path is not None and not os.access(path, os.R_OK):
                 raise ConfigError(f"route[{i}].{key}: cannot read {path}")
+    for i, deliver in enumerate(config.delivers):
+        if deliver.sign_secret_file is not None and not os.access(deliver.sign_secret_file, os.R_OK):
+            raise ConfigError(f"deliver[{i}].sign_secret_file: cannot read {deliver.sign_secret_file}")
     spool_dir = config.spool.dir
     try:
         os.makedirs(spool_dir, exist_ok=True)

@@ -24,6 +24,8 @@ from twisted.python import usage
 
 from relayd.compat import exit_status_zero
 from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, RedisConfig, load_config, resolve_workers
+from relayd.deliver.admin import DeliverAdmin
+from relayd.deliver.manager import DeliverManager
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.ingest.http_layer import IngestSite
@@ -187,6 +189,7 @@ def build_service(
             "can_store": forwarder.can_store(1, max(READY_MESSAGE_BYTES, spooler.refused_size)),
         }
 
+    deliver = DeliverManager(reactor, config.delivers, redis, config.redis, metrics, config.server.shutdown_timeout)
     metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
     metrics.watch(metrics.spool_disk_bytes, lambda: spooler.spool.disk_bytes if spooler.spool is not None else 0)
     metrics.spool_max_bytes.set(config.spool.max_bytes)
@@ -194,7 +197,7 @@ def build_service(
     if isinstance(redis, ClusterClient):
         cluster = redis
         details = lambda: {"redis_cluster": cluster.describe()}  # noqa: E731
-    admin_site = AdminSite(AdminApp(metrics, readiness, details), reactor)
+    admin_site = AdminSite(AdminApp(metrics, readiness, details, deliver=DeliverAdmin(deliver, redis)), reactor)
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
     adopter = OrphanAdopter(
         reactor,
@@ -210,9 +213,11 @@ def build_service(
     root = RelayService(IReactorCore(reactor))
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: looplag, admin, ingest (waits for replies), replies, forwarder, adopter, spooler, Redis.
+    # Stopped in reverse: looplag, admin, ingest (waits for replies), replies, forwarder, adopter, spooler, deliver,
+    # Redis.
     children: List[Tuple[str, Any]] = [
         ("redis", redis),
+        ("deliver", deliver),  # its own blocking connections; settles through `redis`, so stops before it
         ("spooler", spooler),
         ("adopter", adopter),
         ("forwarder", forwarder),
@@ -278,6 +283,7 @@ def makeService(options: Options, reactor: Optional[IReactorTime] = None) -> Mul
         assert service.metrics is not None
         new = reloaded.config
         ingest.app.replace_routes(build_routes(new, reloaded.validators, service.metrics, reactor))
+        service.getServiceNamed("deliver").reconfigure(new.delivers)
         tables = ("server", "redis", "buffer", "spool", "limits")
         pending = [name for name in tables if getattr(new, name) != getattr(current["config"], name)]
         if pending:
@@ -286,8 +292,11 @@ def makeService(options: Options, reactor: Optional[IReactorTime] = None) -> Mul
                 tables=", ".join(pending),
             )
         else:
-            log.info("SIGHUP: routes and tokens reloaded ({count} routes)", count=len(new.routes))
-        current["config"] = attrs.evolve(current["config"], routes=new.routes)
+            log.info(
+                "SIGHUP: routes, tokens and delivers reloaded ({count} routes, {delivers} delivers)",
+                count=len(new.routes), delivers=len(new.delivers),
+            )
+        current["config"] = attrs.evolve(current["config"], routes=new.routes, delivers=new.delivers)
 
     threads = IReactorFromThreads(reactor)
 

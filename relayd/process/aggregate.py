@@ -58,9 +58,10 @@ class WorkerAdmin:
         """`handle` exited: keep its last counters in the merged totals."""
         self._merger.retire(handle.last_metrics)
 
-    def _get(self, handle: WorkerHandle, path: str) -> Deferred[Tuple[int, bytes]]:
+    def get(self, handle: WorkerHandle, path: str, method: bytes = b"GET") -> Deferred[Tuple[int, bytes]]:
+        """``(status, body)`` of one request to a worker's private admin socket (bounded in time)."""
         key = os.path.basename(handle.admin_path)[: -len(".sock")]
-        d = self._agent.request(b"GET", f"http://{key}{path}".encode())
+        d = self._agent.request(method, f"http://{key}{path}".encode())
         call = self._clock.callLater(SCRAPE_TIMEOUT, d.cancel)
 
         def body(response: IResponse) -> Deferred[Tuple[int, bytes]]:
@@ -86,7 +87,7 @@ class WorkerAdmin:
             def failed(_: object) -> None:
                 checks[f"worker_{handle.slot}"] = False
 
-            return self._get(handle, "/readyz").addCallbacks(record, failed)
+            return self.get(handle, "/readyz").addCallbacks(record, failed)
 
         ds = [one(h) for h in current if h.live]
         return DeferredList(ds).addCallback(lambda _: checks)
@@ -102,7 +103,7 @@ class WorkerAdmin:
                 handle.last_metrics = result[1].decode("utf-8")
                 return handle.last_metrics
 
-            return self._get(handle, "/metrics").addCallbacks(keep, lambda _: handle.last_metrics)
+            return self.get(handle, "/metrics").addCallbacks(keep, lambda _: handle.last_metrics)
 
         def merge(results: List[Tuple[bool, Optional[str]]]) -> bytes:
             texts = [text for ok, text in results if ok and text]

@@ -77,6 +77,7 @@ from relayd.config import Config, LoadedConfig, resolve_workers
 from relayd.listener import ListenerService
 from relayd.ops.admin import AdminApp, AdminSite
 from relayd.process.aggregate import WorkerAdmin
+from relayd.process.deliver_view import WorkersDeliverView
 from relayd.process.generations import Generations, first_error
 from relayd.process.heartbeats import DEFAULT_WORKER_TIMEOUT, HeartbeatMonitor
 from relayd.process.pool import WorkerHandle, WorkerPool
@@ -122,7 +123,9 @@ class Supervisor(MultiService):
             reactor, self.pool, self._sockets, self._rundir, self._notify, load, config, config_text
         )
         self._admin = WorkerAdmin(reactor, self.pool, self._rundir)
-        admin_site = AdminSite(AdminApp(self._admin, self._admin.readiness), reactor)
+        admin_site = AdminSite(
+            AdminApp(self._admin, self._admin.readiness, deliver=WorkersDeliverView(self._admin, self.pool)), reactor
+        )
         self.admin = ListenerService(serverFromString(reactor, config.server.admin), admin_site, "admin")
         self.admin.setServiceParent(self)
 
