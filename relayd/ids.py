@@ -14,7 +14,7 @@ processes that share a millisecond and sequence number).
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 _SEQ_MASK = (1 << 40) - 1
 
@@ -39,7 +39,7 @@ class IdGenerator:
         self._seq = (self._seq + 1) & _SEQ_MASK
         return "%012x%s%010x" % (ms, self._node, self._seq)
 
-    def next_ids(self, count: int) -> list:
+    def next_ids(self, count: int) -> List[str]:
         """Return `count` new ids sharing one clock reading (for batches)."""
         ms = int(self._seconds() * 1000)
         if ms < self._last_ms:

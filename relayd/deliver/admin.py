@@ -15,7 +15,7 @@ never a loss; the dead list may be in another Cluster slot than the list.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from relayd.deliver import message as msg
 from relayd.deliver.manager import DeliverManager
@@ -55,7 +55,7 @@ class DeliverAdmin:
             }
         return out
 
-    def names(self) -> list:
+    def names(self) -> List[str]:
         """The configured deliver names."""
         return sorted(self._manager.services)
 

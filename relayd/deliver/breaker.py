@@ -13,7 +13,7 @@ each request and reports `success()` / `failure()` after.
 
 from __future__ import annotations
 
-from typing import Any
+from twisted.internet.interfaces import IReactorTime
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 #: Gauge values for metrics (relayd_deliver_circuit_state).
@@ -23,7 +23,7 @@ STATE_VALUES = {CLOSED: 0.0, HALF_OPEN: 1.0, OPEN: 2.0}
 class CircuitBreaker:
     """Consecutive-failure breaker with exponentially growing open periods."""
 
-    def __init__(self, clock: Any, threshold: int, base: float, cap: float) -> None:
+    def __init__(self, clock: IReactorTime, threshold: int, base: float, cap: float) -> None:
         self._clock = clock
         self._threshold = threshold
         self._base = base

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 
 from relayd.ops.metrics import Metrics
 
@@ -43,7 +44,7 @@ class GcService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         metrics: Metrics,
         gen0_threshold: int = GEN0_THRESHOLD,
         timer: Callable[[], float] = time.perf_counter,
@@ -67,9 +68,9 @@ class GcService(Service):
         _, gen1, gen2 = self._saved
         gc.set_threshold(self._gen0, gen1, gen2)
         if self._freeze_on_start:
-            self._reactor.callWhenRunning(self.freeze)
+            IReactorCore(self._reactor).callWhenRunning(self.freeze)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Remove the callback and restore the thresholds."""
         super().stopService()
         if self._on_gc in gc.callbacks:

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 #: Seconds between measurements: a stall of more than half a second is
@@ -34,7 +35,7 @@ LAG_INTERVAL = 0.5
 class LoopLagMonitor(Service):
     """Observes the reactor's lateness into a histogram while running."""
 
-    def __init__(self, reactor: Any, histogram: Any, interval: float = LAG_INTERVAL) -> None:
+    def __init__(self, reactor: IReactorTime, histogram: Any, interval: float = LAG_INTERVAL) -> None:
         """`histogram` is anything with ``observe(seconds)`` (``Metrics.reactor_lag``)."""
         self._clock = reactor
         self._histogram = histogram
@@ -43,8 +44,8 @@ class LoopLagMonitor(Service):
         self._loop: Optional[LoopingCall] = None
 
     def _tick(self, count: int) -> None:
-        assert self._loop is not None
-        due = self._loop.starttime + (self._runs + 1) * self._interval  # type: ignore[operator]
+        assert self._loop is not None and self._loop.starttime is not None  # set by start(), before any run
+        due = self._loop.starttime + (self._runs + 1) * self._interval
         self._runs += count
         self._histogram.observe(max(0.0, self._clock.seconds() - due))
 

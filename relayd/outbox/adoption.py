@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -124,7 +125,7 @@ class OrphanAdopter(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         base: str,
         own_path: Callable[[], Optional[str]],
         redis: Any,
@@ -161,7 +162,7 @@ class OrphanAdopter(Service):
         self._scan.start(self._interval, now=True)
         self._redis.on_ready(self._kick)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Wait for batches on the wire, then close adopted spools (their records stay for the next adopter)."""
         super().stopService()
         if self._scan.running:

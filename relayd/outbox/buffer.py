@@ -58,7 +58,7 @@ class Waiter:
     __slots__ = ("deferred", "count", "remaining", "taken", "cancelled", "exposed", "duplicate_of")
 
     def __init__(self, count: int) -> None:
-        self.deferred: Deferred = Deferred()
+        self.deferred: Deferred[None] = Deferred()
         self.count = count
         self.remaining = count  # not yet stored
         self.taken = 0  # taken from the queue and not yet settled or requeued

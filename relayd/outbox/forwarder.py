@@ -46,6 +46,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -76,7 +77,7 @@ class Forwarder(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         buffer: RingBuffer,
         redis: Any,
         writer: RedisWriter,
@@ -106,7 +107,7 @@ class Forwarder(Service):
         self._seq = 0
         self._failed: List[Tuple[int, List[Entry]]] = []
         self._failures_in_row = 0
-        self._wakeup: Any = None  # pending DelayedCall of _pump
+        self._wakeup: Optional[IDelayedCall] = None  # pending DelayedCall of _pump
         self._pumping = False
         self._retry_at: Optional[float] = None
         self.spilling = False
@@ -131,14 +132,14 @@ class Forwarder(Service):
         self._replayer.start()
         self.wake()
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[bool]:
         """Push everything still in memory; then let the replay's batches on the wire settle.
 
         Fires True when the buffer drained, False after the shutdown
         timeout.  The caller stops ingest first, so the buffer only shrinks.
         """
         super().stopService()
-        done: Deferred = Deferred()
+        done: Deferred[bool] = Deferred()
         timeout = self._shutdown_timeout
         deadline = self._reactor.seconds() + timeout
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relayd.ops.metrics import Metrics
 from relayd.outbox.targets import Target, decode_payload, encode_payload, group_by_target
@@ -38,7 +40,7 @@ class Replayer:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         spool: Spool,
         writer: RedisWriter,
         metrics: Metrics,
@@ -60,10 +62,10 @@ class Replayer:
         self._pipeline = pipeline
         self._max_records = max_records
         self._max_bytes = max_bytes
-        self._inflight: List[Deferred] = []  # batches on the wire, oldest first
+        self._inflight: List[Deferred[Dict[Target, Optional[Failure]]]] = []  # batches on the wire, oldest first
         self._after: Optional[Position] = None  # last record read ahead
         self._broken = False  # a batch failed: ack nothing until all settled
-        self._call: Any = None
+        self._call: Optional[IDelayedCall] = None
         self._running = False
 
     @property
@@ -76,7 +78,7 @@ class Replayer:
         self._running = True
         self.kick()
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[Any]:
         """Stop reading; fire once the batches on the wire settled."""
         self._running = False
         if self._call is not None and self._call.active():
@@ -138,7 +140,12 @@ class Replayer:
         return group_by_target(pairs)
 
     def _written(
-        self, outcomes: Dict[Target, Any], d: Deferred, last: Position, count: int, groups: Dict[Target, List[bytes]]
+        self,
+        outcomes: Dict[Target, Optional[Failure]],
+        d: Deferred[Dict[Target, Optional[Failure]]],
+        last: Position,
+        count: int,
+        groups: Dict[Target, List[bytes]],
     ) -> None:
         self._inflight.remove(d)
         if self._spool.closed:

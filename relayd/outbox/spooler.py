@@ -27,10 +27,11 @@ the 1-5 ms fsync stalled ingest: single-POST spill went from 2.7-4.7k to
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,14 +54,14 @@ class Spooler(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         path: str,
         max_bytes: int,
         fsync: str,
         metrics: Metrics,
         segment_bytes: int = SEGMENT_BYTES,
         commit_window: float = COMMIT_WINDOW,
-        run_in_thread: Optional[Callable[..., Deferred]] = None,
+        run_in_thread: Optional[Callable[..., Deferred[Any]]] = None,
     ) -> None:
         """`run_in_thread(f, *args)` runs the fsyncs off the reactor thread;
         by default the reactor's thread pool (inline when it has none, e.g.
@@ -74,16 +75,18 @@ class Spooler(Service):
         self._commit_window = commit_window
         if run_in_thread is None:
             if hasattr(reactor, "getThreadPool"):
-                def run_in_thread(f: Callable[..., Any], *args: Any) -> Deferred:
-                    return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+                threads = cast(IReactorThreads, reactor)  # duck-typed: a real reactor, not a test clock
+
+                def run_in_thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                    return deferToThreadPool(threads, threads.getThreadPool(), f, *args)
             else:
-                def run_in_thread(f: Callable[..., Any], *args: Any) -> Deferred:
+                def run_in_thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
                     return maybeDeferred(f, *args)
         self._run_in_thread = run_in_thread
-        self._syncing: Optional[Deferred] = None
+        self._syncing: Optional[Deferred[Any]] = None
         self.spool: Optional[Spool] = None
-        self._uncommitted: List[Deferred] = []  # one per append since the last commit began
-        self._commit_call: Any = None
+        self._uncommitted: List[Deferred[None]] = []  # one per append since the last commit began
+        self._commit_call: Optional[IDelayedCall] = None
         self._blocked_until = 0.0  # after SpoolFull / write errors
         #: The largest write refused since one at least that large was taken
         #: (framing included): /readyz asks whether *that* would fit now, so it
@@ -136,7 +139,7 @@ class Spooler(Service):
             self.open()
         super().startService()
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Wait for a sync in flight, commit the rest inline, close.
 
         The forwarder and the replay are stopped first, so nothing appends
@@ -190,7 +193,7 @@ class Spooler(Service):
 
     # -- append + group commit -----------------------------------------------
 
-    def append(self, payloads: List[bytes]) -> Deferred:
+    def append(self, payloads: List[bytes]) -> Deferred[None]:
         """Write `payloads` (all or nothing); a Deferred that fires once they are durable.
 
         Raises `SpoolFull` or `SpoolWriteError` at once when nothing was
@@ -212,7 +215,7 @@ class Spooler(Service):
             self._refuse("write", f"spool write failed: {e}")
             raise
         self._metrics.spilled.inc(len(payloads))
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._uncommitted.append(d)
         self.schedule_commit()
         return d
@@ -265,7 +268,7 @@ class Spooler(Service):
         self._syncing = d
         d.addBoth(self._synced, plan, group, started)
 
-    def _synced(self, result: Any, plan: SyncPlan, group: List[Deferred], started: float) -> None:
+    def _synced(self, result: Any, plan: SyncPlan, group: List[Deferred[None]], started: float) -> None:
         self._syncing = None
         spool = self.spool
         error = result.value if isinstance(result, Failure) else None
@@ -288,6 +291,6 @@ class Spooler(Service):
             self.schedule_commit()
 
 
-def _fire(group: List[Deferred]) -> None:
+def _fire(group: List[Deferred[None]]) -> None:
     for d in group:
         d.callback(None)

@@ -13,7 +13,7 @@ target go out in order on one connection, so per-target order holds.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.interfaces import IReactorTime
@@ -30,7 +30,7 @@ class CommandRunner(Protocol):
     def ready(self) -> bool:
         """Can commands be issued now?"""
 
-    def execute(self, *args: bytes) -> Deferred:
+    def execute(self, *args: bytes) -> Deferred[Any]:
         """Run one command; its reply, or a failure."""
 
 
@@ -47,7 +47,7 @@ class RedisWriter:
         """True while Redis takes commands."""
         return self._redis.ready
 
-    def write(self, target: Target, items: Sequence[bytes], source: str = "direct") -> Deferred:
+    def write(self, target: Target, items: Sequence[bytes], source: str = "direct") -> Deferred[Optional[List[Optional[bytes]]]]:
         """Store `items` in `target`; fires once Redis replied to all of it.
 
         Fires with the target's per-item outcomes (`Target.outcomes`: None
@@ -84,12 +84,17 @@ class RedisWriter:
         metrics.forwarded_to(target.key).inc(target.pushed(items, outcomes))
         return outcomes
 
-    def write_groups(self, groups: Dict[Target, List[bytes]], source: str = "direct") -> Deferred:
+    def write_groups(
+        self, groups: Dict[Target, List[bytes]], source: str = "direct"
+    ) -> Deferred[Dict[Target, Optional[Failure]]]:
         """Write every group concurrently; fires with ``{target: None or Failure}``."""
         targets = list(groups)
+
+        def by_target(results: List[Tuple[bool, Any]]) -> Dict[Target, Optional[Failure]]:
+            return {t: (None if ok else r) for t, (ok, r) in zip(targets, results)}
+
         d = DeferredList([self.write(t, groups[t], source) for t in targets], consumeErrors=True)
-        d.addCallback(lambda results: {t: (None if ok else r) for t, (ok, r) in zip(targets, results)})
-        return d
+        return d.addCallback(by_target)
 
 
 def _one(reply: object) -> List[object]:
