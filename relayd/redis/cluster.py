@@ -43,11 +43,12 @@ connection per primary of their own, routed by the key they block on.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Generator, List, Optional, Tuple, Union
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -83,7 +84,7 @@ class ClusterClient(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         config: RedisConfig,
         observe_latency: Optional[Callable[[str], Callable[[float], None]]] = None,
         node_factory: Optional[NodeFactory] = None,
@@ -101,13 +102,13 @@ class ClusterClient(Service):
         self._primaries: List[Address] = []
         self._covered = False
         self._ready_listeners: List[Callable[[], None]] = []
-        self._waiters: Dict[Address, List[Deferred]] = {}
+        self._waiters: Dict[Address, List[Deferred[RedisClient]]] = {}
         self._slot_cache: Dict[bytes, int] = {}
         self._refreshing = False
         self._refresh_again = False
         self._last_refresh = float("-inf")
-        self._delayed_refresh: Any = None
-        self._tick_call: Any = None
+        self._delayed_refresh: Optional[IDelayedCall] = None
+        self._tick_call: Optional[IDelayedCall] = None
         self._refresh_failures = 0
 
     # -- nodes -----------------------------------------------------------
@@ -142,12 +143,12 @@ class ClusterClient(Service):
         self._request_refresh()
         self._schedule_tick()
 
-    def _when_ready(self, address: Address) -> Deferred:
+    def _when_ready(self, address: Address) -> Deferred[RedisClient]:
         """A Deferred firing with the node's client once connected (fails after connect_timeout)."""
         node = self._node(address)
         if node.ready:
             return succeed(node)
-        d: Deferred = Deferred()
+        d: Deferred[RedisClient] = Deferred()
         self._waiters.setdefault(address, []).append(d)
 
         def expire() -> None:
@@ -157,7 +158,13 @@ class ClusterClient(Service):
                 d.errback(ConnectionError(f"redis node {address[0]}:{address[1]} not connected"))
 
         call = self._reactor.callLater(self._config.connect_timeout, expire)
-        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+
+        def cancel_expiry(result: Union[RedisClient, Failure]) -> Union[RedisClient, Failure]:
+            if call.active():
+                call.cancel()
+            return result
+
+        d.addBoth(cancel_expiry)
         return d
 
     # -- state -----------------------------------------------------------
@@ -222,7 +229,7 @@ class ClusterClient(Service):
                 node.startService()
         self._schedule_tick()
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[Any]:
         """Close every connection and stop refreshing (idempotent)."""
         if not self.running:
             return succeed(None)
@@ -276,7 +283,7 @@ class ClusterClient(Service):
         return [(a, self._nodes[a]) for a in order if a in self._nodes and self._nodes[a].ready]
 
     @inlineCallbacks
-    def _refresh(self):  # type: ignore[no-untyped-def]
+    def _refresh(self) -> Generator[Deferred[Any], Any, None]:
         self._refreshing = True
         self._last_refresh = self._reactor.seconds()
         try:
@@ -302,7 +309,7 @@ class ClusterClient(Service):
                 self._request_refresh()
 
     @inlineCallbacks
-    def _read_topology(self, node: RedisClient, address: Address):  # type: ignore[no-untyped-def]
+    def _read_topology(self, node: RedisClient, address: Address) -> Generator[Deferred[Any], Any, List[SlotRange]]:
         try:
             reply = yield node.execute(b"CLUSTER", b"SHARDS")
         except ResponseError as e:
@@ -348,7 +355,7 @@ class ClusterClient(Service):
             slot = self._slot_cache[key] = key_slot(key)
         return slot
 
-    def execute(self, *args: Any) -> Deferred:
+    def execute(self, *args: Any) -> Deferred[Any]:
         """Run one command on the primary of its key's slot (any node if it names no key)."""
         key = command_key(args)
         if key is None:
@@ -358,11 +365,11 @@ class ClusterClient(Service):
             return fail(ConnectionError("redis cluster: no node connected"))
         return self._route(key, args)
 
-    def lpush(self, key: bytes, values: List[bytes]) -> Deferred:
+    def lpush(self, key: bytes, values: List[bytes]) -> Deferred[Any]:
         """``LPUSH key v1 .. vN`` on the key's primary (the key is known: no parsing)."""
         return self._route(key, (b"LPUSH", key, *values))
 
-    def _route(self, key: bytes, args: Any) -> Deferred:
+    def _route(self, key: bytes, args: Any) -> Deferred[Any]:
         slot = self._slot(key)
         address = self._owners[slot]
         if address is None:
@@ -374,7 +381,7 @@ class ClusterClient(Service):
             return fail(ConnectionError(f"redis cluster: primary {address[0]}:{address[1]} of slot {slot} not connected"))
         return self._send(primary, address, slot, args, MAX_REDIRECTS, False)
 
-    def _send(self, node: RedisClient, address: Address, slot: int, args: Any, left: int, asking: bool) -> Deferred:
+    def _send(self, node: RedisClient, address: Address, slot: int, args: Any, left: int, asking: bool) -> Deferred[Any]:
         started = self._reactor.seconds()
         if asking:
             node.execute(b"ASKING").addErrback(lambda _: None)  # its failure shows in the command's reply
@@ -404,7 +411,7 @@ class ClusterClient(Service):
             return failure
         return self._follow(redirect, args, left - 1)
 
-    def _follow(self, redirect: Redirect, args: Any, left: int) -> Deferred:
+    def _follow(self, redirect: Redirect, args: Any, left: int) -> Deferred[Any]:
         if redirect.kind == "MOVED":
             self._map.set_owner(redirect.slot, redirect.address)
             self._request_refresh()

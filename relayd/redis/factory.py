@@ -8,7 +8,9 @@ none talks to the first seed as if it were the whole of Redis.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional, Union
+
+from twisted.internet.interfaces import IReactorTime
 
 from relayd.config import RedisConfig
 from relayd.redis.client import RedisClient
@@ -16,8 +18,10 @@ from relayd.redis.cluster import ClusterClient
 
 
 def make_redis_client(
-    reactor: Any, config: RedisConfig, observe_latency: Optional[Callable[[str], Callable[[float], None]]] = None
-) -> Any:
+    reactor: IReactorTime,
+    config: RedisConfig,
+    observe_latency: Optional[Callable[[str], Callable[[float], None]]] = None,
+) -> Union[RedisClient, ClusterClient]:
     """A `RedisClient`, or a `ClusterClient` when `config.cluster` names seeds.
 
     Both have the same surface (`ready`, `on_ready`, `execute`, `lpush`, a

@@ -12,7 +12,7 @@ Redis outage.
 from __future__ import annotations
 
 import socket
-from typing import List, Optional, Tuple
+from typing import BinaryIO, List, Optional, Tuple
 
 from relayd.config import RedisConfig
 
@@ -23,7 +23,7 @@ def _command(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
-def _read_reply(f) -> Tuple[bool, bytes]:  # type: ignore[no-untyped-def]
+def _read_reply(f: BinaryIO) -> Tuple[bool, bytes]:
     """(ok, text) of one simple, error or bulk reply (all CLUSTER INFO and AUTH give)."""
     line = f.readline()
     if not line.endswith(b"\r\n"):
