@@ -22,6 +22,7 @@ import socket
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -40,7 +41,7 @@ class Claims:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, redis: Any, keys: DeliverKeys, proc_id: str, visibility_timeout: float) -> None:
+    def __init__(self, reactor: IReactorTime, redis: Any, keys: DeliverKeys, proc_id: str, visibility_timeout: float) -> None:
         self._reactor = reactor
         self._redis = redis
         self._keys = keys
@@ -50,7 +51,7 @@ class Claims:
         self._loop.clock = reactor
         self._interval = visibility_timeout / 3.0  # two refreshes may fail before the lease lapses
         self.registered = False  # True once the lease is in Redis (claims wait for it)
-        self._tick_running: Optional[Deferred] = None
+        self._tick_running: Optional[Deferred[None]] = None
 
     def start(self) -> None:
         """Refresh the lease and reap every third of the visibility timeout."""
@@ -68,7 +69,7 @@ class Claims:
             self._loop.reset()
             self._tick()
 
-    def _tick(self) -> Optional[Deferred]:
+    def _tick(self) -> None:
         if self._tick_running is not None:
             return None
         d = ensureDeferred(self._refresh_and_reap())
@@ -100,7 +101,7 @@ class Claims:
         except Exception as e:  # Redis down: the next tick tries again
             self._log.debug("deliver: lease refresh failed: {error}", error=e)
 
-    def release(self) -> Deferred:
+    def release(self) -> Deferred[Any]:
         """At a graceful stop: every claimed item back to the list, lease and registration gone."""
         k = self._keys
         return RETURN_CLAIMS.run(self._redis, [k.lease, k.processing, k.list, k.consumers], [self._proc, b"1"])

@@ -12,10 +12,12 @@ in the order they were claimed.  The gate lets the head through when:
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Optional
+from typing import Deque, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relayd.deliver.breaker import CircuitBreaker
 from relayd.deliver.ratelimit import TOLERANCE, GlobalRateLimiter
@@ -29,16 +31,16 @@ class Gate:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, breaker: CircuitBreaker, limiter: GlobalRateLimiter) -> None:
+    def __init__(self, reactor: IReactorTime, breaker: CircuitBreaker, limiter: GlobalRateLimiter) -> None:
         self._reactor = reactor
         self.breaker = breaker
         self._limiter = limiter
-        self._waiters: Deque[Deferred] = deque()
+        self._waiters: Deque[Deferred[None]] = deque()
         self._permits = 0
         self._permits_expire = 0.0
         self._paused_until = 0.0
         self._asking = False
-        self._timer: Optional[Any] = None
+        self._timer: Optional[IDelayedCall] = None
 
     @property
     def waiting(self) -> int:
@@ -54,16 +56,16 @@ class Gate:
         """No request starts for `seconds` (the longest pause asked for wins)."""
         self._paused_until = max(self._paused_until, self._reactor.seconds() + seconds)
 
-    def enter(self) -> Deferred:
+    def enter(self) -> Deferred[None]:
         """Fires when this request may start; cancel it to leave the queue."""
 
-        def cancel(d: Deferred) -> None:
+        def cancel(d: Deferred[None]) -> None:
             try:
                 self._waiters.remove(d)
             except ValueError:
                 pass
 
-        d: Deferred = Deferred(cancel)
+        d: Deferred[None] = Deferred(cancel)
         self._waiters.append(d)
         self.pump()
         return d
@@ -115,7 +117,7 @@ class Gate:
             return
         self._asking = True
 
-        def granted(result: Any) -> None:
+        def granted(result: Tuple[int, float]) -> None:
             self._asking = False
             n, wait = result
             if n > 0:
@@ -125,7 +127,7 @@ class Gate:
             else:
                 self._later(wait)
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             self._asking = False
             self._log.debug("deliver: rate limiter unavailable: {error}", error=failure.value)
             self._later(REDIS_RETRY)

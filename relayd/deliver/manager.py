@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relayd.config import DeliverConfig, RedisConfig
@@ -28,7 +29,7 @@ class DeliverManager(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         delivers: Sequence[DeliverConfig],
         redis: Any,
         redis_config: RedisConfig,
@@ -47,7 +48,7 @@ class DeliverManager(Service):
         self.services: Dict[str, DeliverService] = {}
         for config in delivers:
             self.services[config.name] = self._build(config)
-        self._pending: List[Deferred] = []
+        self._pending: List[Deferred[Any]] = []
         self._known = set(self.services)
 
     def _build(self, config: DeliverConfig) -> DeliverService:
@@ -69,7 +70,7 @@ class DeliverManager(Service):
         for service in self.services.values():
             service.startService()
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Stop every deliver gracefully, in parallel; fires when all are done."""
         if not self.running:
             return succeed(None)
@@ -77,7 +78,7 @@ class DeliverManager(Service):
         stops = [service.stopService() for service in self.services.values()] + self._pending
         return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
 
-    def reconfigure(self, delivers: Sequence[DeliverConfig]) -> Deferred:
+    def reconfigure(self, delivers: Sequence[DeliverConfig]) -> Deferred[None]:
         """SIGHUP: stop removed/changed delivers, start added/changed ones."""
         return ensureDeferred(self._reconfigure(delivers))
 

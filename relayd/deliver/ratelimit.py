@@ -42,7 +42,7 @@ class GlobalRateLimiter:
         """No ``rate`` configured: every request may start at once."""
         return self.interval_us == 0
 
-    def take(self, want: int) -> Deferred:
+    def take(self, want: int) -> Deferred[Tuple[int, float]]:
         """Ask for up to `want` permits: fires ``(granted, seconds until the next one)``."""
         want = max(1, min(want, MAX_BATCH))
         d = GCRA.run(self._redis, [self._key], [self.interval_us, self.tolerance_us, want])

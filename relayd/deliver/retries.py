@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -30,7 +31,7 @@ class RetryMover:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, redis: Any, keys: DeliverKeys) -> None:
+    def __init__(self, reactor: IReactorTime, redis: Any, keys: DeliverKeys) -> None:
         self._reactor = reactor
         self._redis = redis
         self._keys = keys

@@ -22,9 +22,9 @@ class Script:
         self.source = source.encode("utf-8")
         self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
 
-    def run(self, redis: Any, keys: Sequence[bytes], args: Sequence[Any] = ()) -> Deferred:
+    def run(self, redis: Any, keys: Sequence[bytes], args: Sequence[Any] = ()) -> Deferred[Any]:
         """EVALSHA, or EVAL when Redis does not know the script yet."""
-        d: Deferred = redis.execute(b"EVALSHA", self.sha, len(keys), *keys, *args)
+        d: Deferred[Any] = redis.execute(b"EVALSHA", self.sha, len(keys), *keys, *args)
 
         def noscript(failure: Any) -> Any:
             failure.trap(ResponseError)

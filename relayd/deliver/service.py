@@ -32,6 +32,7 @@ from typing import Any, Optional, Set
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -70,7 +71,7 @@ class DeliverService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         config: DeliverConfig,
         redis: Any,
         redis_config: RedisConfig,
@@ -100,11 +101,11 @@ class DeliverService(Service):
             reactor, config.url, config.method, config.headers, config.concurrency, config.timeout
         )
         self._claimed = 0  # messages claimed and not yet settled (<= concurrency)
-        self._handlers: Set[Deferred] = set()
-        self._sending: Set[Deferred] = set()  # handlers past the gate (their request is out)
-        self._slot_free: Optional[Deferred] = None
-        self._claim_loop: Optional[Deferred] = None
-        self._claiming: Optional[Deferred] = None
+        self._handlers: Set[Deferred[None]] = set()
+        self._sending: Set[Deferred[None]] = set()  # handlers past the gate (their request is out)
+        self._slot_free: Optional[Deferred[None]] = None
+        self._claim_loop: Optional[Deferred[None]] = None
+        self._claiming: Optional[Deferred[Any]] = None
         self._lag = LoopingCall(self._read_lag)
         self._lag.clock = reactor
         metrics.in_flight.set_function(lambda: float(self._claimed))
@@ -121,7 +122,7 @@ class DeliverService(Service):
         self._lag.start(LAG_INTERVAL, now=False)
         self._claim_loop = ensureDeferred(self._claim_forever())
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Graceful stop (module docstring); fires when everything claimed is settled or returned."""
         if not self.running:
             return succeed(None)
@@ -230,7 +231,7 @@ class DeliverService(Service):
         self._handlers.add(handler)
         handler.addBoth(self._handled, handler)
 
-    def _handled(self, result: Any, handler: Deferred) -> None:
+    def _handled(self, result: Any, handler: Deferred[None]) -> None:
         self._handlers.discard(handler)
         self._claimed -= 1
         if isinstance(result, Failure) and not result.check(CancelledError):

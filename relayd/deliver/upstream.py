@@ -21,11 +21,12 @@ fixed, so the plain Agent with a ready bytes URL does the same job.)
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web._newclient import RequestTransmissionFailed
@@ -69,7 +70,7 @@ class FixedEndpoints:
     one URL, so its endpoint is reused.
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+    def __init__(self, reactor: IReactorTime, connect_timeout: float) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._tls = BrowserLikePolicyForHTTPS()
@@ -98,8 +99,8 @@ class BodyReader(Protocol):
     """
 
     def __init__(self, limit: int) -> None:
-        self.deferred: Deferred = Deferred(self._cancel)
-        self._parts: list = []
+        self.deferred: Deferred[bytes] = Deferred(self._cancel)
+        self._parts: List[bytes] = []
         self._room = limit
 
     def dataReceived(self, data: bytes) -> None:
@@ -117,7 +118,7 @@ class BodyReader(Protocol):
         else:
             self.deferred.errback(reason)
 
-    def _cancel(self, _: Deferred) -> None:
+    def _cancel(self, _: Deferred[bytes]) -> None:
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]  # an IPushProducer here; closes the connection; its connectionLost is ignored
 
@@ -130,7 +131,7 @@ class BytesProducer:
         self._body = body
         self.length = len(body)
 
-    def startProducing(self, consumer: Any) -> Deferred:
+    def startProducing(self, consumer: Any) -> Deferred[None]:
         """Write the whole body."""
         consumer.write(self._body)
         return succeed(None)
@@ -152,7 +153,7 @@ class Upstream:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         url: str,
         method: str,
         headers: Tuple[Tuple[str, str], ...],

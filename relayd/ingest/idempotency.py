@@ -23,7 +23,7 @@ MAX_KEY_BYTES = 255
 RECENT_KEYS = 100_000
 
 
-class InvalidIdempotencyKey(BadRequest):  # type: ignore[misc,valid-type]
+class InvalidIdempotencyKey(BadRequest):  # type: ignore[misc]  # BadRequest is made by problems._problem(): typed `type`
     """A malformed Idempotency-Key header."""
 
     slug = "invalid-idempotency-key"

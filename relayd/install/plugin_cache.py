@@ -87,7 +87,7 @@ def plugin_directories(package: ModuleType) -> Dict[str, List[str]]:
     it sees exactly the directories Twisted keeps a cache file in.
     """
     dirs: Dict[str, List[str]] = {}
-    for module in getModule(package.__name__).iterModules():  # type: ignore[no-untyped-call]
+    for module in getModule(package.__name__).iterModules():
         dirs.setdefault(module.filePath.parent().path, []).append(module.name.rsplit(".", 1)[-1])
     return dirs
 
@@ -143,7 +143,7 @@ def refresh(package: ModuleType) -> CacheReport:
     problems += [_describe(e) for e in first.events]
     written = {d: _stamp(d) for d in dirs}
     with _Collector() as second:
-        getCache(package)  # type: ignore[no-untyped-call]
+        getCache(package)
     after = {d: _stamp(d) for d in dirs}
     if not first.events:
         problems += [_describe(e) for e in second.events]

@@ -124,7 +124,7 @@ class DedupListTarget:
         """Per bundle: None if it was stored now, else the id of the first copy."""
         reply = replies[0]
         assert isinstance(reply, list), reply
-        return [r if r else None for r in reply]  # type: ignore[misc]
+        return [r if r else None for r in reply]
 
     def pushed(self, items: Sequence[bytes], outcomes: Optional[List[Optional[bytes]]]) -> int:
         """Messages of the bundles that were stored now (duplicates pushed nothing)."""

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Generator, List, Optional, Tuple
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relayd.config import RedisConfig
 from relayd.ops.metrics import Metrics
@@ -74,14 +76,14 @@ class ReplyInbox(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, redis_config: RedisConfig, metrics: Metrics, name: Optional[bytes] = None) -> None:
+    def __init__(self, reactor: IReactorTime, redis_config: RedisConfig, metrics: Metrics, name: Optional[bytes] = None) -> None:
         self._reactor = reactor
         self.list_name: bytes = name if name is not None else reply_list_name()
         # The reader's own connection (one per primary on a cluster): a BRPOP holds it for BLOCK_SECONDS.
         self._redis = make_redis_client(reactor, attrs.evolve(redis_config, reply_timeout=BLOCK_SECONDS + 2.0))
         self._metrics = metrics
-        self._waiting: Dict[str, Tuple[Deferred, Any, float]] = {}  # id -> (deferred, timer, started)
-        self._reading: Optional[Deferred] = None
+        self._waiting: Dict[str, Tuple[Deferred[Reply], IDelayedCall, float]] = {}  # id -> (deferred, timer, started)
+        self._reading: Optional[Deferred[None]] = None
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self._logged_at = -LOG_INTERVAL
@@ -99,7 +101,7 @@ class ReplyInbox(Service):
         self._redis.on_ready(self._kick)
         self._heartbeat.start(HEARTBEAT, now=False)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[Any]:
         """Stop reading; waiting requests time out on their own (ingest stopped first)."""
         super().stopService()
         if self._heartbeat.running:
@@ -113,9 +115,9 @@ class ReplyInbox(Service):
 
     # -- waiting requests ----------------------------------------------------
 
-    def wait(self, request_id: str, timeout: float) -> Deferred:
+    def wait(self, request_id: str, timeout: float) -> Deferred[Reply]:
         """A Deferred of the `Reply` to `request_id`; fails `ReplyTimeout` or `ReplyUnusable`."""
-        d: Deferred = Deferred()
+        d: Deferred[Reply] = Deferred()
         timer = self._reactor.callLater(timeout, self._expire, request_id)
         self._waiting[request_id] = (d, timer, self._reactor.seconds())
         return d
@@ -140,11 +142,11 @@ class ReplyInbox(Service):
             self._reading.addErrback(self._reader_failed)
             self._beat()
 
-    def _reader_failed(self, failure: Any) -> None:
+    def _reader_failed(self, failure: Failure) -> None:
         self._log.failure("reply reader stopped unexpectedly", failure)
 
     @inlineCallbacks
-    def _read(self) -> Any:
+    def _read(self) -> Generator[Deferred[Any], Any, None]:
         """BRPOP, then drain what else is there; until stopped or disconnected."""
         try:
             while self.running and self._redis.ready:
@@ -200,7 +202,7 @@ class ReplyInbox(Service):
         d.addErrback(lambda _: None)  # Redis gone: the next beat tries again
 
     @inlineCallbacks
-    def _sweep(self) -> Any:
+    def _sweep(self) -> Generator[Deferred[Any], Any, None]:
         now = self._reactor.seconds()
         execute = self._redis.execute
         yield execute(b"ZADD", REGISTRY, b"%f" % now, self.list_name)
