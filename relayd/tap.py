@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
+from relayd.counters.service import CounterService
 from relayd.ops.admin import AdminApp
 from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
@@ -180,9 +181,13 @@ def build_service(
     root = RelayService(reactor)
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, Redis.
+    children: List[Tuple[str, Any]] = [("redis", redis)]
+    if config.counters:
+        # Its own Redis connection inside; stopped just before the main one.
+        children.append(("counters", CounterService(reactor, config.counters, config.redis, metrics, worker_index)))
+    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, counters, Redis.
     for name, child in (
-        ("redis", redis),
+        *children,
         ("spooler", spooler),
         ("adopter", adopter),
         ("forwarder", forwarder),
@@ -256,7 +261,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         # New routes read their tokens and secret files afresh.
         assert service.metrics is not None
         ingest.app.replace_routes(build_routes(new, new_validators, service.metrics, reactor))
-        tables = ("server", "redis", "buffer", "spool", "limits")
+        tables = ("server", "redis", "buffer", "spool", "limits", "counters")
         pending = [name for name in tables if getattr(new, name) != getattr(current["config"], name)]
         if pending:
             log.warn(
