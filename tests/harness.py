@@ -193,8 +193,9 @@ class RedisServer:
 
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
 
-    def __init__(self, test: unittest.TestCase, port: int | None = None) -> None:
+    def __init__(self, test: unittest.TestCase, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
+        self.extra_args = list(extra_args)  # e.g. ["--appendonly", "yes"] (later options win)
         self.dir = tempfile.mkdtemp(prefix="relayd-redis-")
         self.proc: subprocess.Popen | None = None
         self._paused = False
@@ -227,6 +228,7 @@ class RedisServer:
                 "no",
                 "--protected-mode",
                 "no",
+                *self.extra_args,
             ],
             cwd=self.dir,
             stdin=subprocess.DEVNULL,
