@@ -353,8 +353,12 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
-def to_toml(tables: Mapping[str, Mapping[str, Any]], routes: Sequence[Mapping[str, Any]]) -> str:
-    """Render ``{table: {key: value}}`` plus ``[[route]]`` entries as TOML."""
+def to_toml(
+    tables: Mapping[str, Mapping[str, Any]],
+    routes: Sequence[Mapping[str, Any]],
+    counters: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """Render ``{table: {key: value}}`` plus ``[[route]]`` (and ``[[counter]]``) entries as TOML."""
     lines: list[str] = []
     for name, table in tables.items():
         lines.append(f"[{name}]")
@@ -363,6 +367,10 @@ def to_toml(tables: Mapping[str, Mapping[str, Any]], routes: Sequence[Mapping[st
     for route in routes:
         lines.append("[[route]]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in route.items())
+        lines.append("")
+    for counter in counters:
+        lines.append("[[counter]]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in counter.items())
         lines.append("")
     return "\n".join(lines)
 
@@ -380,6 +388,7 @@ class RelaydProcess:
 
     `routes` are ``[[route]]`` tables; `server`, `spool`, `redis`, `buffer`
     add or override keys of those tables; `extra_args` follow ``--config``.
+    `counters` are ``[[counter]]`` tables.
     `config_text`, when given, is written verbatim instead (bad-config tests).  Ports are chosen free on
     127.0.0.1 unless given.  With ``wait_ready=True`` the constructor returns
     once ``GET /readyz`` on the admin port answers 200.
@@ -401,8 +410,10 @@ class RelaydProcess:
         ingest_port: int | None = None,
         admin_port: int | None = None,
         extra_args: Sequence[str] = (),
+        counters: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         self.dir = tempfile.mkdtemp(prefix="relayd-")
+        self.counters = list(counters)
         test.addCleanup(shutil.rmtree, self.dir, True)
         test.addCleanup(self._cleanup)
         self.ingest_port = ingest_port or free_port()
@@ -426,7 +437,7 @@ class RelaydProcess:
             if buffer:
                 tables["buffer"] = dict(buffer)
             self.tables = tables
-            config_text = to_toml(tables, routes)
+            config_text = to_toml(tables, routes, self.counters)
         self.config_path = self.write_file("relayd.conf", config_text)
         self.start(wait_ready=wait_ready)
 
@@ -444,7 +455,7 @@ class RelaydProcess:
 
     def rewrite_config(self, routes: Sequence[Mapping[str, Any]]) -> None:
         """Rewrite the config file with the same tables and new routes (for SIGHUP)."""
-        self.write_file("relayd.conf", to_toml(self.tables, routes))
+        self.write_file("relayd.conf", to_toml(self.tables, routes, self.counters))
 
     @property
     def argv(self) -> list[str]:
