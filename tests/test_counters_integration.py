@@ -18,7 +18,7 @@ import threading
 import time
 import unittest
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 from tests.harness import REPO_ROOT, RedisServer, RelaydProcess, wait_for
 from tests.pg_harness import PostgresServer, available

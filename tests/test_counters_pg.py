@@ -5,6 +5,7 @@ test-case-name: tests.test_counters_pg
 
 from __future__ import annotations
 
+import psycopg
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.trial.unittest import TestCase
@@ -70,7 +71,7 @@ class PostgresSinkTests(TestCase):
         s = self.sink()
         await s.apply([Summary("b1", 1.0, {"a": 1})])
         self.pg.stop()
-        with self.assertRaises(Exception):
+        with self.assertRaises(psycopg.Error):
             await s.apply([Summary("b2", 1.0, {"a": 1})])
         self.pg.start()
         for _ in range(3):  # the pool reconnects on the next use

@@ -87,7 +87,7 @@ MAX_PENDING = 10_000
 
 def process_id(worker_index: Optional[int]) -> bytes:
     """``<hostname>:<worker index>``: stable across restarts of the same worker."""
-    return f"{socket.gethostname()}:{worker_index or 0}".encode("utf-8")
+    return f"{socket.gethostname()}:{worker_index or 0}".encode()
 
 
 class Aggregator(Service):
