@@ -86,9 +86,9 @@ class CountersTestCase(unittest.TestCase):
 
     def idle(self, redis: RedisServer, pg: bool = True) -> bool:
         """Nothing left to count: list, processing lists and PostgreSQL queues empty."""
-        keys = [b"increments"] + [k for k in redis.command("KEYS", "{increments}:counting:*") if not k.endswith(b":lease")]
-        keys = [k for k in keys if not k.endswith(b":procs")]
-        return all(redis.llen(k.decode()) == 0 for k in keys)
+        keys = [b"increments"] + redis.command("KEYS", "{increments}:counting:*")
+        lists = [k for k in keys if redis.command("TYPE", k) == "list"]
+        return all(redis.llen(k.decode()) == 0 for k in lists)
 
     def drain(self, redis: RedisServer) -> None:
         """Wait until relayd has counted everything in Redis."""

@@ -23,7 +23,7 @@ same sums) from the same items.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import attrs
 import ujson
@@ -72,9 +72,12 @@ def resolve(doc: Any, pointer: Tuple[str, ...]) -> Any:
     return doc
 
 
-@attrs.frozen
-class Counted:
-    """One counted message: its id (for cross-batch dedupe), key and value."""
+class Counted(NamedTuple):
+    """One counted message: its id (for cross-batch dedupe), key and value.
+
+    A NamedTuple, not attrs: one is built per message on the counting path
+    (3x cheaper to create than a frozen attrs instance).
+    """
 
     id: str
     key: str
@@ -122,6 +125,29 @@ class Batch:
                 sums[c.key] -= c.value
                 dups.discard(c.id)  # a batch counts an id once
         return {k: v for k, v in sums.items() if v != 0}
+
+
+def pack(items: Sequence[bytes]) -> bytes:
+    """``len:item`` for each item, concatenated (the digest's input; TAKE's reply)."""
+    return b"".join(b"%d:%s" % (len(item), item) for item in items)
+
+
+def split_packed(packed: bytes) -> List[bytes]:
+    """Inverse of `pack`; raises ValueError on a malformed string."""
+    items = []
+    pos, end = 0, len(packed)
+    find = packed.find
+    while pos < end:
+        colon = find(b":", pos)
+        if colon < 0:
+            raise ValueError("malformed packed items")
+        start = colon + 1
+        stop = start + int(packed[pos:colon])
+        if stop > end:
+            raise ValueError("truncated packed items")
+        items.append(packed[start:stop])
+        pos = stop
+    return items
 
 
 def batch_digest(items: Sequence[bytes]) -> str:

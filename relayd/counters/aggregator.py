@@ -9,13 +9,14 @@ One cycle, every `flush_interval` (at once again while the list has a
 backlog)::
 
     1. take      TAKE(L -> P, at most N)     P empty: move up to N oldest
-                                              items; P non-empty: return it
+                                              items, store their id b next
+                                              to P; P non-empty: return it
     2. aggregate b = sha1(items); sums        pure, deterministic (aggregate.py)
     3. apply     APPLY(H, M(b), seen)         marker first; rerun = no-op
                                               answering what the first run did
     4. dead      LPUSH <L>:dead letters       at-least-once
-    5. complete  COMPLETE(P, Q, b, summary)   if digest(P) == b: LPUSH Q summary;
-                                              DEL P (fenced, idempotent)
+    5. complete  COMPLETE(P, Q, b, summary)   if P's stored id == b: LPUSH Q
+                                              summary; DEL P (fenced, idempotent)
     6. (pg_flusher.py) Q -> PostgreSQL, exactly once by batch id, then trim Q
 
 Invariant: every item that left L is, at any instant, either in P (its

@@ -43,6 +43,10 @@ class CounterKeys:
         """The batch a process is counting: ``{list}:counting:<proc>``."""
         return companion(self.list, b"counting", proc or self.proc)
 
+    def batch_id(self, proc: bytes | None = None) -> bytes:
+        """The id of the batch in a process's processing list (set by TAKE)."""
+        return companion(self.list, b"counting", proc or self.proc, b"id")
+
     def pending(self, proc: bytes | None = None) -> bytes:
         """Batch summaries applied to the hash, waiting for PostgreSQL."""
         return companion(self.list, b"counting", proc or self.proc, b"pg")

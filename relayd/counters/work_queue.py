@@ -22,6 +22,7 @@ from typing import Any, List, Sequence
 
 from twisted.internet.defer import inlineCallbacks
 
+from relayd.counters.aggregate import split_packed
 from relayd.counters.keys import CounterKeys
 from relayd.counters.scripts import CLAIM, COMPLETE, MOVE_ALL, TAKE, TRIM_TAIL, Script
 
@@ -40,13 +41,15 @@ class WorkQueue:
 
     def take(self, redis: Any, max_items: int, proc: bytes | None = None) -> Any:
         """Fires with the batch's items (``[]`` when there is nothing to count)."""
-        return _TAKE(redis, [self.keys.list, self.keys.processing(proc)], [b"%d" % max_items])
+        keys = [self.keys.list, self.keys.processing(proc), self.keys.batch_id(proc)]
+        d = _TAKE(redis, keys, [b"%d" % max_items])
+        return d.addCallback(lambda packed: split_packed(packed or b""))
 
     def complete(self, redis: Any, batch_id: str, summary: bytes, proc: bytes | None = None) -> Any:
         """Fires with 1 (done), 0 (already done) or -1 (another batch is there)."""
         return _COMPLETE(
             redis,
-            [self.keys.processing(proc), self.keys.pending()],
+            [self.keys.processing(proc), self.keys.pending(), self.keys.batch_id(proc)],
             [batch_id.encode("ascii"), summary],
         )
 
