@@ -133,6 +133,7 @@ class SeedCasesTests(CountersTestCase):
         self.drain(redis)
         self.assertEqual(self.redis_totals(redis), {key: 3 + accepted})
         self.assertEqual(redis.llen("increments:dead"), 0)
+        self.assertEqual(relayd.terminate(), 0)  # the counters stop cleanly with the daemon
 
     def test_misfit_goes_to_dead_list(self) -> None:
         """An item without the pointer's field (pushed by a route without schema) is dead-lettered, the rest counted."""

@@ -2,7 +2,8 @@
 ``[[counter]]``, and a PostgreSQL flusher per counter that has a sink.
 
 The counters get their own Redis connection so that a 1 MB apply script
-never queues behind (or delays) the ingest path's LPUSHes.  Children stop
+never queues behind (or delays) the ingest path's LPUSHes, with a longer
+reply timeout (`COUNTER_REPLY_TIMEOUT`).  Children stop
 in reverse order: flushers, aggregators (each finishes its batch), then
 the connection.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 
@@ -18,6 +20,12 @@ from relayd.config import CounterConfig, RedisConfig
 from relayd.counters.aggregator import Aggregator, process_id
 from relayd.counters.pg_flusher import PgFlusher
 from relayd.redis.client import RedisClient
+
+#: Reply timeout of the counters' connection, seconds: a 10k-message apply
+#: takes ms, but tens of ms to seconds on a loaded Redis; a timeout is
+#: harmless (the rerun is a no-op by batch id) but wasteful, and counters,
+#: unlike acks, are not waiting clients.
+COUNTER_REPLY_TIMEOUT = 10.0
 
 
 class CounterService(MultiService):
@@ -34,7 +42,8 @@ class CounterService(MultiService):
     ) -> None:
         super().__init__()
         self._reactor = reactor
-        self.redis = RedisClient(reactor, redis_config)
+        timeout = max(redis_config.reply_timeout, COUNTER_REPLY_TIMEOUT)
+        self.redis = RedisClient(reactor, attrs.evolve(redis_config, reply_timeout=timeout))
         self.redis.setServiceParent(self)
         self.aggregators: Dict[str, Aggregator] = {}
         self.flushers: Dict[str, PgFlusher] = {}
