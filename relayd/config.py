@@ -41,7 +41,11 @@ DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024  # bounds worst-case RSS growth per work
 DEFAULT_BATCH_MESSAGES = 1000  # one LPUSH of 1000 values costs ~ the same RTT as one
 DEFAULT_BATCH_BYTES = 1024 * 1024  # keep a single Redis command well under its 512 MiB limit
 DEFAULT_MAX_IN_FLIGHT = 4  # enough to hide one RTT; more only reorders on failure
-DEFAULT_REPLY_TIMEOUT = 5.0  # seconds; txredisapi waits forever without one (issue 112)
+# seconds; txredisapi waits forever without one (issue 112).  Also the bound
+# on how long a stored request waits for a Redis that stopped replying
+# (frozen, swapping) before its batch fails and spills to disk: 1 s keeps
+# stored acks prompt, and is ~100x a large LPUSH on a LAN.
+DEFAULT_REPLY_TIMEOUT = 1.0
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
 DEFAULT_ACK_TIMEOUT = 10.0  # seconds a stored-ack request may wait before 503
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds to push the buffer out on SIGTERM (< systemd's 90 s)

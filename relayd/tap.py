@@ -21,22 +21,23 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.counters.service import CounterService
-from relayd.ops.admin import AdminApp
-from relayd.outbox.adoption import OrphanAdopter
-from relayd.outbox.buffer import RingBuffer
 from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
-from relayd.outbox.forwarder import Forwarder
-from relayd.ingest.http_layer import IngestSite
+from relayd.counters.service import CounterService
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
-from relayd.listener import ListenerService
-from relayd.ops.metrics import Metrics
-from relayd.redis.client import RedisClient
-from relayd.process.sdnotify import NotifyService
-from relayd.outbox.spooler import Spooler
-from relayd.process.supervisor import make_supervisor, resolve_workers
+from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
+from relayd.listener import ListenerService
+from relayd.ops.admin import AdminApp
+from relayd.ops.metrics import Metrics
+from relayd.outbox.adoption import OrphanAdopter
+from relayd.outbox.buffer import RingBuffer
+from relayd.outbox.forwarder import Forwarder
+from relayd.outbox.spooler import Spooler
+from relayd.outbox.writer import RedisWriter
+from relayd.process.sdnotify import NotifyService
+from relayd.process.supervisor import make_supervisor, resolve_workers
+from relayd.redis.client import RedisClient
 
 
 class Options(usage.Options):
@@ -119,19 +120,19 @@ def build_service(
     metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
     redis = RedisClient(reactor, config.redis)
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
+    writer = RedisWriter(reactor, redis, metrics)
     spooler = Spooler(
         reactor,
         spool_path or os.path.join(config.spool.dir, "worker-0"),
         config.spool.max_bytes,
         config.spool.fsync,
-        buffer,
-        redis,
         metrics,
     )
     forwarder = Forwarder(
         reactor,
         buffer,
         redis,
+        writer,
         spooler,
         metrics,
         batch_messages=config.redis.batch_messages,
@@ -145,7 +146,7 @@ def build_service(
         reactor,
         routes,
         buffer,
-        lambda: redis.ready or spooler.usable,
+        forwarder.can_store,
         IdGenerator(reactor.seconds),
         metrics,
         config.buffer.ack_timeout,
@@ -162,7 +163,7 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": redis.ready or spooler.usable,
+            "can_store": forwarder.can_store(1, 0),
         }
 
     admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
@@ -173,6 +174,7 @@ def build_service(
         config.spool.dir,
         lambda: spooler.spool.path if spooler.spool is not None else None,
         redis,
+        writer,
         metrics,
         config.spool.max_bytes,
         config.spool.fsync,

@@ -7,7 +7,7 @@ import unittest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from relayd.outbox.buffer import ENTRY_OVERHEAD, RingBuffer, Waiter
+from relayd.outbox.buffer import ENTRY_OVERHEAD, NotStored, RingBuffer, Waiter
 
 
 class BufferMachine(RuleBasedStateMachine):
@@ -29,6 +29,8 @@ class BufferMachine(RuleBasedStateMachine):
             self.counter += 1
             items.append(b"%d" % self.counter + b"x" * size)
         waiter = Waiter(count) if stored else None
+        if waiter is not None:
+            waiter.deferred.addErrback(lambda f: None)  # the fail rule fails some
         fits = self.buffer.has_room(count, sum(map(len, items)))
         accepted = self.buffer.offer(key, items, waiter)
         assert accepted == fits
@@ -56,7 +58,18 @@ class BufferMachine(RuleBasedStateMachine):
     def release(self, i):
         """A stored batch leaves the accounting."""
         batch = self.in_flight.pop(i % len(self.in_flight))
-        self.buffer.release(batch)
+        self.buffer.settle_stored(batch)
+
+    @precondition(lambda self: self.in_flight)
+    @rule(i=st.integers(0, 10))
+    def fail(self, i):
+        """A batch nothing can store leaves the accounting and fails its waiters."""
+        batch = self.in_flight.pop(i % len(self.in_flight))
+        self.buffer.settle_failed(batch, NotStored("test", retry_after=1))
+        for entry in batch:
+            if entry[2] is not None:
+                assert entry[2].cancelled
+                assert entry[2].deferred.called
 
     @precondition(lambda self: self.in_flight)
     @rule()
@@ -77,6 +90,13 @@ class BufferMachine(RuleBasedStateMachine):
         """Never more than the bounds, counting in-flight entries."""
         assert self.buffer.messages <= self.buffer.max_messages
         assert self.buffer.bytes <= self.buffer.max_bytes
+
+    @invariant()
+    def taken_counts_entries_in_hand(self):
+        """A waiter's `taken` is the number of its entries taken and not yet settled or requeued."""
+        for waiter in self.waiters:
+            in_hand = sum(1 for b in self.in_flight for e in b if e[2] is waiter)
+            assert waiter.taken == in_hand, (waiter.taken, in_hand)
 
     @invariant()
     def accounting_matches(self):

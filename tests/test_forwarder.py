@@ -2,14 +2,13 @@
 
 Everything runs on a `twisted.internet.task.Clock` against `FakeRedis`, an
 in-test stand-in for the part of `relayd.redis.client.RedisClient` the forwarder
-uses (``ready``, ``on_ready``, ``lpush``).  Every LPUSH returns a Deferred
+and its writer use (``ready``, ``on_ready``, ``execute``).  Every LPUSH returns a Deferred
 that the test fires or fails by hand, so each test decides exactly when
 Redis "answers" and nothing depends on timing.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from typing import Callable, Dict, List, Optional
 
@@ -19,9 +18,11 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd.outbox.buffer import ENTRY_OVERHEAD, RingBuffer, Waiter
-from relayd.outbox.forwarder import DRAIN_POLL, RETRY_INITIAL_DELAY, RETRY_MAX_DELAY, Forwarder
 from relayd.ops.metrics import Metrics
+from relayd.outbox.buffer import ENTRY_OVERHEAD, NotStored, RingBuffer, Waiter
+from relayd.outbox.forwarder import DRAIN_POLL, RETRY_INITIAL_DELAY, RETRY_MAX_DELAY, Forwarder
+from relayd.outbox.targets import ListTarget
+from relayd.outbox.writer import RedisWriter
 from relayd.redis.client import ConnectionError, ResponseError, TimeoutError
 
 #: Largest delay a retry may take: the capped backoff times the largest jitter factor (0.5 + 1.0).
@@ -79,6 +80,11 @@ class FakeRedis:
         self.pushes.append(push)
         return push.deferred
 
+    def execute(self, *args: bytes) -> Deferred:
+        """The writer's entry: only LPUSH is expected here."""
+        assert args[0] == b"LPUSH", args
+        return self.lpush(args[1], list(args[2:]))
+
     def set_ready(self, ready: bool) -> None:
         """Change readiness; a transition to ready notifies the listeners."""
         was = self.ready
@@ -99,30 +105,36 @@ class FakeRedis:
                 push.succeed()
 
 
+class _EmptySpool:
+    """A spool with nothing in it (for the forwarder's replay loop)."""
+
+    closed = False
+    pending_records = 0
+
+    def read(self, *args: object, **kwargs: object) -> List[object]:
+        """Nothing to replay."""
+        return []
+
+
 class NoSpool:
-    """A spooler that never takes over, for forwarders that accept one.
+    """A spooler whose disk never takes writes.
 
     It keeps the forwarder on its direct path (buffer -> Redis, retry on
-    failure), which is what these tests are about; spilling to disk is the
-    spooler's own tests' business.  `reasons` records what asked it to take over.
+    failure), which is what these tests are about; spilling to disk is
+    tested over a real spool in tests/test_spooler.py.
     """
 
-    active = False
-    usable = False
+    pending = False
 
     def __init__(self) -> None:
-        self.reasons: List[str] = []
+        self.spool = _EmptySpool()
 
-    def on_mode_change(self, listener: Callable[[], None]) -> None:
-        """Never changes mode, so never calls `listener`."""
-
-    def activate(self, reason: str) -> None:
-        """Record the request and stay inactive."""
-        self.reasons.append(reason)
-
-    def spill(self, entries: List[object]) -> bool:
-        """Refuse (never reached while inactive)."""
+    def can_take(self, count: int, size: int) -> bool:
+        """Never."""
         return False
+
+    def acked(self) -> None:
+        """Nothing is ever replayed."""
 
 
 class ForwarderFixture:
@@ -143,20 +155,19 @@ class ForwarderFixture:
         self.clock = Clock()
         self.buffer = RingBuffer(max_messages, max_bytes)
         self.redis = FakeRedis(ready=ready)
-        extra = {}
-        if "spooler" in inspect.signature(Forwarder).parameters:
-            extra["spooler"] = NoSpool()
+        metrics = Metrics()
         self.forwarder = Forwarder(
             self.clock,
             buffer=self.buffer,
-            redis=self.redis,  # type: ignore[arg-type]
-            metrics=Metrics(),
+            redis=self.redis,
+            writer=RedisWriter(self.clock, self.redis, metrics),
+            spooler=NoSpool(),  # type: ignore[arg-type]
+            metrics=metrics,
             batch_messages=batch_messages,
             batch_bytes=batch_bytes,
             max_in_flight=max_in_flight,
             shutdown_timeout=shutdown_timeout,
             jitter=jitter,
-            **extra,
         )
         self.forwarder.startService()
 
@@ -167,7 +178,7 @@ class ForwarderFixture:
 
     def offer(self, key: bytes, items: List[bytes], waiter: Optional[Waiter] = None) -> None:
         """Offer items to the buffer (they must fit)."""
-        assert self.buffer.offer(key, items, waiter), "the test's buffer is too small"
+        assert self.buffer.offer(ListTarget(key), items, waiter), "the test's buffer is too small"
 
     def turn(self) -> None:
         """Let the reactor run its next iteration (calls scheduled with delay 0)."""
@@ -684,7 +695,8 @@ class Schedule:
 
     def __init__(self, f: ForwarderFixture) -> None:
         self.f = f
-        self.offered: Dict[bytes, List[bytes]] = {key: [] for key in LISTS}
+        self.offers: List[tuple] = []  # (key, items, waiter or None)
+        self.refused: List[tuple] = []  # (waiter, failure) of requests answered "not stored" (a 503)
         self.waiters: List[Waiter] = []
         self._n = 0
 
@@ -700,8 +712,9 @@ class Schedule:
                 self._n += count
                 waiter = Waiter(count) if stored_ack else None
                 f.offer(key, items, waiter)
-                self.offered[key].extend(items)
+                self.offers.append((key, items, waiter))
                 if waiter is not None:
+                    waiter.deferred.addErrback(lambda f, w=waiter: self.refused.append((w, f)))
                     self.waiters.append(waiter)
             elif kind == "succeed" and outstanding:
                 outstanding[step[1] % len(outstanding)].succeed()
@@ -733,14 +746,38 @@ class Schedule:
                 return
         test.fail(f"forwarder never went idle: {f.buffer.messages} messages left")
 
+    @property
+    def offered(self) -> Dict[bytes, List[bytes]]:
+        """Per list, the messages that must be stored: all but those of requests answered 503."""
+        out: Dict[bytes, List[bytes]] = {key: [] for key in LISTS}
+        for key, items, waiter in self.offers:
+            if waiter is None or not waiter.cancelled:
+                out[key].extend(items)
+        return out
+
+    @property
+    def optional(self) -> set:
+        """Messages of requests answered "503, may have been stored": in Redis or not, either is right."""
+        return {v for _, items, w in self.offers if w is not None and w.cancelled and w.exposed for v in items}
+
     def check_common(self, test: SynchronousTestCase) -> None:
-        """At-least-once, first pushes in offer order, waiters fired, nothing in flight, accounting at zero."""
+        """At-least-once, first pushes in offer order, waiters fired, nothing in flight, accounting at zero;
+        a request answered "not stored" left nothing in Redis (the spool never takes writes here, so a
+        request is refused whenever Redis is down while it waits)."""
         f = self.f
+        pushed = {v for push in f.pushes for v in push.values}
+        for waiter, failure in self.refused:
+            test.assertIsInstance(failure.value, NotStored)
+            test.assertEqual(failure.value.maybe_stored, waiter.exposed)
+        for _key, items, waiter in self.offers:
+            if waiter is not None and waiter.cancelled and not waiter.exposed:
+                test.assertEqual([v for v in items if v in pushed], [], "a request answered 'nothing stored' reached Redis")
         first_pushes: Dict[bytes, List[bytes]] = {key: [] for key in LISTS}
         seen = set()
+        optional = self.optional
         for push in f.pushes:  # issue order = the order Redis runs them in
             for value in push.values:
-                if value not in seen:
+                if value not in seen and value not in optional:
                     seen.add(value)
                     first_pushes[push.key].append(value)
         stored = {v for push in f.pushes if push.outcome == "stored" for v in push.values}
@@ -801,5 +838,8 @@ class PropertyTests(SynchronousTestCase):
         schedule.recover(self)
         schedule.check_common(self)
         for key in LISTS:
-            in_redis = [v for p in f.pushes if p.key == key and p.outcome == "stored" for v in p.values]
+            optional = schedule.optional
+            in_redis = [
+                v for p in f.pushes if p.key == key and p.outcome == "stored" for v in p.values if v not in optional
+            ]
             self.assertEqual(in_redis, schedule.offered[key], f"list {key!r}: stored contents differ from offers")

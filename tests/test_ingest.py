@@ -9,14 +9,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd.outbox.buffer import RingBuffer
 from relayd.codec import decode_envelope
 from relayd.config import RouteConfig
-from relayd.ingest.http_layer import IngestSite
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute
-from relayd.ops.metrics import Metrics
+from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema
+from relayd.ops.metrics import Metrics
+from relayd.outbox.buffer import RingBuffer
+from relayd.outbox.targets import ListTarget
 
 INCREMENT = compile_schema(
     {
@@ -55,7 +56,7 @@ class IngestFixture:
             self.clock,
             [IngestRoute(r, validators.get(r.path), self.metrics.route(r.path), self.clock) for r in routes],
             self.buffer,
-            lambda: self.redis.ready,
+            lambda count, size: self.redis.ready,
             IdGenerator(self.clock.seconds, node=7),
             self.metrics,
             ack_timeout,
@@ -70,10 +71,7 @@ class IngestFixture:
     def store_all(self):
         """Play the forwarder: everything queued is now in Redis."""
         batch = self.buffer.take(10**6, 10**9)
-        self.buffer.release(batch)
-        for _, _, waiter in batch:
-            if waiter is not None:
-                waiter.stored()
+        self.buffer.settle_stored(batch)
         self.treq.flush()
         return batch
 
@@ -108,7 +106,7 @@ class KleinSurfaceTests(SynchronousTestCase, IngestFixture):
         self.assertEqual(doc["status"], "OK")
         [(key, item, waiter)] = self.buffer.take(10, 10**6)
         env = decode_envelope(item)
-        self.assertEqual((key, env["id"], env["body"], env["route"]), (b"events", doc["id"], {"a": 1}, "/events"))
+        self.assertEqual((key, env["id"], env["body"], env["route"]), (ListTarget(b"events"), doc["id"], {"a": 1}, "/events"))
         self.assertEqual(env["ts"], 1700000000.0)
         self.assertIsNone(waiter)
 
@@ -275,6 +273,6 @@ class RateLimitedOverloadTests(SynchronousTestCase, IngestFixture):
         self.assertEqual(self.successResultOf(self.post("/limited", b"1")).code, 200)
         for _ in range(3):
             self.assertEqual(self.successResultOf(self.post("/limited", b"2")).code, 503)
-        self.buffer.release(self.buffer.take(10, 10**6))
+        self.buffer.settle_stored(self.buffer.take(10, 10**6))
         self.assertEqual(self.successResultOf(self.post("/limited", b"3")).code, 200)
         self.assertEqual(self.successResultOf(self.post("/limited", b"4")).code, 429)

@@ -32,7 +32,7 @@ class KeySlotTests(unittest.TestCase):
         try:
             name = companion(key, *parts)
         except ValueError:
-            self.assertIn(b"}", key)
+            self.assertTrue(key == b"" or b"}" in key)
             self.assertEqual(hash_tag(key), key)
             return
         self.assertEqual(key_slot(name), key_slot(key))

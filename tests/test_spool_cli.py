@@ -10,8 +10,8 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd.spool.store import FRAME_OVERHEAD, Spool, encode_record
 from relayd.spool.cli import EXIT_CORRUPT, EXIT_OK, EXIT_USAGE, main
+from relayd.spool.store import FRAME_OVERHEAD, Spool, encode_record
 
 
 class SpoolCLITests(SynchronousTestCase):

@@ -20,13 +20,10 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
-from relayd.outbox.buffer import RingBuffer, Waiter
 from relayd.codec import EncodeError, encode_envelopes
 from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
-from relayd.listener import ListenerService
-from relayd.ops.metrics import Metrics, RouteMetrics
+from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -36,11 +33,16 @@ from relayd.ingest.problems import (
     NotReady,
     Overloaded,
     Problem,
+    StoreFailed,
     StoreTimeout,
     render_problem,
 )
 from relayd.ingest.ratelimit import RateLimiter
 from relayd.ingest.validation import BodyParser, Validator
+from relayd.listener import ListenerService
+from relayd.ops.metrics import Metrics, RouteMetrics
+from relayd.outbox.buffer import NotStored, RingBuffer, Waiter
+from relayd.outbox.targets import ListTarget
 
 JSON_CONTENT_TYPE = b"application/json"
 RETRY_AFTER_OVERLOAD = 1  # seconds: the forwarder drains a full buffer in well under that
@@ -64,7 +66,7 @@ class IngestRoute:
         rate limits; `share` is this process's share of route rate limits."""
         self.path = config.path
         self.path_bytes = config.path.encode()
-        self.list_key = config.list.encode()
+        self.target = ListTarget(config.list.encode())
         self.stored = config.ack == "stored"
         self.envelope = config.format == "envelope"
         self.max_body = config.max_body
@@ -87,11 +89,6 @@ class IngestRoute:
                 seconds, config.rate_limit, config.rate_burst, config.client_rate_limit, config.client_rate_burst, share
             )
 
-    def reload(self) -> None:
-        """Re-read reloadable credentials (SIGHUP)."""
-        if self.tokens is not None:
-            self.tokens.reload()
-
 
 class IngestApp:
     """The Klein application for ingest routes; dependencies injected."""
@@ -104,7 +101,7 @@ class IngestApp:
         clock,  # type: ignore[no-untyped-def]
         routes: List[IngestRoute],
         buffer: RingBuffer,
-        can_store: Callable[[], bool],
+        can_store: Callable[[int, int], bool],
         ids: IdGenerator,
         metrics: Metrics,
         ack_timeout: float,
@@ -175,16 +172,12 @@ class IngestApp:
                 f"{request.method.decode('ascii', 'replace')} is not allowed here; use POST",
                 headers=((b"Allow", b"POST"),),
             )
-        return self.post(request, route)
+        result = self.post(request, route)
+        return result.deferred if isinstance(result, Waiter) else result
 
     def replace_routes(self, routes: List[IngestRoute]) -> None:
         """Serve `routes` from the next request on (SIGHUP); requests in flight keep theirs."""
         self._routes = {r.path_bytes: r for r in routes}
-
-    def reload_credentials(self) -> None:
-        """Re-read every route's tokens file (SIGHUP)."""
-        for route in self._routes.values():
-            route.reload()
 
     def route_for(self, request: Request) -> Optional[IngestRoute]:
         """The route of a POST to a configured path (the hot path), else None."""
@@ -193,7 +186,8 @@ class IngestApp:
         return None
 
     def post(self, request: Request, route: IngestRoute) -> Any:
-        """Accept one POST: the response body, or a Deferred of it (stored acks)."""
+        """Accept one POST: the response body, or the `Waiter` whose Deferred
+        gives it (stored acks)."""
         if self.stopping:
             # Still served (forwarder and spool run until ingest is drained),
             # but the client reconnects elsewhere afterwards: a 503 here, or
@@ -207,9 +201,9 @@ class IngestApp:
         except Problem as p:
             route.metrics.rejected(p.reason)
             raise
-        if isinstance(result, Deferred):
+        if isinstance(result, Waiter):
             self.active += 1
-            result.addBoth(self._request_done)
+            result.deferred.addBoth(self._request_done)
         return result
 
     def serve(self, request: Request, route: IngestRoute) -> None:
@@ -223,9 +217,10 @@ class IngestApp:
         except Problem as p:
             _finish(request, write_problem(request, p))
             return
-        if isinstance(result, Deferred):
+        if isinstance(result, Waiter):
             gone = request.notifyFinish()  # fires with an error if the client leaves
-            result.addCallbacks(
+            gone.addErrback(_client_gone, result)
+            result.deferred.addCallbacks(
                 _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, gone), errbackArgs=(request, gone)
             )
         else:
@@ -274,19 +269,26 @@ class IngestApp:
         """Offer the encoded messages to the buffer; the ack, or a Deferred of it."""
         count = len(items)
         if route.stored:
-            if not self._can_store():
+            size = 0
+            for item in items:
+                size += len(item)
+            if not self._can_store(count, size):
                 raise NotReady(
                     "neither Redis nor the disk spool can take messages now", retry_after=RETRY_AFTER_NOT_READY
                 )
             waiter = Waiter(count)
-            if not self._buffer.offer(route.list_key, items, waiter):
+            if not self._buffer.offer(route.target, items, waiter):
                 raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
             route.metrics.ingested.inc(count)
             self._pending_acks.append((started + self._ack_timeout, waiter, count))
             d = waiter.deferred
-            d.addCallback(self._acknowledge, request, route, ids, started, batch)
-            return d
-        if not self._buffer.offer(route.list_key, items, None):
+            d.addCallbacks(
+                self._acknowledge,
+                _not_stored_problem,
+                callbackArgs=(request, route, ids, started, batch),
+            )
+            return waiter
+        if not self._buffer.offer(route.target, items, None):
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
         route.metrics.ingested.inc(count)
         return self._acknowledge(None, request, route, ids, started, batch)
@@ -306,28 +308,29 @@ class IngestApp:
     def _expire_acks(self) -> None:
         """Answer 503 to stored-ack requests that waited past the ack timeout.
 
-        Only when none of the request's messages was ever handed to Redis or
-        the spool (``waiter.taken == 0``): cancelling then guarantees that
-        nothing of it is stored, so the 503 changes nothing and a retry
-        cannot duplicate.  A request with messages on the way keeps waiting
-        for their outcome (bounded by the reply timeout; failures spill).
+        Only when none of the request's messages is stored or on its way to
+        Redis or the spool (``waiter.untouched``): cancelling then
+        guarantees that nothing of it is stored, so the 503 changes nothing
+        and a retry cannot duplicate.  A request with messages on the way
+        keeps waiting for their outcome (bounded by the reply timeout;
+        failures spill).  This is the last resort, not the normal path: the
+        forwarder answers a request nothing can store at once.
         """
         now = self._clock.seconds()
         pending = self._pending_acks
         later = []
         while pending:
             deadline, waiter, count = pending[0]
-            if waiter.deferred.called:
+            if waiter.deferred.called or waiter.cancelled:
                 pending.popleft()
                 continue
             if deadline > now:
                 break
             pending.popleft()
-            if waiter.taken:
+            if not waiter.untouched:
                 later.append((now + ACK_SWEEP_INTERVAL, waiter, count))
                 continue
-            waiter.cancelled = True
-            waiter.deferred.errback(
+            waiter.fail(
                 StoreTimeout(
                     f"not stored within {self._ack_timeout:g}s; nothing was stored", retry_after=RETRY_AFTER_NOT_READY
                 )
@@ -346,6 +349,28 @@ class IngestApp:
     def resource(self) -> Any:
         """The twisted.web resource of this app."""
         return self._app.resource()
+
+
+def _not_stored_problem(failure: Any) -> Any:
+    """The forwarder's `NotStored` becomes a 503 problem (other failures pass)."""
+    error = failure.value
+    if isinstance(error, NotStored):
+        if error.maybe_stored:
+            raise StoreFailed(error.reason, retry_after=error.retry_after)
+        raise NotReady(f"{error.reason}; nothing was stored", retry_after=error.retry_after)
+    return failure
+
+
+def _client_gone(failure: Any, waiter: Waiter) -> None:
+    """The client left while its stored ack was pending: free its waiter.
+
+    Its messages are dropped if none is stored or on its way (nothing
+    changes, like a 503); otherwise they are stored and nobody is told.
+    Consumes the ``notifyFinish`` error (a client leaving is no error of
+    ours: it must not be logged as unhandled).
+    """
+    if waiter.untouched:
+        waiter.cancel()
 
 
 def _finish(request: Request, body: bytes) -> None:

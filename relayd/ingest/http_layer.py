@@ -29,7 +29,6 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
 from relayd.config import LimitsConfig
-from relayd.ops.metrics import Metrics
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -40,6 +39,7 @@ from relayd.ingest.problems import (
     TooManyConnections,
     render_problem,
 )
+from relayd.ops.metrics import Metrics
 
 DEADLINE_SWEEP = 0.25  # seconds: resolution of head/body deadlines
 

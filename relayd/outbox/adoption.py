@@ -15,9 +15,10 @@ A directory nobody holds but which still has records is an *orphan*: its
 worker crashed and was not restarted into it, or the daemon now runs fewer
 workers.  Every worker runs an `OrphanAdopter`: every `SCAN_INTERVAL` it
 looks for unlocked ``worker-*`` directories, opens each one (which locks
-it), replays its records to Redis oldest first (a second, read-only replay
-loop, the same batching as `Spooler._replay`), and when it is empty closes
-and removes it.  An empty orphan is removed at once.
+it), replays its records to Redis oldest first with the one replay loop
+(`relayd.outbox.replay.Replayer`, through the one writer), one orphan at a
+time, and when it is empty closes and removes it.  An empty orphan is
+removed at once.
 
 The claim lock makes "open or remove" atomic with respect to "pick": a
 starting worker never picks a directory an adopter is about to delete.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -41,15 +43,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from relayd.ops.metrics import Metrics
+from relayd.outbox.replay import Replayer
+from relayd.outbox.writer import RedisWriter
 from relayd.spool.store import Spool, SpoolError, SpoolLockedError
-from relayd.outbox.spooler import push_records
 
 CLAIM_LOCK = ".claim.lock"
 WORKER_DIR_RE = re.compile(r"^worker-(\d+)$")
 SCAN_INTERVAL = 2.0  # seconds: an orphan waits at most this long (plus a worker restart) to be picked up
-REPLAY_MAX_RECORDS = 1000  # same batch as the spooler's replay
-REPLAY_MAX_BYTES = 1024 * 1024
-REPLAY_RETRY = 0.5  # seconds between attempts while Redis fails
 
 
 def worker_dirs(base: str) -> List[Tuple[int, str]]:
@@ -126,22 +127,24 @@ class OrphanAdopter(Service):
         base: str,
         own_path: Callable[[], Optional[str]],
         redis: Any,
-        metrics: Any,
+        writer: RedisWriter,
+        metrics: Metrics,
         max_bytes: int,
         fsync: str,
         interval: float = SCAN_INTERVAL,
     ) -> None:
+        """`redis` is the client (readiness notices); `writer` writes through it."""
         self._reactor = reactor
         self._base = base
         self._own_path = own_path
         self._redis = redis
+        self._writer = writer
         self._metrics = metrics
         self._max_bytes = max_bytes
         self._fsync = fsync
         self._interval = interval
         self._adopted: Dict[str, Spool] = {}
-        self._replaying: Optional[Deferred] = None
-        self._retry_call: Any = None
+        self._current: Optional[Tuple[str, Spool, Replayer]] = None  # the orphan being replayed
         self._scan = LoopingCall(self.scan)
         self._scan.clock = reactor
         self.adopted_total = 0
@@ -158,13 +161,12 @@ class OrphanAdopter(Service):
         self._redis.on_ready(self._kick)
 
     def stopService(self) -> Deferred:
-        """Wait for a batch on the wire, then close adopted spools (their records stay for the next adopter)."""
+        """Wait for batches on the wire, then close adopted spools (their records stay for the next adopter)."""
         super().stopService()
         if self._scan.running:
             self._scan.stop()
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
-        d = self._replaying if self._replaying is not None else succeed(None)
+        d = self._current[2].stop() if self._current is not None else succeed(None)
+        self._current = None
 
         def close(_: object) -> None:
             for spool in self._adopted.values():
@@ -209,38 +211,34 @@ class OrphanAdopter(Service):
         self._kick()
 
     def _kick(self) -> None:
-        if self.running and self._replaying is None and self._adopted:
-            self._replay()
-
-    def _replay(self) -> None:
-        if not self._redis.ready:
-            return  # on_ready kicks us again
-        for path, spool in list(self._adopted.items()):
-            records = spool.read(REPLAY_MAX_RECORDS, REPLAY_MAX_BYTES)
-            if not records:
-                self._release(path, spool)
-                continue
-            d, counts = push_records(self._redis, records)
-            self._replaying = d
-            d.addCallbacks(self._replayed, self._failed, callbackArgs=(spool, records[-1][0], counts))
+        """Replay the current orphan, or start on the next one."""
+        if not self.running:
+            return
+        if self._current is not None:
+            self._current[2].kick()
+            return
+        for path, spool in self._adopted.items():
+            replayer = Replayer(
+                self._reactor,
+                spool,
+                self._writer,
+                self._metrics,
+                on_acked=spool.sync,  # an orphan has no group commit: sync each ack
+                on_idle=functools.partial(self._drained, path, spool),
+                pipeline=1,
+            )
+            self._current = (path, spool, replayer)
+            replayer.start()
             return
 
-    def _replayed(self, _: object, spool: Spool, last: Any, counts: Dict[bytes, int]) -> None:
-        self._replaying = None
-        if spool.closed:
+    def _drained(self, path: str, spool: Spool) -> None:
+        if self._current is None or self._current[1] is not spool:
             return
-        spool.ack(last)
-        spool.sync()
-        for key, count in counts.items():
-            self._metrics.forwarded_to(key).inc(count)
-            self._metrics.replayed.inc(count)
-        self._kick()
-
-    def _failed(self, failure: Any) -> None:
-        self._replaying = None
-        self._metrics.redis_errors.labels(kind="adopt").inc()
-        if self.running:
-            self._retry_call = self._reactor.callLater(REPLAY_RETRY, self._kick)
+        replayer = self._current[2]
+        self._current = None
+        replayer.stop()
+        self._release(path, spool)
+        self._reactor.callLater(0, self._kick)
 
     def _release(self, path: str, spool: Spool) -> None:
         del self._adopted[path]

@@ -9,36 +9,78 @@ Accounting covers messages from `offer` until `release`: entries the
 forwarder has taken but Redis has not yet confirmed still count, so a Redis
 that accepts the connection but never answers cannot make memory unbounded.
 
-Entries are ``(list_key, item, waiter)`` tuples.  A `Waiter` is shared by all
-messages of one ``ack = "stored"`` request and fires when the last of them is
-stored; ``ack = "accepted"`` messages carry ``None``.  A request that gave up
-waiting marks its waiter cancelled: entries not yet taken are then dropped
-(lazily, by `take`), so a 503 for a timed-out request changes nothing that
-was not already on its way.
+Entries are ``(target, item, waiter)`` tuples (`relayd.outbox.targets`).  A
+`Waiter` is shared by all messages of one ``ack = "stored"`` request and
+fires when the last of them is stored; ``ack = "accepted"`` messages carry
+``None``.  A request that gave up waiting marks its waiter cancelled:
+entries not yet taken are then dropped (lazily, by `take`), so a 503 for a
+timed-out request changes nothing that was not already on its way.
+
+Settlement has one home: an entry leaves the buffer's accounting and its
+waiter learns the outcome in `settle_stored` or `settle_failed`, called by
+the forwarder, the one owner of delivery.  Nothing else touches waiters but
+the request that created one (to cancel it).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Deque, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:
+    from relayd.outbox.targets import Target
 
 # Rough per-message memory beyond the payload (tuple, bytes header, deque
 # slot); counting it keeps max_bytes honest for floods of tiny messages.
 ENTRY_OVERHEAD = 120
 
 
+class NotStored(Exception):
+    """A stored-ack request's messages could not be stored (the ingest layer answers 503).
+
+    `maybe_stored` is True when some of them may still reach Redis (an
+    fsync failed after the records were written): the answer must not
+    claim that nothing changed.
+    """
+
+    def __init__(self, reason: str, retry_after: int, maybe_stored: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.maybe_stored = maybe_stored
+
+
 class Waiter:
     """Completion of one stored-ack request: fires once all its messages are stored."""
 
-    __slots__ = ("deferred", "remaining", "taken", "cancelled")
+    __slots__ = ("deferred", "count", "remaining", "taken", "cancelled", "exposed")
 
     def __init__(self, count: int) -> None:
         self.deferred: Deferred = Deferred()
-        self.remaining = count
-        self.taken = 0
+        self.count = count
+        self.remaining = count  # not yet stored
+        self.taken = 0  # taken from the queue and not yet settled or requeued
         self.cancelled = False
+        #: Some message was written to Redis or the spool, with whatever
+        #: outcome: a failed (timed-out) write may still have been executed.
+        self.exposed = False
+
+    @property
+    def untouched(self) -> bool:
+        """None of its messages was ever written anywhere: failing it changes nothing."""
+        return not self.exposed
+
+    def fail(self, error: Exception) -> None:
+        """Give up: entries not yet taken are dropped; the request gets `error`."""
+        self.cancelled = True
+        if not self.deferred.called:
+            self.deferred.errback(error)
+
+    def cancel(self) -> None:
+        """The client went away: drop what was not taken yet, answer nothing."""
+        self.cancelled = True
 
     def stored(self, count: int = 1) -> None:
         """Record that `count` of its messages are stored; fire when all are.
@@ -51,7 +93,7 @@ class Waiter:
             self.deferred.callback(None)
 
 
-Entry = Tuple[bytes, bytes, Optional[Waiter]]
+Entry = Tuple["Target", bytes, Optional[Waiter]]
 
 
 class RingBuffer:
@@ -81,8 +123,8 @@ class RingBuffer:
             and self.bytes + size + count * ENTRY_OVERHEAD <= self.max_bytes
         )
 
-    def offer(self, key: bytes, items: List[bytes], waiter: Optional[Waiter]) -> bool:
-        """Append all `items` for list `key`, or none of them; False when full."""
+    def offer(self, target: Target, items: List[bytes], waiter: Optional[Waiter]) -> bool:
+        """Append all `items` for `target`, or none of them; False when full."""
         count = len(items)
         size = 0
         for item in items:
@@ -94,9 +136,9 @@ class RingBuffer:
         self.bytes += size
         queue = self._queue
         if count == 1:
-            queue.append((key, items[0], waiter))
+            queue.append((target, items[0], waiter))
         else:
-            queue.extend([(key, item, waiter) for item in items])
+            queue.extend([(target, item, waiter) for item in items])
         if self._listener is not None:
             self._listener()
         return True
@@ -122,13 +164,30 @@ class RingBuffer:
             size += len(entry[1])
         return batch
 
-    def release(self, entries: List[Entry]) -> None:
-        """Forget entries that are stored; frees their share of the bounds."""
+    def _release(self, entries: List[Entry]) -> None:
         size = 0
         for entry in entries:
             size += len(entry[1])
         self.messages -= len(entries)
         self.bytes -= size + len(entries) * ENTRY_OVERHEAD
+
+    def settle_stored(self, entries: List[Entry]) -> None:
+        """Taken entries are stored: free their share of the bounds, tell their waiters."""
+        self._release(entries)
+        for entry in entries:
+            waiter = entry[2]
+            if waiter is not None:
+                waiter.taken -= 1
+                waiter.stored()
+
+    def settle_failed(self, entries: List[Entry], error: NotStored) -> None:
+        """Taken entries will not be stored by us: free them, fail their waiters with `error`."""
+        self._release(entries)
+        for entry in entries:
+            waiter = entry[2]
+            if waiter is not None:
+                waiter.taken -= 1
+                waiter.fail(error)
 
     def requeue(self, entries: List[Entry]) -> None:
         """Put taken entries back at the front, in their order (a failed push)."""

@@ -1,62 +1,98 @@
-"""The forwarder: drains the buffer into Redis lists, in batches.
+"""The forwarder: the one owner of how messages leave this process.
 
-Why batches: one ``LPUSH key v1 .. vN`` costs about one round trip whatever
-N is, and was 5-13x cheaper per message than a pipeline of single LPUSHes.
-All messages that arrive within one reactor iteration (and all that pile up
-while `max_in_flight` batches are outstanding) leave as one command per
-list, so batching grows with load by itself and costs nothing when idle.
+It drains the buffer (`relayd.outbox.buffer`) in batches and decides, alone,
+between two modes:
 
-Order: per list, values are pushed in arrival order (LPUSH then RPOP is
-FIFO).  Commands go out on one connection and Redis runs them in order.  On
-a failure the forwarder waits until nothing is in flight, then puts every
-failed batch back at the front of the buffer in its original order, and
-retries after a jittered backoff or as soon as Redis is ready again.  A
-command that timed out may still have been executed by Redis, so a retry
-can push a message twice: delivery is at-least-once (consumers dedupe by id).
+direct
+    Each batch is written to Redis by the one writer (`relayd.outbox.writer`):
+    one command per target (``LPUSH key v1 .. vN`` for a list), about one
+    round trip whatever N is (5-13x cheaper per message than single
+    LPUSHes).  Everything that arrives within one reactor turn, and all
+    that piles up while `max_in_flight` batches are outstanding, leaves as
+    one batch, so batches grow with load by themselves.
+
+spill
+    Each batch is appended to the disk spool (`relayd.outbox.spooler`) and
+    settled when its group commit is durable; the replay loop
+    (`relayd.outbox.replay`) pushes the spool to Redis, oldest first.
+
+Spill mode starts when Redis is down or a write failed, when the buffer
+passes its high-water mark (Redis is up but slower than ingest), or at start
+when the spool still holds records from before.  It ends only when the
+spool is empty again, so for every target all new messages queue *behind*
+the spooled ones: FIFO per target holds across an outage.  (One exception:
+a batch that was on the wire when the outage began fails and is spilled
+after messages that arrived meanwhile.)
+
+Settlement: every taken entry ends in exactly one of `settle_stored`
+(Redis replied, or the spool commit is durable), `settle_failed` (nothing
+can store it and its request can be told so truthfully) or `requeue` (try
+again).  A batch the spool refuses (full, disk error) while nothing else
+can store it fails at once the stored-ack requests none of whose messages
+is stored or on its way: a prompt 503, never a wait for the ack timeout.
+
+Order on failure: the forwarder waits until nothing is in flight, then puts
+every failed batch back at the front of the buffer in its original order.
+A command that timed out may still have been executed by Redis, so a retry
+can push a message twice: delivery is at-least-once (consumers dedupe by
+id).  A Redis that stops replying costs a batch at most ``[redis]
+reply_timeout`` (1 s by default) before it fails and spills.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from relayd.outbox.buffer import Entry, RingBuffer
 from relayd.ops.metrics import Metrics
-from relayd.redis.client import RedisClient, ResponseError, TimeoutError
-from relayd.outbox.spooler import Spooler
+from relayd.outbox.buffer import Entry, NotStored, RingBuffer
+from relayd.outbox.replay import Replayer
+from relayd.outbox.spooler import RETRY_AFTER_ERROR, Spooler
+from relayd.outbox.targets import Target, encode_payload
+from relayd.outbox.writer import RedisWriter
+from relayd.redis.client import ResponseError, TimeoutError
+from relayd.spool.store import SpoolFull, SpoolWriteError
 
 HIGH_WATER = 0.5  # spill once the buffer is half full: Redis is slower than ingest
 SPILL_RETRY = 0.1  # seconds before retrying a spill the spool refused
 RETRY_INITIAL_DELAY = 0.05  # seconds; a blip costs little latency
 RETRY_MAX_DELAY = 2.0  # seconds; bounded so recovery is quick once Redis answers
 DRAIN_POLL = 0.01  # seconds between drain checks during shutdown
+MODE_LOG_INTERVAL = 10.0  # seconds between spill/direct log lines
+#: Retry-After of a 503 when nothing can store: about when the spool's
+#: refusal window ends or Redis reconnects.
+RETRY_AFTER_NOT_STORED = int(RETRY_AFTER_ERROR) + 1
 
 
 class Forwarder(Service):
-    """Moves entries from the buffer to Redis with a bounded number in flight."""
+    """Moves entries from the buffer to Redis or the spool; settles them."""
 
     _log = Logger()
 
     def __init__(
         self,
-        reactor,  # type: ignore[no-untyped-def]
+        reactor: Any,
         buffer: RingBuffer,
-        redis: RedisClient,
+        redis: Any,
+        writer: RedisWriter,
         spooler: Spooler,
         metrics: Metrics,
         batch_messages: int,
         batch_bytes: int,
         max_in_flight: int,
         shutdown_timeout: float = 30.0,
-        jitter=random.random,  # type: ignore[no-untyped-def]
+        jitter: Callable[[], float] = random.random,
     ) -> None:
+        """`redis` is the client (for readiness notices); `writer` writes through it."""
         self._reactor = reactor
         self._buffer = buffer
         self._redis = redis
+        self._writer = writer
         self._spooler = spooler
         self._metrics = metrics
         self._high_messages = int(buffer.max_messages * HIGH_WATER)
@@ -70,40 +106,59 @@ class Forwarder(Service):
         self._seq = 0
         self._failed: List[Tuple[int, List[Entry]]] = []
         self._failures_in_row = 0
-        self._wakeup = None  # pending DelayedCall of _pump
+        self._wakeup: Any = None  # pending DelayedCall of _pump
         self._pumping = False
         self._retry_at: Optional[float] = None
+        self.spilling = False
+        self._replayer: Optional[Replayer] = None
+        self._mode_logged_at = -MODE_LOG_INTERVAL
+        self._mode_suppressed = 0
 
     # -- lifecycle -------------------------------------------------------
 
     def startService(self) -> None:
-        """Listen for new entries and for Redis becoming ready."""
+        """Listen for new entries and for Redis becoming ready; replay the spool."""
         super().startService()
+        spool = self._spooler.spool
+        assert spool is not None, "the spooler starts (and opens the spool) first"
+        self._replayer = Replayer(
+            self._reactor, spool, self._writer, self._metrics, self._spooler.acked, self._maybe_go_direct
+        )
+        if self._spooler.pending:
+            self._enter_spill("recovery")
         self._buffer.set_listener(self.wake)
         self._redis.on_ready(self._redis_ready)
-        self._spooler.on_mode_change(self.wake)
+        self._replayer.start()
         self.wake()
 
     def stopService(self) -> Deferred:
-        """Push everything still in memory; fire when done or after the shutdown timeout.
+        """Push everything still in memory; then let the replay's batches on the wire settle.
 
-        The caller stops ingest first, so the buffer only shrinks from here.
+        Fires True when the buffer drained, False after the shutdown
+        timeout.  The caller stops ingest first, so the buffer only shrinks.
         """
         super().stopService()
         done: Deferred = Deferred()
         timeout = self._shutdown_timeout
         deadline = self._reactor.seconds() + timeout
 
+        def finish(result: bool) -> None:
+            replayer = self._replayer
+            d = replayer.stop() if replayer is not None else Deferred()
+            if replayer is None:
+                d.callback(None)
+            d.addBoth(lambda _: done.callback(result))
+
         def check() -> None:
             if self._buffer.messages == 0:
-                done.callback(True)
+                finish(True)
             elif self._reactor.seconds() >= deadline:
                 self._log.error(
                     "shutdown: {count} messages still in memory after {timeout}s; they are lost",
                     count=self._buffer.messages,
                     timeout=timeout,
                 )
-                done.callback(False)
+                finish(False)
             else:
                 self.wake()
                 self._reactor.callLater(DRAIN_POLL, check)
@@ -113,8 +168,50 @@ class Forwarder(Service):
 
     @property
     def in_flight(self) -> int:
-        """Batches (one LPUSH per list they touch) awaiting replies."""
+        """Batches (one command per target they touch) awaiting replies."""
         return self._in_flight
+
+    def can_store(self, count: int = 1, size: int = 0) -> bool:
+        """Could `count` messages of `size` bytes be stored now (ingest, /readyz)?
+
+        In spill mode only the spool can take them (FIFO); in direct mode
+        Redis or, should it fail, the spool.
+        """
+        if self.spilling:
+            return self._spooler.can_take(count, size)
+        return self._redis.ready or self._spooler.can_take(count, size)
+
+    # -- mode --------------------------------------------------------------
+
+    def _enter_spill(self, reason: str) -> None:
+        if not self.spilling:
+            self.spilling = True
+            self._metrics.spill_mode.set(1)
+            self._log_mode(f"spilling to disk: {reason}")
+
+    def _maybe_go_direct(self) -> None:
+        """Leave spill mode once nothing is spooled or on its way and Redis is ready."""
+        if (
+            self.spilling
+            and not self._spooler.pending
+            and not (self._replayer is not None and self._replayer.busy)
+            and self._redis.ready
+        ):
+            self.spilling = False
+            self._metrics.spill_mode.set(0)
+            self._log_mode("spool drained; pushing directly to Redis again")
+            self.wake()
+
+    def _log_mode(self, message: str) -> None:
+        """Log mode switches, at most once per `MODE_LOG_INTERVAL` (flapping must not flood)."""
+        now = self._reactor.seconds()
+        if now - self._mode_logged_at >= MODE_LOG_INTERVAL:
+            suffix = f" ({self._mode_suppressed} more switches not logged)" if self._mode_suppressed else ""
+            self._log.info("{message}{suffix}", message=message, suffix=suffix)
+            self._mode_logged_at = now
+            self._mode_suppressed = 0
+        else:
+            self._mode_suppressed += 1
 
     # -- scheduling ------------------------------------------------------
 
@@ -128,6 +225,8 @@ class Forwarder(Service):
             self._wakeup.cancel()
             self._wakeup = None
         self._retry_at = None
+        if self._replayer is not None:
+            self._replayer.kick()
         self.wake()
 
     def _pump(self) -> None:
@@ -142,19 +241,19 @@ class Forwarder(Service):
 
     def _pump_once(self) -> None:
         buffer = self._buffer
-        spooler = self._spooler
-        if buffer.queued and not spooler.active:
+        if buffer.queued and not self.spilling:
             if not self._redis.ready:
-                spooler.activate("redis unavailable")
-            elif (buffer.messages > self._high_messages or buffer.bytes > self._high_bytes) and spooler.usable:
-                spooler.activate("buffer above high-water mark")
+                self._enter_spill("redis unavailable")
+            elif (buffer.messages > self._high_messages or buffer.bytes > self._high_bytes) and self._spooler.can_take(
+                1, 0
+            ):
+                self._enter_spill("buffer above high-water mark")
         while buffer.queued:
-            if spooler.active:
+            if self.spilling:
                 batch = buffer.take(self._batch_messages, self._batch_bytes)
-                if batch and not spooler.spill(batch):
-                    buffer.requeue(batch)
-                    if spooler.leave_if_idle():
-                        continue  # the spool is empty: pushing directly keeps FIFO
+                if batch and not self._spill(batch):
+                    if not self.spilling:
+                        continue  # the spool was empty: pushing directly keeps FIFO
                     self._retry_at = self._reactor.seconds() + SPILL_RETRY
                     self._wakeup = self._reactor.callLater(SPILL_RETRY, self._retry)
                     return
@@ -170,24 +269,86 @@ class Forwarder(Service):
             else:
                 return
 
+    # -- spill -------------------------------------------------------------
+
+    def _spill(self, batch: List[Entry]) -> bool:
+        """Append `batch` to the spool; settle it when durable.  False if refused."""
+        payloads = [encode_payload(target, item) for target, item, _ in batch]
+        size = 0
+        for p in payloads:
+            size += len(p)
+        spooler = self._spooler
+        if spooler.can_take(len(payloads), size):
+            try:
+                d = spooler.append(payloads)
+            except (SpoolFull, SpoolWriteError):
+                pass
+            else:
+                for entry in batch:
+                    if entry[2] is not None:
+                        entry[2].exposed = True
+                d.addCallbacks(self._spilled, self._commit_failed, callbackArgs=(batch,), errbackArgs=(batch,))
+                if self._replayer is not None:
+                    d.addCallback(lambda _: self._replayer.kick() if self._replayer is not None else None)
+                return True
+        self._refused(batch)
+        return False
+
+    def _spilled(self, _: object, batch: List[Entry]) -> None:
+        self._buffer.settle_stored(batch)
+
+    def _commit_failed(self, failure: Failure, batch: List[Entry]) -> None:
+        # The records are on disk but not known durable: the request gets a
+        # 503 that says they may still be delivered (replay may push them).
+        self._buffer.settle_failed(
+            batch,
+            NotStored(
+                "the disk spool could not fsync; the messages may or may not be delivered",
+                retry_after=RETRY_AFTER_NOT_STORED,
+                maybe_stored=True,
+            ),
+        )
+
+    def _refused(self, batch: List[Entry]) -> None:
+        """The spool refused `batch`: keep what must be kept, answer what can be answered."""
+        self._buffer.requeue(batch)
+        self._maybe_go_direct()  # an empty spool and a ready Redis: push directly instead
+        if not self.spilling:
+            return
+        untouched = NotStored("neither Redis nor the disk spool can take messages now", RETRY_AFTER_NOT_STORED)
+        exposed = NotStored(
+            "neither Redis nor the disk spool can take messages now; an earlier attempt may have stored some",
+            RETRY_AFTER_NOT_STORED,
+            maybe_stored=True,
+        )
+        for _, _, waiter in batch:
+            # Its queued entries are dropped by the next take.  One with
+            # entries still in hand (stored or on the wire) waits for them.
+            if waiter is not None and not waiter.cancelled and waiter.taken == 0:
+                waiter.fail(untouched if waiter.untouched else exposed)
+
+    # -- direct ------------------------------------------------------------
+
     def _send(self, batch: List[Entry]) -> None:
-        groups: Dict[bytes, List[Entry]] = {}
+        groups: dict[Target, List[Entry]] = {}
         for entry in batch:
             group = groups.get(entry[0])
             if group is None:
                 groups[entry[0]] = [entry]
             else:
                 group.append(entry)
+            if entry[2] is not None:
+                entry[2].exposed = True
         self._in_flight += 1
-        pending = [len(groups)]  # LPUSHes of this batch still awaiting a reply
-        started = self._reactor.seconds()
-        for key, entries in groups.items():
+        pending = [len(groups)]  # commands of this batch still awaiting a reply
+        write = self._writer.write
+        for target, entries in groups.items():
             self._seq += 1
-            d = self._redis.lpush(key, [e[1] for e in entries])
+            d = write(target, [e[1] for e in entries])
             d.addCallbacks(
                 self._pushed,
                 self._push_failed,
-                callbackArgs=(key, entries, started, pending),
+                callbackArgs=(entries, pending),
                 errbackArgs=(self._seq, entries, pending),
             )
 
@@ -196,23 +357,13 @@ class Forwarder(Service):
         if pending[0] == 0:
             self._in_flight -= 1
 
-    # -- outcomes --------------------------------------------------------
-
-    def _pushed(self, _reply: object, key: bytes, entries: List[Entry], started: float, pending: List[int]) -> None:
+    def _pushed(self, _reply: object, entries: List[Entry], pending: List[int]) -> None:
         self._command_done(pending)
         self._failures_in_row = 0
-        metrics = self._metrics
-        metrics.redis_latency.observe(self._reactor.seconds() - started)
-        metrics.batch_size.observe(len(entries))
-        metrics.forwarded_to(key).inc(len(entries))
-        self._buffer.release(entries)
-        for entry in entries:
-            waiter = entry[2]
-            if waiter is not None:
-                waiter.stored()
+        self._buffer.settle_stored(entries)
         self._settle()
 
-    def _push_failed(self, failure, seq: int, entries: List[Entry], pending: List[int]) -> None:  # type: ignore[no-untyped-def]
+    def _push_failed(self, failure: Failure, seq: int, entries: List[Entry], pending: List[int]) -> None:
         self._command_done(pending)
         if failure.check(TimeoutError):
             kind = "timeout"
@@ -225,7 +376,7 @@ class Forwarder(Service):
             self._log.warn("redis push failed ({kind}): {error}; will retry", kind=kind, error=failure.getErrorMessage())
         self._failures_in_row += 1
         self._failed.append((seq, entries))
-        self._spooler.activate(f"redis push failed ({kind})")
+        self._enter_spill(f"redis push failed ({kind})")
         self._settle()
 
     def _settle(self) -> None:
@@ -235,8 +386,8 @@ class Forwarder(Service):
             for _, entries in reversed(self._failed):
                 self._buffer.requeue(entries)
             self._failed = []
-            if self._spooler.active and self._spooler.usable:
-                self.wake()  # spill them now; the spooler's replay retries Redis
+            if self.spilling and self._spooler.can_take(1, 0):
+                self.wake()  # spill them now; the replay retries Redis
                 return
             delay = min(RETRY_INITIAL_DELAY * 2 ** min(self._failures_in_row, 16), RETRY_MAX_DELAY)
             delay *= 0.5 + self._jitter()

@@ -73,9 +73,9 @@ from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from relayd.ops.admin import AdminApp
 from relayd.config import Config, ConfigError
 from relayd.listener import ListenerService
+from relayd.ops.admin import AdminApp
 from relayd.ops.metrics_merge import Family, MetricsMerger
 from relayd.process.sdnotify import Notifier, child_environment
 from relayd.process.worker import bind_reuseport

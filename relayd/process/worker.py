@@ -249,10 +249,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from relayd.outbox.adoption import claim
     from relayd.config import ConfigError, load_config
-    from relayd.tap import build_service
     from relayd.ingest.validation import compile_schema_file
+    from relayd.outbox.adoption import claim
+    from relayd.tap import build_service
 
     status = StatusPipe(args.status_fd)
     try:

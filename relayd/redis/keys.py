@@ -43,6 +43,8 @@ def companion(key: bytes, *parts: bytes) -> bytes:
     suffix = b"".join(b":" + p for p in parts)
     if _tag_bounds(key) is not None:
         return key + suffix
+    if not key:
+        raise ValueError("an empty key has no slot to share")
     if b"}" in key:
         # "{a}}" would hash "a", not "a}": no tag can name this key's slot.
         raise ValueError(f"key {key!r} has a '}}' outside a hash tag; no companion key can share its slot")

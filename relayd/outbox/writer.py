@@ -1,0 +1,86 @@
+"""The one writer: batches of ``(target, payloads)`` -> Redis commands.
+
+Every path that stores messages in Redis goes through `RedisWriter`: the
+forwarder's direct path, the replay of this process's spool, and the
+adoption of orphaned spools.  So batching, metrics and (on a cluster) the
+routing of each command to its node are decided in one place.
+
+Each target's commands are issued at once and independently: one target's
+failure (a node of a cluster that is down, a wrong-type key) does not fail
+the others, and the caller learns the outcome per target.  Commands of one
+target go out in order on one connection, so per-target order holds.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Protocol, Sequence
+
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from relayd.ops.metrics import Metrics
+from relayd.outbox.targets import Target
+
+
+class CommandRunner(Protocol):
+    """The part of a Redis client the writer needs (`relayd.redis.client.RedisClient`)."""
+
+    @property
+    def ready(self) -> bool:
+        """Can commands be issued now?"""
+
+    def execute(self, *args: bytes) -> Deferred:
+        """Run one command; its reply, or a failure."""
+
+
+class RedisWriter:
+    """Turns groups of payloads per target into Redis commands; one per process."""
+
+    def __init__(self, clock: IReactorTime, redis: CommandRunner, metrics: Metrics) -> None:
+        self._clock = clock
+        self._redis = redis
+        self._metrics = metrics
+
+    @property
+    def ready(self) -> bool:
+        """True while Redis takes commands."""
+        return self._redis.ready
+
+    def write(self, target: Target, items: Sequence[bytes]) -> Deferred:
+        """Store `items` in `target`; fires with None once Redis replied to all of it.
+
+        A failure means some of the items may be stored (a timed-out command
+        may still run): the caller retries or spills, and delivery is
+        at-least-once.
+        """
+        started = self._clock.seconds()
+        commands = target.commands(items)
+        execute = self._redis.execute
+        if len(commands) == 1:
+            d = execute(*commands[0])
+        else:
+            d = gatherResults([execute(*c) for c in commands], consumeErrors=True)
+            d.addErrback(_first_error)
+        d.addCallback(self._written, target, len(items), started)
+        return d
+
+    def _written(self, _reply: object, target: Target, count: int, started: float) -> None:
+        metrics = self._metrics
+        metrics.redis_latency.observe(self._clock.seconds() - started)
+        metrics.batch_size.observe(count)
+        # "forwarded" counts every message that reached Redis, by any path.
+        metrics.forwarded_to(target.key).inc(count)
+
+    def write_groups(self, groups: Dict[Target, List[bytes]]) -> Deferred:
+        """Write every group concurrently; fires with ``{target: None or Failure}``."""
+        targets = list(groups)
+        d = DeferredList([self.write(t, groups[t]) for t in targets], consumeErrors=True)
+        d.addCallback(lambda results: {t: (None if ok else r) for t, (ok, r) in zip(targets, results)})
+        return d
+
+
+def _first_error(failure: Failure) -> Failure:
+    """gatherResults wraps the first failure in a FirstError: unwrap it."""
+    sub: Optional[Failure] = getattr(failure.value, "subFailure", None)
+    return sub if sub is not None else failure
