@@ -583,6 +583,12 @@ def check_environment(config: Config, compile_schema: Callable[[str, str], Any])
             path = getattr(route, key)
             if path is not None and not os.access(path, os.R_OK):
                 raise ConfigError(f"route[{i}].{key}: cannot read {path}")
+    for i, counter in enumerate(config.counters):
+        if counter.postgres is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("psycopg") is None:
+                raise ConfigError(f"counter[{i}].postgres: needs the psycopg package (pip install 'relayd[postgres]')")
     spool_dir = config.spool.dir
     try:
         os.makedirs(spool_dir, exist_ok=True)
