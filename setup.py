@@ -30,7 +30,8 @@ setup(
         # psycopg 3 (binary wheel): the maintained PostgreSQL driver; runs in
         # Twisted's adbapi thread pool for the optional [[counter]] postgres sink.
         "postgres": ["psycopg[binary]>=3.1"],
-        "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11", "psycopg[binary]>=3.1"],
+        # redis-py: the example request/reply worker (examples/) that the tests run
+        "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11", "redis>=5", "psycopg[binary]>=3.1"],
         "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0", "tox>=4"],
     },
     entry_points={"console_scripts": ["relayd = relayd.cli:main"]},

@@ -35,15 +35,25 @@ def _json_text(value: Optional[str]) -> bytes:
     return _json(value)
 
 
-def encode_envelopes(ids: List[str], ts: float, route: str, content_type: Optional[str], bodies: List[Any]) -> List[bytes]:
+def encode_envelopes(
+    ids: List[str],
+    ts: float,
+    route: str,
+    content_type: Optional[str],
+    bodies: List[Any],
+    reply_to: Optional[bytes] = None,
+) -> List[bytes]:
     """Serialize the envelopes of one request (shared ts, route, type).
 
     The shared fields are encoded once per request and each body once per
     message, spliced into a fixed template: ~25% cheaper than one
     ``ujson.dumps`` of a fresh dict per message.  Ids are hex, so they need
-    no escaping.
+    no escaping.  `reply_to` (request/reply routes) adds ``"reply_to"``.
     """
-    head = (b"%.6f" % ts, _json_text(route), _json_text(content_type))
+    ctype = _json_text(content_type)
+    if reply_to is not None:
+        ctype += b',"reply_to":' + _json(reply_to.decode("utf-8"))
+    head = (b"%.6f" % ts, _json_text(route), ctype)
     try:
         return [_ENVELOPE % ((i.encode("ascii"),) + head + (_json(b),)) for i, b in zip(ids, bodies)]
     except (OverflowError, UnicodeEncodeError) as e:

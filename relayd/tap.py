@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config
+from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config, with_backlog
 from relayd.counters.service import CounterService
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
@@ -38,6 +38,11 @@ from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
+from relayd.reply.inbox import ReplyInbox
+
+#: /readyz says "can store" when a message of this size could be stored now:
+#: a spool with less room than one ordinary message is as good as full.
+READY_MESSAGE_BYTES = 1024
 
 
 class Options(usage.Options):
@@ -142,6 +147,8 @@ def build_service(
     )
     shutdown_timeout = config.server.shutdown_timeout
     routes = build_routes(config, validators, metrics, reactor)
+    # Request/reply routes get this process's private reply list and its reader.
+    inbox = ReplyInbox(reactor, config.redis, metrics) if any(r.reply_timeout for r in config.routes) else None
     app = IngestApp(
         reactor,
         routes,
@@ -150,6 +157,7 @@ def build_service(
         IdGenerator(reactor.seconds),
         metrics,
         config.buffer.ack_timeout,
+        inbox,
     )
     site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits)
     ingest = IngestService(
@@ -163,7 +171,7 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": forwarder.can_store(1, 0),
+            "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
         }
 
     admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
@@ -183,16 +191,22 @@ def build_service(
     root = RelayService(reactor)
     root.metrics = metrics
     root.worker_index = worker_index
-    children: List[Tuple[str, Any]] = [("redis", redis)]
-    if config.counters:
-        # Its own Redis connection inside; stopped just before the main one.
-        children.append(("counters", CounterService(reactor, config.counters, config.redis, metrics, worker_index)))
-    # Stopped in reverse: admin, ingest, forwarder, adopter, spooler, counters, Redis.
-    for name, child in (
-        *children,
+    counters: List[Tuple[str, Any]] = []
+    if config.counters:  # their own Redis connection inside
+        counters.append(("counters", CounterService(reactor, config.counters, config.redis, metrics, worker_index)))
+    # Stopped in reverse: admin, ingest (waits for replies), replies, forwarder, adopter, spooler,
+    # counters, Redis.
+    children: List[Tuple[str, Any]] = [
+        ("redis", redis),
+        *counters,
         ("spooler", spooler),
         ("adopter", adopter),
         ("forwarder", forwarder),
+    ]
+    if inbox is not None:
+        children.append(("replies", inbox))
+    for name, child in (
+        *children,
         ("ingest", ingest),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
@@ -207,7 +221,7 @@ def _apply_overrides(config: Config, options: Options) -> Config:
 
     server = config.server
     if options["listen"]:
-        server = attrs.evolve(server, listen=options["listen"])
+        server = attrs.evolve(server, listen=with_backlog(options["listen"], server.backlog))
     if options["admin"]:
         server = attrs.evolve(server, admin=options["admin"])
     if options["workers"]:

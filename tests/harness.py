@@ -404,6 +404,7 @@ class RelaydProcess:
         spool: Mapping[str, Any] | None = None,
         redis: Mapping[str, Any] | None = None,
         buffer: Mapping[str, Any] | None = None,
+        limits: Mapping[str, Any] | None = None,
         config_text: str | None = None,
         files: Mapping[str, Any] | None = None,
         wait_ready: bool = True,
@@ -436,6 +437,8 @@ class RelaydProcess:
             }
             if buffer:
                 tables["buffer"] = dict(buffer)
+            if limits:
+                tables["limits"] = dict(limits)
             self.tables = tables
             config_text = to_toml(tables, routes, self.counters)
         self.config_path = self.write_file("relayd.conf", config_text)
@@ -638,6 +641,24 @@ class RelaydProcess:
             self.proc.kill()
             self.proc.wait()
         self._close_files()
+        self.assert_no_unhandled_errors()
+
+    #: Set to True by a test that provokes a traceback on purpose.
+    allow_tracebacks = False
+
+    def assert_no_unhandled_errors(self) -> None:
+        """Fail the test if relayd logged an unhandled Deferred error or any traceback.
+
+        Runs at cleanup for every daemon a test started: an error nobody
+        handled is a bug even when the test's own assertions passed.
+        """
+        if self.allow_tracebacks:
+            return
+        text = self.log_text()
+        for marker in ("Unhandled error in Deferred", "Traceback (most recent call last)"):
+            at = text.find(marker)
+            if at != -1:
+                raise AssertionError(f"relayd logged {marker!r}:\n{text[max(0, at - 500) : at + 3000]}")
 
 
 class _Exited(Exception):

@@ -62,10 +62,26 @@ class ConfigFromStringTests(unittest.TestCase):
         self.assertEqual(config.spool.max_bytes, 1024**3)
         self.assertEqual((config.redis.host, config.redis.port, config.redis.db), ("127.0.0.1", 6379, 0))
 
+    def test_listen_backlog(self):
+        """A listen string without a backlog gets [server] backlog (Twisted's own default is 50);
+        one that sets it, and socket activation, are left alone."""
+        from relayd.config import with_backlog
+
+        self.assertEqual(
+            config_from_string('[server]\nlisten = "tcp:80"\nbacklog = 4096\n' + MINIMAL).server.listen,
+            "tcp:80:backlog=4096",
+        )
+        self.assertEqual(with_backlog("tcp:80:backlog=5", 1024), "tcp:80:backlog=5")
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0", 1024), "systemd:domain=INET:index=0")
+        self.assertEqual(with_backlog("unix:/run/r.sock", 64), "unix:/run/r.sock:backlog=64")
+        with self.assertRaises(ConfigError):
+            config_from_string("[server]\nbacklog = 0\n" + MINIMAL)
+
     def test_defaults(self):
         """A config with only a route gets the documented defaults."""
         config = config_from_string(MINIMAL)
-        self.assertEqual(config.server.listen, "tcp:8080")
+        self.assertEqual(config.server.listen, "tcp:8080:backlog=1024")
+        self.assertEqual(config.server.backlog, 1024)
         self.assertEqual(config.server.admin, "tcp:9090:interface=127.0.0.1")
         self.assertEqual(config.routes[0].ack, "stored")
         self.assertEqual(config.routes[0].format, "envelope")

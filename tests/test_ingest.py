@@ -110,6 +110,18 @@ class KleinSurfaceTests(SynchronousTestCase, IngestFixture):
         self.assertEqual(env["ts"], 1700000000.0)
         self.assertIsNone(waiter)
 
+    def test_relayd_ack_stored_strengthens_an_accepted_route(self):
+        """``Relayd-Ack: stored`` on an accepted route: no answer until the message is stored."""
+        d = self.treq.post(
+            "http://relayd/events",
+            data=b'{"a": 1}',
+            headers={b"Content-Type": [b"application/json"], b"Relayd-Ack": [b"stored"]},
+        )
+        self.treq.flush()
+        self.assertNoResult(d)
+        self.store_all()
+        self.assertEqual(self.successResultOf(d).code, 200)
+
     def test_stored_route_waits_for_redis(self):
         """ack=stored: no answer until the forwarder stored the message."""
         d = self.post("/leads", b'{"message": "this is a lead message", "shop": "a23m07b23"}')

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd import spool as spool_mod
+from relayd.spool import store as spool_mod
 from relayd.spool.store import (
     FRAME_OVERHEAD,
     MAX_PAYLOAD_BYTES,

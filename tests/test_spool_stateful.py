@@ -23,7 +23,7 @@ import tempfile
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from relayd import spool as spool_mod
+from relayd.spool import store as spool_mod
 from relayd.spool.store import Spool, SpoolFull
 from tests.strategies import spool_payloads
 

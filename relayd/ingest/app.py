@@ -24,9 +24,12 @@ from relayd.codec import EncodeError, encode_envelopes
 from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
+from relayd.ingest.idempotency import RecentKeys, key_digest, parse_key
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
+    BadGateway,
     BadRequest,
+    GatewayTimeout,
     LengthRequired,
     MethodNotAllowed,
     NotFound,
@@ -42,7 +45,10 @@ from relayd.ingest.validation import BodyParser, Validator
 from relayd.listener import ListenerService
 from relayd.ops.metrics import Metrics, RouteMetrics
 from relayd.outbox.buffer import NotStored, RingBuffer, Waiter
+from relayd.outbox.dedup import DedupListTarget, encode_bundle
 from relayd.outbox.targets import ListTarget
+from relayd.reply.inbox import ReplyInbox, ReplyTimeout, ReplyUnusable
+from relayd.reply.protocol import Reply
 
 JSON_CONTENT_TYPE = b"application/json"
 RETRY_AFTER_OVERLOAD = 1  # seconds: the forwarder drains a full buffer in well under that
@@ -66,7 +72,10 @@ class IngestRoute:
         rate limits; `share` is this process's share of route rate limits."""
         self.path = config.path
         self.path_bytes = config.path.encode()
+        self.reply_timeout = config.reply_timeout
         self.target = ListTarget(config.list.encode())
+        self.dedup_target = DedupListTarget(config.list.encode(), int(config.idempotency_window * 1000))
+        self.recent = RecentKeys(clock.seconds, config.idempotency_window)
         self.stored = config.ack == "stored"
         self.envelope = config.format == "envelope"
         self.max_body = config.max_body
@@ -105,8 +114,11 @@ class IngestApp:
         ids: IdGenerator,
         metrics: Metrics,
         ack_timeout: float,
+        inbox: Optional[ReplyInbox] = None,
     ) -> None:
+        """`inbox` is this process's reply list (needed by request/reply routes)."""
         self._clock = clock
+        self._inbox = inbox
         self._routes: Dict[bytes, IngestRoute] = {r.path_bytes: r for r in routes}
         self._buffer = buffer
         self._can_store = can_store
@@ -114,6 +126,7 @@ class IngestApp:
         self._metrics = metrics
         self._ack_timeout = ack_timeout
         self._pending_acks: Deque[Tuple[float, Waiter, int]] = deque()
+        metrics.watch(metrics.idempotency_keys, lambda: sum(len(r.recent) for r in self._routes.values()))
         self._sweeper = LoopingCall(self._expire_acks)
         self._sweeper.clock = clock
         self.stopping = False
@@ -238,6 +251,18 @@ class IngestApp:
         body = request.content.read()
         if route.webhook is not None:
             route.webhook.check(headers, body)
+        stored = route.stored
+        ack = headers.getRawHeaders(b"relayd-ack")
+        if ack is not None:
+            stored = _ack_level(ack[0], route.stored)
+        digest = None
+        idem = headers.getRawHeaders(b"idempotency-key")
+        if idem is not None:
+            digest = key_digest(route.path_bytes, parse_key(idem[0]))
+            first_id = route.recent.get(digest)
+            if first_id is not None:
+                self._metrics.duplicates.labels(where="memory").inc()
+                return self._duplicate(request, route, first_id, started)
         ctype = headers.getRawHeaders(b"content-type")
         parsed = route.parser.parse(body, ctype[0] if ctype else None)
         count = len(parsed.values)
@@ -250,25 +275,47 @@ class IngestApp:
         else:
             ids = self._ids.next_ids(count)
         if route.envelope:
+            reply_to = None
+            if route.reply_timeout is not None:
+                reply_to = self._check_reply_route(parsed.batch)
             try:
-                items = encode_envelopes(ids, started, route.path, parsed.content_type, parsed.values)
+                items = encode_envelopes(ids, started, route.path, parsed.content_type, parsed.values, reply_to)
             except EncodeError as e:
                 raise BadRequest(f"body has no strict JSON representation: {e}") from None
         else:
             items = parsed.raws
         try:
-            return self._enqueue(request, route, items, ids, started, parsed.batch)
+            return self._enqueue(request, route, items, ids, started, parsed.batch, stored, digest)
         except Problem:
             if route.limiter is not None and client is not None:
                 route.limiter.refund(client, count)  # refused requests take no tokens
             raise
 
     def _enqueue(
-        self, request: Request, route: IngestRoute, items: List[bytes], ids: List[str], started: float, batch: bool
+        self,
+        request: Request,
+        route: IngestRoute,
+        items: List[bytes],
+        ids: List[str],
+        started: float,
+        batch: bool,
+        stored: bool,
+        digest: Optional[bytes],
     ) -> Any:
-        """Offer the encoded messages to the buffer; the ack, or a Deferred of it."""
+        """Offer the encoded messages to the buffer; the ack, or the `Waiter` of it.
+
+        With an idempotency `digest` the request travels as one bundle to
+        the route's dedup target (relayd/outbox/dedup.py), so that it is
+        stored once or not at all.
+        """
         count = len(items)
-        if route.stored:
+        if route.reply_timeout is not None:
+            return self._request_reply(request, route, items, ids[0], started)
+        target: Any = route.target
+        if digest is not None:
+            target = route.dedup_target
+            items = [encode_bundle(digest, ids[0].encode(), items)]
+        if stored:
             size = 0
             for item in items:
                 size += len(item)
@@ -276,8 +323,8 @@ class IngestApp:
                 raise NotReady(
                     "neither Redis nor the disk spool can take messages now", retry_after=RETRY_AFTER_NOT_READY
                 )
-            waiter = Waiter(count)
-            if not self._buffer.offer(route.target, items, waiter):
+            waiter = Waiter(len(items))
+            if not self._buffer.offer(target, items, waiter):
                 raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
             route.metrics.ingested.inc(count)
             self._pending_acks.append((started + self._ack_timeout, waiter, count))
@@ -285,23 +332,83 @@ class IngestApp:
             d.addCallbacks(
                 self._acknowledge,
                 _not_stored_problem,
-                callbackArgs=(request, route, ids, started, batch),
+                callbackArgs=(request, route, ids, started, batch, waiter, digest),
             )
             return waiter
-        if not self._buffer.offer(route.target, items, None):
+        if not self._buffer.offer(target, items, None):
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
         route.metrics.ingested.inc(count)
+        if digest is not None:
+            route.recent.put(digest, ids[0].encode())
         return self._acknowledge(None, request, route, ids, started, batch)
 
     def _acknowledge(
-        self, _: object, request: Request, route: IngestRoute, ids: List[str], started: float, batch: bool
+        self,
+        _: object,
+        request: Request,
+        route: IngestRoute,
+        ids: List[str],
+        started: float,
+        batch: bool,
+        waiter: Optional[Waiter] = None,
+        digest: Optional[bytes] = None,
     ) -> bytes:
+        if digest is not None:
+            first_id = waiter.duplicate_of if waiter is not None else None
+            route.recent.put(digest, first_id or ids[0].encode())
+            if first_id is not None:
+                return self._duplicate(request, route, first_id, started)
         request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
         route.metrics.latency.observe(self._clock.seconds() - started)
         if batch:
             body = b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())
         else:
             body = b'{"status":"OK","id":"%s"}' % ids[0].encode()
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
+
+    # -- request/reply ---------------------------------------------------------
+
+    def _check_reply_route(self, batch: bool) -> bytes:
+        """The reply list to name in the envelope; refuse what a reply route cannot serve."""
+        if batch:
+            raise BadRequest("a request/reply route takes one message per request, not an NDJSON batch")
+        if self._inbox is None or not self._inbox.ready:
+            # No worker could answer through the spool: answer now, store nothing.
+            raise NotReady("request/reply needs Redis, which is unreachable", retry_after=RETRY_AFTER_NOT_READY)
+        return self._inbox.list_name
+
+    def _request_reply(self, request: Request, route: IngestRoute, items: List[bytes], request_id: str, started: float) -> Any:
+        """Store the request like any stored message, then wait for its reply."""
+        assert self._inbox is not None and route.reply_timeout is not None
+        size = len(items[0])
+        if not self._can_store(1, size):
+            raise NotReady("neither Redis nor the disk spool can take messages now", retry_after=RETRY_AFTER_NOT_READY)
+        waiter = ReplyWaiter(self._inbox, request_id)
+        reply = self._inbox.wait(request_id, max(0.0, route.reply_timeout - (self._clock.seconds() - started)))
+        if not self._buffer.offer(route.target, items, waiter):
+            self._inbox.forget(request_id)
+            raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
+        route.metrics.ingested.inc(1)
+        self._pending_acks.append((started + self._ack_timeout, waiter, 1))
+        d = waiter.deferred
+        d.addCallback(lambda _: reply)
+        d.addCallbacks(self._relay_reply, _reply_problem, callbackArgs=(request, route, started), errbackArgs=(waiter,))
+        return waiter
+
+    def _relay_reply(self, reply: Reply, request: Request, route: IngestRoute, started: float) -> bytes:
+        request.setResponseCode(reply.status)
+        for name, value in reply.headers:
+            request.setHeader(name, value)
+        request.setHeader(b"Content-Length", b"%d" % len(reply.body))
+        route.metrics.latency.observe(self._clock.seconds() - started)
+        return reply.body
+
+    def _duplicate(self, request: Request, route: IngestRoute, first_id: bytes, started: float) -> bytes:
+        """The answer to a repeated Idempotency-Key: 2xx with the first request's id."""
+        request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
+        route.metrics.latency.observe(self._clock.seconds() - started)
+        body = b'{"status":"OK","id":"%s","duplicate":true}' % first_id
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
 
@@ -351,6 +458,18 @@ class IngestApp:
         return self._app.resource()
 
 
+def _ack_level(raw: bytes, route_stored: bool) -> bool:
+    """``Relayd-Ack``: a request may ask for a stronger ack than its route's, never a weaker one."""
+    value = raw.strip().lower()
+    if value == b"stored":
+        return True
+    if value == b"accepted":
+        if route_stored:
+            raise BadRequest("Relayd-Ack: accepted is weaker than this route's stored ack; not granted")
+        return False
+    raise BadRequest('Relayd-Ack must be "stored" or "accepted"')
+
+
 def _not_stored_problem(failure: Any) -> Any:
     """The forwarder's `NotStored` becomes a 503 problem (other failures pass)."""
     error = failure.value
@@ -364,13 +483,37 @@ def _not_stored_problem(failure: Any) -> Any:
 def _client_gone(failure: Any, waiter: Waiter) -> None:
     """The client left while its stored ack was pending: free its waiter.
 
-    Its messages are dropped if none is stored or on its way (nothing
-    changes, like a 503); otherwise they are stored and nobody is told.
     Consumes the ``notifyFinish`` error (a client leaving is no error of
     ours: it must not be logged as unhandled).
     """
-    if waiter.untouched:
-        waiter.cancel()
+    waiter.client_gone()
+
+
+class ReplyWaiter(Waiter):
+    """A request/reply request: stored like any message, then waiting for its reply."""
+
+    __slots__ = ("_inbox", "_request_id")
+
+    def __init__(self, inbox: ReplyInbox, request_id: str) -> None:
+        super().__init__(1)
+        self._inbox = inbox
+        self._request_id = request_id
+
+    def client_gone(self) -> None:
+        """Also free the reply entry at once (its reply, if any, will count as late)."""
+        super().client_gone()
+        self._inbox.forget(self._request_id)
+
+
+def _reply_problem(failure: Any, waiter: ReplyWaiter) -> Any:
+    """Not stored: 503 (and forget the reply); no reply: 504; a malformed reply: 502."""
+    error = failure.value
+    if isinstance(error, ReplyTimeout):
+        raise GatewayTimeout("no reply within the route's reply_timeout; the request stays queued")
+    if isinstance(error, ReplyUnusable):
+        raise BadGateway(f"the reply could not be relayed: {error.reason}")
+    waiter._inbox.forget(waiter._request_id)
+    return _not_stored_problem(failure)
 
 
 def _finish(request: Request, body: bytes) -> None:

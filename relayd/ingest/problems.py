@@ -80,6 +80,8 @@ UnsupportedMediaType = _problem(
 Overloaded = _problem("Overloaded", 503, "Overloaded", "overloaded", "overloaded")
 NotReady = _problem("NotReady", 503, "Not ready", "not-ready", "not_ready")
 StoreTimeout = _problem("StoreTimeout", 503, "Not stored in time", "store-timeout", "store_timeout")
+GatewayTimeout = _problem("GatewayTimeout", 504, "Gateway timeout", "reply-timeout", "reply_timeout")
+BadGateway = _problem("BadGateway", 502, "Bad gateway", "bad-reply", "bad_reply")
 #: The one 503 that may not leave things unchanged: the spool's fsync failed
 #: after the records were written, so replay may still deliver them.
 StoreFailed = _problem("StoreFailed", 503, "Storage failed", "store-failed", "store_failed")

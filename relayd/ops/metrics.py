@@ -71,6 +71,30 @@ class Metrics:
         self.forwarded = Counter(
             "relayd_forwarded", "Messages pushed to Redis (directly or replayed from the spool).", ["list"], registry=r
         )
+        self.duplicates = Counter(
+            "relayd_duplicates_dropped",
+            "Requests with an Idempotency-Key already seen, by where they were caught "
+            "(memory: this process's recent keys; direct/replay: the Redis script).",
+            ["where"],
+            registry=r,
+        )
+        self.idempotency_keys = Gauge(
+            "relayd_idempotency_keys", "Idempotency keys remembered in this process (LRU).", registry=r
+        )
+        self.reply_waiting = Gauge("relayd_reply_waiting", "Request/reply requests waiting for their reply.", registry=r)
+        self.replies = Counter(
+            "relayd_replies",
+            "Replies read from this process's reply list, by outcome (matched, late, malformed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.reply_timeouts = Counter("relayd_reply_timeouts", "Request/reply requests answered 504.", registry=r)
+        self.reply_roundtrip = Histogram(
+            "relayd_reply_roundtrip_seconds",
+            "Request/reply: request received to reply matched.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.redis_errors = Counter("relayd_redis_errors", "Failed Redis pushes, by kind.", ["kind"], registry=r)
         self.batch_size = Histogram(
             "relayd_batch_size", "Messages per LPUSH.", buckets=BATCH_BUCKETS, registry=r

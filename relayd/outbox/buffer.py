@@ -55,7 +55,7 @@ class NotStored(Exception):
 class Waiter:
     """Completion of one stored-ack request: fires once all its messages are stored."""
 
-    __slots__ = ("deferred", "count", "remaining", "taken", "cancelled", "exposed")
+    __slots__ = ("deferred", "count", "remaining", "taken", "cancelled", "exposed", "duplicate_of")
 
     def __init__(self, count: int) -> None:
         self.deferred: Deferred = Deferred()
@@ -66,6 +66,8 @@ class Waiter:
         #: Some message was written to Redis or the spool, with whatever
         #: outcome: a failed (timed-out) write may still have been executed.
         self.exposed = False
+        #: For an idempotent request found to repeat an earlier one: that one's id.
+        self.duplicate_of: Optional[bytes] = None
 
     @property
     def untouched(self) -> bool:
@@ -79,8 +81,14 @@ class Waiter:
             self.deferred.errback(error)
 
     def cancel(self) -> None:
-        """The client went away: drop what was not taken yet, answer nothing."""
+        """Drop what was not taken yet, answer nothing."""
         self.cancelled = True
+
+    def client_gone(self) -> None:
+        """The client left while waiting: its messages are dropped if none
+        was written anywhere yet (like a 503), else stored, telling nobody."""
+        if self.untouched:
+            self.cancel()
 
     def stored(self, count: int = 1) -> None:
         """Record that `count` of its messages are stored; fire when all are.
@@ -171,13 +179,19 @@ class RingBuffer:
         self.messages -= len(entries)
         self.bytes -= size + len(entries) * ENTRY_OVERHEAD
 
-    def settle_stored(self, entries: List[Entry]) -> None:
-        """Taken entries are stored: free their share of the bounds, tell their waiters."""
+    def settle_stored(self, entries: List[Entry], outcomes: Optional[List[Optional[bytes]]] = None) -> None:
+        """Taken entries are stored: free their share of the bounds, tell their waiters.
+
+        `outcomes` (from an idempotent target) holds, per entry, the id of
+        the earlier copy when the entry was a duplicate and was dropped.
+        """
         self._release(entries)
-        for entry in entries:
+        for i, entry in enumerate(entries):
             waiter = entry[2]
             if waiter is not None:
                 waiter.taken -= 1
+                if outcomes is not None and outcomes[i] is not None:
+                    waiter.duplicate_of = outcomes[i]
                 waiter.stored()
 
     def settle_failed(self, entries: List[Entry], error: NotStored) -> None:

@@ -357,10 +357,10 @@ class Forwarder(Service):
         if pending[0] == 0:
             self._in_flight -= 1
 
-    def _pushed(self, _reply: object, entries: List[Entry], pending: List[int]) -> None:
+    def _pushed(self, outcomes: Optional[List[Optional[bytes]]], entries: List[Entry], pending: List[int]) -> None:
         self._command_done(pending)
         self._failures_in_row = 0
-        self._buffer.settle_stored(entries)
+        self._buffer.settle_stored(entries, outcomes)
         self._settle()
 
     def _push_failed(self, failure: Failure, seq: int, entries: List[Entry], pending: List[int]) -> None:

@@ -102,7 +102,7 @@ class Replayer:
             last = records[-1][0]
             self._after = last
             groups = self._decode(records)
-            d = self._writer.write_groups(groups)
+            d = self._writer.write_groups(groups, source="replay")
             self._inflight.append(d)
             count = len(records)
             d.addCallback(self._written, d, last, count)

@@ -17,7 +17,7 @@ existed replay unchanged.
 from __future__ import annotations
 
 import struct
-from typing import Callable, ClassVar, Dict, List, Protocol, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import attrs
 
@@ -39,6 +39,13 @@ class Target(Protocol):
     def commands(self, items: Sequence[bytes]) -> List[Tuple[bytes, ...]]:
         """Redis commands that store `items` in this target, in order."""
 
+    def outcomes(self, replies: Sequence[object]) -> Optional[List[Optional[bytes]]]:
+        """Per item, from the commands' replies: None if stored, else why not
+        (the first copy's id for a duplicate); None when every item is stored."""
+
+    def pushed(self, items: Sequence[bytes], outcomes: Optional[List[Optional[bytes]]]) -> int:
+        """Messages that `items` put into Redis given `outcomes` (for metrics)."""
+
     def spool_header(self) -> bytes:
         """What the spool record needs to rebuild this target."""
 
@@ -54,6 +61,14 @@ class ListTarget:
         """One multi-value LPUSH: about one round trip whatever the count."""
         return [(b"LPUSH", self.key, *items)]
 
+    def outcomes(self, replies: Sequence[object]) -> Optional[List[Optional[bytes]]]:
+        """An LPUSH stores every item."""
+        return None
+
+    def pushed(self, items: Sequence[bytes], outcomes: Optional[List[Optional[bytes]]]) -> int:
+        """Every item is one message."""
+        return len(items)
+
     def spool_header(self) -> bytes:
         """The list key."""
         return self.key
@@ -64,8 +79,13 @@ class ListTarget:
         return cls(header)
 
 
+from relayd.outbox.dedup import DedupListTarget  # noqa: E402 - after the Protocol it implements
+
 #: kind -> constructor from a spool header.  A new target kind registers here.
-_DECODERS: Dict[int, Callable[[bytes], Target]] = {ListTarget.KIND: ListTarget.from_spool_header}
+_DECODERS: Dict[int, Callable[[bytes], Target]] = {
+    ListTarget.KIND: ListTarget.from_spool_header,
+    DedupListTarget.KIND: DedupListTarget.from_spool_header,
+}
 
 
 def encode_payload(target: Target, item: bytes) -> bytes:

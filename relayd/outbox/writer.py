@@ -47,37 +47,53 @@ class RedisWriter:
         """True while Redis takes commands."""
         return self._redis.ready
 
-    def write(self, target: Target, items: Sequence[bytes]) -> Deferred:
-        """Store `items` in `target`; fires with None once Redis replied to all of it.
+    def write(self, target: Target, items: Sequence[bytes], source: str = "direct") -> Deferred:
+        """Store `items` in `target`; fires once Redis replied to all of it.
 
-        A failure means some of the items may be stored (a timed-out command
-        may still run): the caller retries or spills, and delivery is
-        at-least-once.
+        Fires with the target's per-item outcomes (`Target.outcomes`: None
+        when every item is stored; for idempotent targets, the first copy's
+        id for each duplicate).  A failure means some of the items may be
+        stored (a timed-out command may still run): the caller retries or
+        spills, and delivery is at-least-once.  `source` labels the
+        duplicates metric (``direct``, ``replay``).
         """
         started = self._clock.seconds()
         commands = target.commands(items)
         execute = self._redis.execute
         if len(commands) == 1:
             d = execute(*commands[0])
+            d.addCallback(_one)
         else:
             d = gatherResults([execute(*c) for c in commands], consumeErrors=True)
             d.addErrback(_first_error)
-        d.addCallback(self._written, target, len(items), started)
+        d.addCallback(self._written, target, items, started, source)
         return d
 
-    def _written(self, _reply: object, target: Target, count: int, started: float) -> None:
+    def _written(
+        self, replies: List[object], target: Target, items: Sequence[bytes], started: float, source: str
+    ) -> Optional[List[Optional[bytes]]]:
         metrics = self._metrics
         metrics.redis_latency.observe(self._clock.seconds() - started)
-        metrics.batch_size.observe(count)
+        metrics.batch_size.observe(len(items))
+        outcomes = target.outcomes(replies)
+        if outcomes is not None:
+            dropped = sum(1 for o in outcomes if o is not None)
+            if dropped:
+                metrics.duplicates.labels(where=source).inc(dropped)
         # "forwarded" counts every message that reached Redis, by any path.
-        metrics.forwarded_to(target.key).inc(count)
+        metrics.forwarded_to(target.key).inc(target.pushed(items, outcomes))
+        return outcomes
 
-    def write_groups(self, groups: Dict[Target, List[bytes]]) -> Deferred:
+    def write_groups(self, groups: Dict[Target, List[bytes]], source: str = "direct") -> Deferred:
         """Write every group concurrently; fires with ``{target: None or Failure}``."""
         targets = list(groups)
-        d = DeferredList([self.write(t, groups[t]) for t in targets], consumeErrors=True)
+        d = DeferredList([self.write(t, groups[t], source) for t in targets], consumeErrors=True)
         d.addCallback(lambda results: {t: (None if ok else r) for t, (ok, r) in zip(targets, results)})
         return d
+
+
+def _one(reply: object) -> List[object]:
+    return [reply]
 
 
 def _first_error(failure: Failure) -> Failure:

@@ -1,0 +1,1 @@
+"""Request/reply through Redis: private reply lists per process, matched by request id."""

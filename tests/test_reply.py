@@ -1,0 +1,195 @@
+"""Request/reply through Redis: real relayd processes, a real Redis, and the example worker.
+
+test-case-name: tests.test_reply
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+from typing import Any, Dict, List, Tuple
+
+from relayd.reply.protocol import MalformedReply, parse_reply
+from tests.fault_tools import metric_values
+from tests.harness import REPO_ROOT, RedisServer, RelaydProcess, wait_for
+
+ROUTE = {"path": "/quote", "list": "quote-requests", "reply_timeout": "3s"}
+
+
+def ask(port: int, body: Dict[str, Any], timeout: float = 30.0) -> Tuple[int, Dict[str, str], Any]:
+    """POST /quote on a fresh connection: status, headers, parsed body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/quote", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(raw) if raw else None
+    finally:
+        conn.close()
+
+
+class ReplyProtocolTests(unittest.TestCase):
+    """What a reply must look like (pure)."""
+
+    def test_valid_reply(self) -> None:
+        """Status, headers (hop-by-hop and Content-Length dropped) and a JSON body."""
+        reply = parse_reply(
+            json.dumps(
+                {"id": "r1", "status": 201, "headers": {"X-A": "1", "Connection": "close", "Content-Length": "9"},
+                 "body": {"ok": True}}
+            ).encode()
+        )
+        self.assertEqual((reply.request_id, reply.status, reply.body), ("r1", 201, b'{"ok":true}'))
+        self.assertEqual(dict(reply.headers), {b"X-A": b"1", b"Content-Type": b"application/json"})
+
+    def test_string_body_and_defaults(self) -> None:
+        """A string body is sent as text; status defaults to 200."""
+        reply = parse_reply(b'{"id": "r2", "body": "hello"}')
+        self.assertEqual((reply.status, reply.body), (200, b"hello"))
+        self.assertIn((b"Content-Type", b"text/plain; charset=utf-8"), reply.headers)
+
+    def test_malformed(self) -> None:
+        """Not JSON, no id, a status outside 200..599, non-string or invalid headers: MalformedReply."""
+        cases = [
+            (b"nope", None),
+            (b"[1]", None),
+            (b'{"status": 200}', None),
+            (b'{"id": "x", "status": 99}', "x"),
+            (b'{"id": "x", "status": "200"}', "x"),
+            (b'{"id": "x", "headers": {"A": 1}}', "x"),
+            (b'{"id": "x", "headers": {"A": "b\\r\\nEvil: 1"}}', "x"),
+            (b'{"id": "x", "headers": ["A"]}', "x"),
+        ]
+        for raw, rid in cases:
+            with self.assertRaises(MalformedReply) as caught:
+                parse_reply(raw)
+            self.assertEqual(caught.exception.request_id, rid, raw)
+
+
+class RequestReplyTests(unittest.TestCase):
+    """The whole path: HTTP -> relayd -> Redis -> worker -> reply list -> the right HTTP request."""
+
+    def worker(self, redis: RedisServer, *args: str) -> subprocess.Popen:
+        """Start examples/reply_worker.py; stopped at cleanup."""
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(REPO_ROOT, "examples", "reply_worker.py"), "--redis", redis.url,
+             "--list", "quote-requests", *args],
+        )
+        self.addCleanup(lambda: (proc.kill(), proc.wait()))
+        return proc
+
+    def test_many_concurrent_requests_each_get_their_own_reply(self) -> None:
+        """workers = 2 and an echo worker: 1,000 requests from 100 concurrent clients each get the
+        reply to their own body, whichever relayd process holds them; no reply crosses."""
+        redis = RedisServer(self)
+        relayd = RelaydProcess(self, routes=[ROUTE], redis_url=redis.url, server={"workers": 2})
+        self.worker(redis)
+        bad: List[Any] = []
+
+        def client(c: int) -> None:
+            for i in range(10):
+                status, headers, body = ask(relayd.ingest_port, {"client": c, "i": i})
+                if status != 200 or body.get("echo") != {"client": c, "i": i} or "x-worker" not in headers:
+                    bad.append((c, i, status, body))
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(100)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        self.assertEqual(bad[:5], [], f"{len(bad)} requests got no or someone else's reply")
+        values = metric_values(relayd)
+        self.assertEqual(values.get("relayd_replies_total"), 1000.0)
+        self.assertEqual(values.get("relayd_reply_waiting"), 0.0)
+
+    def test_slow_worker_times_out_and_its_late_reply_is_dropped(self) -> None:
+        """A worker slower than reply_timeout: 504 problem; its late reply is counted and dropped,
+        and the next request (answered in time) still works."""
+        redis = RedisServer(self)
+        relayd = RelaydProcess(self, routes=[{**ROUTE, "reply_timeout": "1s"}], redis_url=redis.url)
+        slow = self.worker(redis, "--mode", "slow", "--delay", "1.5")
+        status, headers, body = ask(relayd.ingest_port, {"n": 1})
+        self.assertEqual((status, headers["content-type"]), (504, "application/problem+json"))
+        self.assertEqual(body["status"], 504)
+        wait_for(lambda: metric_values(relayd).get('relayd_replies_total') == 1.0, 10.0, "the late reply")
+        slow.kill()
+        slow.wait()
+        self.worker(redis)
+        status, _, body = ask(relayd.ingest_port, {"n": 2})
+        self.assertEqual((status, body["echo"]), (200, {"n": 2}))
+        text = relayd.get_admin("/metrics")[2].decode()
+        self.assertIn('relayd_replies_total{outcome="late"} 1.0', text)
+        self.assertIn("relayd_reply_timeouts_total 1.0", text)
+
+    def test_worker_that_dies_and_malformed_replies(self) -> None:
+        """A worker that vanishes mid-request: 504, nothing left waiting.  A malformed reply:
+        counted, 502 for the request it names."""
+        redis = RedisServer(self)
+        relayd = RelaydProcess(self, routes=[{**ROUTE, "reply_timeout": "1s"}], redis_url=redis.url)
+        self.worker(redis, "--mode", "vanish")
+        self.assertEqual(ask(relayd.ingest_port, {"n": 1})[0], 504)
+        self.assertEqual(metric_values(relayd).get("relayd_reply_waiting"), 0.0)
+        self.worker(redis, "--mode", "malformed")
+        status, _, body = ask(relayd.ingest_port, {"n": 2})
+        self.assertEqual((status, body["type"].rsplit("/", 1)[-1]), (502, "bad-reply"))
+        # Garbage without an id in the list: counted, and the reader keeps going.
+        for item in (b"not json", b'{"no": "id"}'):
+            redis.command("LPUSH", relayd_reply_list(redis), item)
+        wait_for(
+            lambda: "relayd_replies_total{outcome=\"malformed\"} 3.0" in relayd.get_admin("/metrics")[2].decode(),
+            10.0,
+            "three malformed replies counted",
+        )
+        self.assertTrue(relayd.alive())
+
+    def test_client_disconnect_frees_the_waiter(self) -> None:
+        """A client that leaves while waiting frees its entry at once, not at the timeout."""
+        redis = RedisServer(self)
+        relayd = RelaydProcess(self, routes=[{**ROUTE, "reply_timeout": "30s"}], redis_url=redis.url)
+        s = socket.create_connection(("127.0.0.1", relayd.ingest_port))
+        body = b'{"n": 1}'
+        s.sendall(b"POST /quote HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: metric_values(relayd).get("relayd_reply_waiting") == 1.0, 10.0, "the request to wait")
+        s.close()
+        wait_for(lambda: metric_values(relayd).get("relayd_reply_waiting") == 0.0, 5.0, "the waiter to be freed")
+
+    def test_redis_outage(self) -> None:
+        """Redis down: reply routes answer 503 at once (nothing spooled); Redis back: the reader
+        reconnects and requests are answered again."""
+        redis = RedisServer(self)
+        relayd = RelaydProcess(self, routes=[ROUTE], redis_url=redis.url)
+        self.worker(redis)
+        self.assertEqual(ask(relayd.ingest_port, {"n": 1})[0], 200)
+        redis.stop()
+        started = time.monotonic()
+        wait_for(lambda: ask(relayd.ingest_port, {"n": 2})[0] == 503, 10.0, "a 503 while Redis is down")
+        status, headers, _ = ask(relayd.ingest_port, {"n": 3})
+        self.assertEqual(status, 503)
+        self.assertIn("retry-after", headers)
+        self.assertLess(time.monotonic() - started, 10.0)
+        self.assertEqual(metric_values(relayd).get("relayd_spool_messages", 0.0), 0.0, "nothing spooled")
+        redis.restart()
+        self.worker(redis)
+        wait_for(lambda: ask(relayd.ingest_port, {"n": 4})[0] == 200, 20.0, "replies again after Redis returned")
+
+    def test_lists_of_dead_processes_are_deleted(self) -> None:
+        """A reply list whose owner stopped beating long ago is deleted by a live process."""
+        redis = RedisServer(self)
+        redis.command("LPUSH", "relayd:reply:gone:1:abcd", "orphan reply")
+        redis.command("ZADD", "relayd:reply-lists", str(time.time() - 3600), "relayd:reply:gone:1:abcd")
+        RelaydProcess(self, routes=[ROUTE], redis_url=redis.url)
+        wait_for(lambda: redis.command("EXISTS", "relayd:reply:gone:1:abcd") == 0, 10.0, "the orphan list deleted")
+
+
+def relayd_reply_list(redis: RedisServer) -> str:
+    """The live process's reply list, from the registry."""
+    names = redis.command("ZRANGE", "relayd:reply-lists", 0, -1)
+    assert len(names) == 1, names
+    return names[0].decode()
