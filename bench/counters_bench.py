@@ -215,7 +215,7 @@ def pg_flush(cleanup: _Cleanup, keys: int) -> Dict[str, Any]:
     if available() is not None:
         return {"skipped": available()}
     pg = PostgresServer(cleanup)  # type: ignore[arg-type]
-    sink = PostgresSink(None, pg.url, "hits", "counters", pool=object())
+    sink = PostgresSink(None, pg.url, "hits", "counters")
     sums = {"00000000-0000-4000-8000-%012d" % i: 1 for i in range(keys)}
     out: Dict[str, Any] = {"keys": keys}
     with psycopg.connect(pg.url) as conn:

@@ -1,7 +1,7 @@
 """The PostgreSQL sink: summaries of applied batches, exactly once per batch.
 
-One transaction per chunk of queued summaries (Twisted's `adbapi` pool,
-one connection per counter per process, psycopg 3)::
+One transaction per chunk of queued summaries (psycopg 3, one connection
+on one thread per counter per process)::
 
     INSERT INTO <table>_batches (name, batch) SELECT $name, unnest($ids)
         ON CONFLICT DO NOTHING RETURNING batch          -- which are new?
@@ -22,19 +22,24 @@ lock rows in the same order and cannot deadlock, the seed's postmortem bug.
 is removed from Redis seconds after its COMMIT, so a replay older than a
 day cannot happen unless Redis lost writes.
 
-Why adbapi + psycopg 3: psycopg is the maintained PostgreSQL driver (binary
-wheels, server-side parameter binding, native arrays); adbapi runs it in
-the reactor's thread pool with no extra dependency.  Async-native drivers
-(asyncpg) need an asyncio loop next to the reactor; txpostgres is
-unmaintained.
+Why psycopg 3 on one dedicated thread (Twisted's `deferToThreadPool`)
+rather than `adbapi`: psycopg is the maintained PostgreSQL driver (binary
+wheels, native arrays); adbapi would run it the same way but logs a
+traceback ("Rollback failed") for every transaction cut by a lost
+connection, so a PostgreSQL restart would fill the log, and it adds a
+``select 1`` round trip to each rollback.  Here one connection lives on one
+thread per counter: opened on first use, closed and reopened after any
+error.  Async-native drivers (asyncpg) need an asyncio loop next to the
+reactor; txpostgres is unmaintained.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from relayd.counters.summary import Summary
 
@@ -72,19 +77,14 @@ def merge_new(summaries: Sequence[Summary], new_ids: Sequence[str]) -> Tuple[Lis
 class PostgresSink:
     """Applies summaries of one counter to its table (see the module docstring)."""
 
-    def __init__(self, reactor: Any, url: str, name: str, table: str, pool: Any = None) -> None:
+
+    def __init__(self, reactor: Any, url: str, name: str, table: str) -> None:
+        self._reactor = reactor
+        self._url = url
         self._name = name
         self._table = table
-        self._pool = pool or adbapi.ConnectionPool(
-            "psycopg",
-            url,
-            connect_timeout=CONNECT_TIMEOUT,
-            cp_min=1,
-            cp_max=1,
-            cp_reconnect=True,
-            cp_noisy=False,
-            cp_reactor=reactor,
-        )
+        self._pool = ThreadPool(1, 1, name=f"relayd-pg-{name}")
+        self._conn: Any = None  # used on the pool's thread only
         self._schema_ready = False
 
     def _create(self, cursor: Any) -> None:
@@ -111,23 +111,55 @@ class PostgresSink:
             )
         return len(new_ids)
 
+    def _transaction(self, work: Callable[[Any], Any]) -> Any:
+        """On the pool's thread: run `work(cursor)` in one transaction (COMMIT on return)."""
+        import psycopg
+
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self._url, connect_timeout=CONNECT_TIMEOUT)
+            with self._conn.transaction(), self._conn.cursor() as cursor:
+                return work(cursor)
+        except BaseException:
+            conn, self._conn = self._conn, None  # a failed transaction: start afresh next time
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - already broken
+                    pass
+            raise
+
+    def _run(self, work: Callable[[Any], Any]) -> Deferred:
+        if not self._pool.started:
+            self._pool.start()
+        return deferToThreadPool(self._reactor, self._pool, self._transaction, work)
+
     def apply(self, summaries: Sequence[Summary]) -> Deferred:
         """One transaction; fires with the number of batches that were new."""
-        d = self._pool.runInteraction(self._apply, summaries)
 
         def ready(n: int) -> int:
             self._schema_ready = True
             return n
 
-        return d.addCallback(ready)
+        return self._run(lambda cursor: self._apply(cursor, summaries)).addCallback(ready)
 
     def prune(self) -> Deferred:
         """Delete applied-batch ids older than `APPLIED_RETENTION`."""
-        return self._pool.runOperation(
-            f"DELETE FROM {self._table}_batches WHERE name = %s AND applied_at < now() - interval '{APPLIED_RETENTION}'",
-            (self._name,),
+        return self._run(
+            lambda cursor: cursor.execute(
+                f"DELETE FROM {self._table}_batches WHERE name = %s "
+                f"AND applied_at < now() - interval '{APPLIED_RETENTION}'",
+                (self._name,),
+            )
         )
 
     def close(self) -> None:
-        """Close the pool's connections (stops its threads)."""
-        self._pool.close()
+        """Close the connection and stop the thread (waits for a transaction in progress)."""
+        if self._pool.started:
+            self._pool.callInThread(self._close_conn)
+            self._pool.stop()
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
