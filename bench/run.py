@@ -565,7 +565,8 @@ CATEGORIES = [
     ("twisted.web HTTP parsing/writing (http.py, server.py, resource.py, http_headers.py)",
      lambda p: "/twisted/web/" in p),
     ("Redis client (txredisapi / redis-py)", lambda p: "/txredisapi" in p or "/redis/" in p),
-    ("JSON (json/ujson), JSON Schema", lambda p: "/json/" in p or "ujson" in p or "fastjsonschema" in p),
+    ("JSON (json/ujson), JSON Schema", lambda p: "/json/" in p or "ujson" in p or "fastjsonschema" in p
+                                        or "jsonschema_rs" in p),
     ("email/cgi Content-Type parsing", lambda p: "/email/" in p or p.endswith("/cgi.py")),
     ("Twisted reactor + TCP transport (twisted/internet, python, protocols, logger)",
      lambda p: any(x in p for x in ("/twisted/internet/", "/twisted/python/", "/twisted/protocols/",

@@ -623,7 +623,7 @@ def check_environment(config: Config, compile_schema: Callable[[str, str], Any])
     validators = {}
     for i, route in enumerate(config.routes):
         if route.schema is not None:
-            validators[route.path] = compile_schema(route.schema, f"route[{i}].schema")
+            validators[route.path] = compile_schema(route.schema, f"route[{i}].schema (route {route.path})")
         for key in ("auth_tokens_file", "webhook_secret_file"):
             path = getattr(route, key)
             if path is not None and not os.access(path, os.R_OK):

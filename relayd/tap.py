@@ -29,6 +29,8 @@ from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
 from relayd.listener import ListenerService
 from relayd.ops.admin import AdminApp
+from relayd.ops.gctune import GcService
+from relayd.ops.looplag import LoopLagMonitor
 from relayd.ops.metrics import Metrics
 from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
@@ -101,6 +103,7 @@ class RelayService(MultiService):
 def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: Any) -> List[IngestRoute]:
     """The ingest routes of a config; rate limits get this process's share."""
     share = 1.0 / max(1, resolve_workers(config.server.workers))
+    metrics.describe_routes((r.path, r.list, r.ack) for r in config.routes)
     return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
 
 
@@ -174,6 +177,9 @@ def build_service(
             "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
         }
 
+    metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
+    metrics.watch(metrics.spool_disk_bytes, lambda: spooler.spool.disk_bytes if spooler.spool is not None else 0)
+    metrics.spool_max_bytes.set(config.spool.max_bytes)
     admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
     admin_site.log = lambda request: None  # type: ignore[method-assign]
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
@@ -194,7 +200,7 @@ def build_service(
     counters: List[Tuple[str, Any]] = []
     if config.counters:  # their own Redis connection inside
         counters.append(("counters", CounterService(reactor, config.counters, config.redis, metrics, worker_index)))
-    # Stopped in reverse: admin, ingest (waits for replies), replies, forwarder, adopter, spooler,
+    # Stopped in reverse: looplag, admin, ingest (waits for replies), replies, forwarder, adopter, spooler,
     # counters, Redis.
     children: List[Tuple[str, Any]] = [
         ("redis", redis),
@@ -210,6 +216,8 @@ def build_service(
         ("ingest", ingest),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
+        ("looplag", LoopLagMonitor(reactor, metrics.reactor_lag)),
+        ("gc", GcService(reactor, metrics)),
     ):
         child.setName(name)
         child.setServiceParent(root)

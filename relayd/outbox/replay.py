@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from relayd.ops.metrics import Metrics
-from relayd.outbox.targets import Target, decode_payload
+from relayd.outbox.targets import Target, decode_payload, group_by_target
 from relayd.outbox.writer import RedisWriter
 from relayd.spool.store import Position, Spool
 
@@ -108,22 +108,16 @@ class Replayer:
             d.addCallback(self._written, d, last, count)
 
     def _decode(self, records: List[Tuple[Position, bytes]]) -> Dict[Target, List[bytes]]:
-        groups: Dict[Target, List[bytes]] = {}
+        pairs: List[Tuple[Target, bytes]] = []
         for position, payload in records:
             try:
-                target, item = decode_payload(payload)
+                pairs.append(decode_payload(payload))
             except ValueError as e:
                 # CRC-valid but not a message (written by a newer release?):
                 # counted and skipped rather than blocking the spool forever.
                 self._metrics.spool_corrupt.inc()
                 self._log.error("spool record at {position} skipped: {error}", position=position, error=e)
-                continue
-            group = groups.get(target)
-            if group is None:
-                groups[target] = [item]
-            else:
-                group.append(item)
-        return groups
+        return group_by_target(pairs)
 
     def _written(self, outcomes: Dict[Target, Any], d: Deferred, last: Position, count: int) -> None:
         self._inflight.remove(d)
