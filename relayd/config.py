@@ -25,6 +25,8 @@ try:  # Python >= 3.11
 except ImportError:  # pragma: no cover - pypy3 (3.9) keeps working
     import tomli as tomllib  # type: ignore[no-redef]
 
+from relayd.spool.segments import FSYNC_POLICIES  # the spool owns its policy names (a leaf module: no cycle)
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
@@ -32,7 +34,6 @@ class ConfigError(ValueError):
 
 ACK_MODES = ("stored", "accepted")
 FORMATS = ("envelope", "body")
-FSYNC_POLICIES = ("always", "batch", "never")
 
 # Defaults, with the reason for each value.
 DEFAULT_MAX_BODY = 1024 * 1024  # nginx's client_max_body_size and NSQ's ~1 MiB message cap

@@ -16,7 +16,7 @@ from relayd.ops.metrics import Metrics
 from relayd.outbox.replay import REPLAY_PIPELINE, REPLAY_RETRY, Replayer
 from relayd.outbox.targets import ListTarget, encode_payload
 from relayd.outbox.writer import RedisWriter
-from relayd.spool.store import Spool
+from relayd.spool.spool import Spool
 from tests.test_forwarder import FakeRedis
 
 

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relayd.ops.metrics import Metrics
 from relayd.outbox.spooler import COMMIT_WINDOW, RETRY_AFTER_ERROR, Spooler
-from relayd.spool.store import FRAME_OVERHEAD, SpoolFull, SpoolWriteError
+from relayd.spool.errors import SpoolFull, SpoolWriteError
+from relayd.spool.record import FRAME_OVERHEAD
 
 
 class SpoolerFixture:

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from relayd.ops.metrics import Metrics
 from relayd.outbox.targets import Target, decode_payload, group_by_target
 from relayd.outbox.writer import RedisWriter
-from relayd.spool.store import Position, Spool
+from relayd.spool.spool import Position, Spool
 
 REPLAY_PIPELINE = 3  # batches on the wire: hides the round trip behind decoding the next
 REPLAY_MAX_RECORDS = 1000  # one command per target per batch, like the forwarder

@@ -36,11 +36,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.ops.metrics import Metrics
-from relayd.spool.store import FRAME_OVERHEAD, Spool, SpoolFull, SpoolWriteError, SyncPlan, run_sync
+from relayd.spool.errors import SpoolFull, SpoolWriteError
+from relayd.spool.record import FRAME_OVERHEAD
+from relayd.spool.segments import DEFAULT_SEGMENT_BYTES as SEGMENT_BYTES
+from relayd.spool.spool import Spool
+from relayd.spool.sync import SyncPlan, run_sync
 
 COMMIT_WINDOW = 0.002  # seconds: a 2 ms window lets ~hundreds of requests share one fsync
 RETRY_AFTER_ERROR = 1.0  # seconds before writing again after ENOSPC/EIO
-SEGMENT_BYTES = 64 * 1024 * 1024  # NSQ/Vector use 100-128 MiB; 64 MiB frees disk sooner
 
 
 class Spooler(Service):
