@@ -6,7 +6,14 @@ setup(
     name="relayd",
     version="0.1.0",
     description="Durable HTTP-to-Redis relay: fast acks, bounded memory, no lost messages",
-    python_requires=">=3.9",  # 3.11 is the target; 3.9 keeps Debian's pypy3 open
+    python_requires=">=3.10",  # 3.11 is the target; ujson>=5.12 and current Twisted need 3.10
+    # The checkout root is the import root of both relayd/ and the plugin in
+    # twisted/plugins/ (no __init__.py there: Twisted's plugin directory is
+    # found by scanning sys.path).  Saying so explicitly makes setuptools'
+    # default editable mode put the checkout on sys.path (a static path entry)
+    # instead of an import hook that Twisted's plugin scan cannot see: then
+    # `pip install -e .` gives a working `twistd relayd`.
+    package_dir={"": "."},
     packages=find_packages(include=["relayd", "relayd.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/relayd_plugin.py"]},
     install_requires=[
@@ -26,7 +33,7 @@ setup(
         "jsonschema-rs>=0.61",
         # crc32c: hardware-accelerated CRC32C for spool records.
         "crc32c>=2.4",
-        'tomli>=2.0; python_version < "3.11"',
+        'tomli>=2.0; python_version < "3.11"',  # tomllib is 3.11+
     ],
     extras_require={
         # psycopg 3 (binary wheel): the maintained PostgreSQL driver; runs on a
@@ -41,6 +48,9 @@ setup(
             "pyyaml>=6.0",
             # redis-py: the example request/reply worker (examples/) that the tests run
             "redis>=5",
+            # build: the standard PEP 517 front end, so tests build the sdist and the
+            # wheel exactly as a packager does (wheel from the sdist).
+            "build>=1.0",
             # psycopg: the counters' PostgreSQL sink tests (a private server per test)
             "psycopg[binary]>=3.1",
         ],

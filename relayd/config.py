@@ -107,6 +107,9 @@ class RedisConfig:
     batch_messages: int = DEFAULT_BATCH_MESSAGES
     batch_bytes: int = DEFAULT_BATCH_BYTES
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    # Redis Cluster seed nodes ((host, port), ...); empty = one Redis at `url`.
+    # With seeds, host/port above are the first seed's and db is 0.
+    cluster: Tuple[Tuple[str, int], ...] = ()
 
 
 @attrs.frozen
@@ -318,27 +321,71 @@ def _parse_server(data: Mapping[str, Any]) -> ServerConfig:
     )
 
 
+def _parse_redis_url(url: str, key: str) -> Tuple[str, int, int, Optional[str], Optional[str]]:
+    """``redis://[user:password@]host[:port][/db]`` -> (host, port, db, user, password)."""
+    m = _REDIS_URL_RE.match(url)
+    if not m:
+        raise ConfigError(f"{key}: expected redis://[user:password@]host[:port][/db], got {url!r}")
+    port = int(m.group("port") or 6379)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{key}: port out of range: {port}")
+    return (
+        m.group("host").strip("[]"),
+        port,
+        int(m.group("db") or 0),
+        unquote(m.group("user")) if m.group("user") else None,
+        unquote(m.group("password")) if m.group("password") is not None else None,
+    )
+
+
+def _parse_cluster_seeds(value: Any) -> Tuple[Tuple[Tuple[str, int], ...], Optional[str], Optional[str]]:
+    """`redis.cluster`: seed URLs -> ((host, port), ...), user, password.
+
+    A cluster has only db 0, and every node takes the same credentials, so
+    seeds that name another db or disagree on credentials are errors.
+    """
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError('redis.cluster: expected a non-empty list of "redis://host:port" seed URLs')
+    seeds = []
+    creds: Optional[Tuple[Optional[str], Optional[str]]] = None
+    for i, url in enumerate(value):
+        host, port, db, user, password = _parse_redis_url(url, f"redis.cluster[{i}]")
+        if db != 0:
+            raise ConfigError(f"redis.cluster[{i}]: a Redis Cluster has only db 0, got /{db}")
+        if creds is not None and (user, password) != creds:
+            raise ConfigError(f"redis.cluster[{i}]: every seed must carry the same user:password")
+        creds = (user, password)
+        if (host, port) not in seeds:
+            seeds.append((host, port))
+    assert creds is not None
+    return tuple(seeds), creds[0], creds[1]
+
+
 def _parse_redis(data: Mapping[str, Any]) -> RedisConfig:
     t = _table(data, "redis")
     _check_keys(
         t,
-        ("url", "reply_timeout", "connect_timeout", "batch_messages", "batch_bytes", "max_in_flight"),
+        ("url", "cluster", "reply_timeout", "connect_timeout", "batch_messages", "batch_bytes", "max_in_flight"),
         "redis",
     )
-    url = _typed(t, "url", str, DEFAULT_REDIS_URL, "redis")
-    m = _REDIS_URL_RE.match(url)
-    if not m:
-        raise ConfigError(f"redis.url: expected redis://[user:password@]host[:port][/db], got {url!r}")
-    port = int(m.group("port") or 6379)
-    if not 0 < port < 65536:
-        raise ConfigError(f"redis.url: port out of range: {port}")
+    cluster: Tuple[Tuple[str, int], ...] = ()
+    if "cluster" in t:
+        if "url" in t:
+            raise ConfigError("redis.cluster: set either redis.url (one Redis) or redis.cluster (seed nodes), not both")
+        cluster, user, password = _parse_cluster_seeds(t["cluster"])
+        url = ",".join(t["cluster"])
+        host, port, db = cluster[0][0], cluster[0][1], 0
+    else:
+        url = _typed(t, "url", str, DEFAULT_REDIS_URL, "redis")
+        host, port, db, user, password = _parse_redis_url(url, "redis.url")
     return RedisConfig(
         url=url,
-        host=m.group("host").strip("[]"),
+        host=host,
         port=port,
-        db=int(m.group("db") or 0),
-        username=unquote(m.group("user")) if m.group("user") else None,
-        password=unquote(m.group("password")) if m.group("password") is not None else None,
+        db=db,
+        username=user,
+        password=password,
+        cluster=cluster,
         reply_timeout=_positive(
             _typed(t, "reply_timeout", float, DEFAULT_REPLY_TIMEOUT, "redis"), "redis.reply_timeout"
         ),

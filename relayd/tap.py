@@ -21,7 +21,15 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config, with_backlog
+from relayd.config import (
+    Config,
+    ConfigError,
+    RedisConfig,
+    check_environment,
+    config_from_string,
+    load_config,
+    with_backlog,
+)
 from relayd.counters.service import CounterService
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
@@ -39,7 +47,9 @@ from relayd.outbox.spooler import Spooler
 from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
-from relayd.redis.client import RedisClient
+from relayd.redis.cluster import ClusterClient
+from relayd.redis.factory import make_redis_client as redis_client_for
+from relayd.redis.probe import probe_cluster
 from relayd.reply.inbox import ReplyInbox
 
 #: /readyz says "can store" when a message of this size could be stored now:
@@ -107,6 +117,11 @@ def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, r
     return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
 
 
+def make_redis_client(reactor: Any, config: RedisConfig, metrics: Optional[Metrics] = None) -> Any:
+    """This process's Redis client (one Redis or a cluster: `relayd.redis.factory`)."""
+    return redis_client_for(reactor, config, metrics.redis_node if metrics is not None else None)
+
+
 def build_service(
     config: Config,
     validators: Dict[str, Any],
@@ -126,7 +141,7 @@ def build_service(
     buffer = RingBuffer(config.buffer.max_messages, config.buffer.max_bytes)
     metrics.watch(metrics.buffer_messages, lambda: buffer.messages)
     metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
-    redis = RedisClient(reactor, config.redis)
+    redis = make_redis_client(reactor, config.redis, metrics)
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
     writer = RedisWriter(reactor, redis, metrics)
     spooler = Spooler(
@@ -174,13 +189,17 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
+            "can_store": forwarder.can_store(1, max(READY_MESSAGE_BYTES, spooler.refused_size)),
         }
 
     metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
     metrics.watch(metrics.spool_disk_bytes, lambda: spooler.spool.disk_bytes if spooler.spool is not None else 0)
     metrics.spool_max_bytes.set(config.spool.max_bytes)
-    admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
+    details = None
+    if isinstance(redis, ClusterClient):
+        cluster = redis
+        details = lambda: {"redis_cluster": cluster.describe()}  # noqa: E731
+    admin_site = Site(AdminApp(metrics, readiness, details).resource(), reactor=reactor)
     admin_site.log = lambda request: None  # type: ignore[method-assign]
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
     adopter = OrphanAdopter(
@@ -262,6 +281,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     try:
         config, validators = load_config(options["config"], compile_schema_file)
         config = _apply_overrides(config, options)
+        if config.redis.cluster:
+            problem = probe_cluster(config.redis)
+            if problem is not None:
+                raise ConfigError(problem)
     except ConfigError as e:
         sys.stderr.write(f"relayd: {e}\n")
         sys.stderr.flush()

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from relayd.config import CounterConfig, RedisConfig
 from relayd.counters.aggregator import Aggregator, process_id
 from relayd.counters.pg_flusher import PgFlusher
-from relayd.redis.client import RedisClient
+from relayd.redis.factory import make_redis_client
 
 #: Reply timeout of the counters' connection, seconds: a 10k-message apply
 #: takes ms, but tens of ms to seconds on a loaded Redis; a timeout is
@@ -43,7 +43,8 @@ class CounterService(MultiService):
         super().__init__()
         self._reactor = reactor
         timeout = max(redis_config.reply_timeout, COUNTER_REPLY_TIMEOUT)
-        self.redis = RedisClient(reactor, attrs.evolve(redis_config, reply_timeout=timeout))
+        # A ClusterClient on a cluster: every script's keys share one slot (keys.py)
+        self.redis = make_redis_client(reactor, attrs.evolve(redis_config, reply_timeout=timeout))
         self.redis.setServiceParent(self)
         self.aggregators: Dict[str, Aggregator] = {}
         self.flushers: Dict[str, PgFlusher] = {}

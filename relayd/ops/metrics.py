@@ -18,6 +18,10 @@ from relayd.ops.fastmetrics import FastCollector, FastCounter, FastHistogram, it
 # LAN Redis; the tail up to the ack timeout still needs resolution.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+# Cluster nodes with their own latency series; more (a huge cluster, or
+# churn through failovers) share "other" so one process exports a bounded
+# number of series whatever the topology does.
+MAX_NODE_LABELS = 32
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 # Reactor loop lag (seconds): a healthy reactor is late by well under 1 ms;
 # 0.1 s is what the alert calls slow, and the watchdog kills a worker whose
@@ -127,6 +131,13 @@ class Metrics:
         self.redis_latency = Histogram(
             "relayd_redis_roundtrip_seconds", "LPUSH round-trip time.", buckets=REDIS_BUCKETS, registry=r
         )
+        self.redis_node_latency = Histogram(
+            "relayd_redis_node_roundtrip_seconds",
+            f"Round-trip time of each command, by Redis Cluster node (at most {MAX_NODE_LABELS}, then 'other').",
+            ["node"],
+            buckets=REDIS_BUCKETS,
+            registry=r,
+        )
         self.buffer_messages = Gauge("relayd_buffer_messages", "Messages in memory.", registry=r)
         self.buffer_bytes = Gauge("relayd_buffer_bytes", "Bytes in memory (with overhead).", registry=r)
         self.redis_up = Gauge("relayd_redis_up", "1 while Redis takes writes.", registry=r)
@@ -165,6 +176,7 @@ class Metrics:
             buckets=REACTOR_LAG_BUCKETS,
             registry=r,
         )
+        self._node_children: Dict[str, Histogram] = {}
         self.counter_applied = Counter(
             "relayd_counter_applied", "Increments counted into the hash (exactly once).", ["counter"], registry=r
         )
@@ -207,6 +219,14 @@ class Metrics:
         if child is None:
             child = self._forwarded_children[name] = FastCounter()
         return child
+
+    def redis_node(self, node: str) -> Callable[[float], None]:
+        """The ``observe`` of one cluster node's latency series (bounded: see MAX_NODE_LABELS)."""
+        child = self._node_children.get(node)
+        if child is None:
+            label = node if len(self._node_children) < MAX_NODE_LABELS else "other"
+            child = self._node_children[node] = self.redis_node_latency.labels(node=label)
+        return child.observe
 
     def describe_routes(self, routes: Iterable[Tuple[str, str, str]]) -> None:
         """Set `relayd_route_info` to exactly these ``(path, list, ack)`` routes (start and SIGHUP).

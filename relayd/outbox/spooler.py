@@ -85,6 +85,10 @@ class Spooler(Service):
         self._uncommitted: List[Deferred] = []  # one per append since the last commit began
         self._commit_call: Any = None
         self._blocked_until = 0.0  # after SpoolFull / write errors
+        #: The largest write refused since one at least that large was taken
+        #: (framing included): /readyz asks whether *that* would fit now, so it
+        #: agrees with ingest for the messages clients actually send.
+        self.refused_size = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -167,12 +171,17 @@ class Spooler(Service):
         error in the last `RETRY_AFTER_ERROR` seconds.
         """
         spool = self.spool
-        return (
+        ok = (
             spool is not None
             and not spool.closed
             and spool.disk_bytes + size + count * FRAME_OVERHEAD <= self._max_bytes
             and self._reactor.seconds() >= self._blocked_until
         )
+        if not ok:
+            self.refused_size = max(self.refused_size, size + count * FRAME_OVERHEAD)
+        elif size + count * FRAME_OVERHEAD >= self.refused_size:
+            self.refused_size = 0
+        return ok
 
     @property
     def refusing_until(self) -> float:
