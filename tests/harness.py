@@ -358,9 +358,19 @@ def to_toml(
     routes: Sequence[Mapping[str, Any]],
     counters: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """Render ``{table: {key: value}}`` plus ``[[route]]`` (and ``[[counter]]``) entries as TOML."""
+    """Render ``{table: {key: value}}`` plus ``[[route]]`` (and ``[[counter]]``) entries as TOML.
+
+    A table whose value is a list of tables (``tomllib``'s reading of
+    ``[[counter]]``) is written back as an array of tables.
+    """
     lines: list[str] = []
     for name, table in tables.items():
+        if isinstance(table, list):
+            for entry in table:
+                lines.append(f"[[{name}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in entry.items())
+                lines.append("")
+            continue
         lines.append(f"[{name}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
         lines.append("")
