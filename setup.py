@@ -48,6 +48,9 @@ setup(
             "pyyaml>=6.0",
             # redis-py: the example request/reply worker (examples/) that the tests run
             "redis>=5",
+            # standardwebhooks: the spec's reference verifier checks our signatures
+            # (a hand-written verifier would only agree with our own signer).
+            "standardwebhooks>=1.0",
             # build: the standard PEP 517 front end, so tests build the sdist and the
             # wheel exactly as a packager does (wheel from the sdist).
             "build>=1.0",
