@@ -23,7 +23,7 @@ same sums) from the same items.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import attrs
 import ujson
@@ -178,7 +178,7 @@ def aggregate(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_pointe
     sums: Dict[str, int] = {}
     counted: List[Counted] = []
     dead: List[Dead] = []
-    seen: set = set()
+    seen: Set[str] = set()
     min_ts: Optional[float] = None
     for item in items:
         try:

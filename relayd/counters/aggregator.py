@@ -61,6 +61,7 @@ from typing import Any, Callable, List, Optional
 import ujson
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -98,7 +99,7 @@ class Aggregator(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         config: CounterConfig,
         redis: Any,
         proc: bytes,
@@ -114,8 +115,8 @@ class Aggregator(Service):
         self._metrics = metrics
         self._pg = config.postgres is not None
         self._on_pending = on_pending
-        self._loop: Optional[Deferred] = None
-        self._sleep: Optional[Deferred] = None
+        self._loop: Optional[Deferred[None]] = None
+        self._sleep: Optional[Deferred[None]] = None
         self._last_lease = -LEASE_RENEW
         self._held = False
         self._failing = False
@@ -144,7 +145,7 @@ class Aggregator(Service):
         super().startService()
         self._loop = Deferred.fromCoroutine(self._run())
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Stop after the cycle in progress (a batch is never left half done)."""
         super().stopService()
         if self._sleep is not None:

@@ -15,6 +15,7 @@ from typing import Any, List, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -37,15 +38,15 @@ class PgFlusher(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, redis: Any, queue: WorkQueue, sink: Any, interval: float, metrics: Any) -> None:
+    def __init__(self, reactor: IReactorTime, redis: Any, queue: WorkQueue, sink: Any, interval: float, metrics: Any) -> None:
         self._reactor = reactor
         self._redis = redis
         self._queue = queue
         self._sink = sink
         self._interval = interval
         self._metrics = metrics
-        self._loop: Optional[Deferred] = None
-        self._sleep: Optional[Deferred] = None
+        self._loop: Optional[Deferred[None]] = None
+        self._sleep: Optional[Deferred[None]] = None
         self._kicked = False
         self._failures = 0
         self._last_prune = 0.0
@@ -63,7 +64,7 @@ class PgFlusher(Service):
         super().startService()
         self._loop = Deferred.fromCoroutine(self._run())
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[Any]:
         """Stop after the round in progress; close the pool."""
         super().stopService()
         if self._sleep is not None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -78,7 +79,7 @@ class PostgresSink:
     """Applies summaries of one counter to its table (see the module docstring)."""
 
 
-    def __init__(self, reactor: Any, url: str, name: str, table: str) -> None:
+    def __init__(self, reactor: IReactorFromThreads, url: str, name: str, table: str) -> None:
         self._reactor = reactor
         self._url = url
         self._name = name
@@ -129,12 +130,12 @@ class PostgresSink:
                     pass
             raise
 
-    def _run(self, work: Callable[[Any], Any]) -> Deferred:
+    def _run(self, work: Callable[[Any], Any]) -> Deferred[Any]:
         if not self._pool.started:
             self._pool.start()
         return deferToThreadPool(self._reactor, self._pool, self._transaction, work)
 
-    def apply(self, summaries: Sequence[Summary]) -> Deferred:
+    def apply(self, summaries: Sequence[Summary]) -> Deferred[int]:
         """One transaction; fires with the number of batches that were new."""
 
         def ready(n: int) -> int:
@@ -143,7 +144,7 @@ class PostgresSink:
 
         return self._run(lambda cursor: self._apply(cursor, summaries)).addCallback(ready)
 
-    def prune(self) -> Deferred:
+    def prune(self) -> Deferred[Any]:
         """Delete applied-batch ids older than `APPLIED_RETENTION`."""
         return self._run(
             lambda cursor: cursor.execute(

@@ -8,7 +8,7 @@ so an error half-way would leave half a batch applied.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
@@ -227,7 +227,7 @@ class Script:
         self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
 
     @inlineCallbacks
-    def __call__(self, redis: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+    def __call__(self, redis: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Generator[Deferred[Any], Any, Any]:
         """Run the script on `redis` (anything with ``execute(*args)``)."""
         try:
             result = yield redis.execute(b"EVALSHA", self.sha, len(keys), *keys, *args)
@@ -238,6 +238,6 @@ class Script:
         return result
 
 
-def run_script(script: Script, redis: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Deferred:
+def run_script(script: Script, redis: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Deferred[Any]:
     """`script(redis, keys, args)` as a Deferred (for typed callers)."""
-    return script(redis, keys, args)  # type: ignore[no-any-return]
+    return script(redis, keys, args)

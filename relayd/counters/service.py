@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 
 from relayd.config import CounterConfig, RedisConfig
 from relayd.counters.aggregator import Aggregator, process_id
@@ -33,7 +34,7 @@ class CounterService(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         counters: Sequence[CounterConfig],
         redis_config: RedisConfig,
         metrics: Any,
@@ -58,7 +59,7 @@ class CounterService(MultiService):
                 if pg_sink_factory is None:
                     from relayd.counters.pg_sink import PostgresSink
 
-                    sink = PostgresSink(reactor, c.postgres, c.name, c.table)
+                    sink = PostgresSink(IReactorFromThreads(reactor), c.postgres, c.name, c.table)
                 else:
                     sink = pg_sink_factory(c)
                 flusher = PgFlusher(reactor, self.redis, agg.queue, sink, c.flush_interval, series)
@@ -72,7 +73,7 @@ class CounterService(MultiService):
         for f in flushers:
             f.setServiceParent(self)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Stop children one at a time, newest first (flushers, aggregators, Redis)."""
         self.running = 0
         return Deferred.fromCoroutine(self._stop())
