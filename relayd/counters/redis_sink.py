@@ -23,7 +23,8 @@ from twisted.internet.defer import inlineCallbacks
 
 from relayd.counters.aggregate import Batch
 from relayd.counters.keys import SEEN_BUCKET_SECONDS, CounterKeys
-from relayd.counters.scripts import APPLY, Script
+from relayd.counters.scripts import APPLY
+from relayd.redis.scripts import Script
 
 _APPLY = Script(APPLY)
 

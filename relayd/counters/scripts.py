@@ -7,13 +7,6 @@ so an error half-way would leave half a batch applied.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Generator, Sequence
-
-from twisted.internet.defer import Deferred, inlineCallbacks
-
-from relayd.redis.client import ResponseError
-
 #: TAKE: move up to ARGV[1] items from the list's tail (oldest) into the
 #: empty processing list and return the processing list.  A non-empty
 #: processing list is an unfinished batch (a crash, a lost reply): it is
@@ -213,31 +206,3 @@ if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
-
-
-class Script:
-    """One Lua script run with EVALSHA, loaded again after NOSCRIPT.
-
-    EVALSHA keeps a 1 MiB batch from also carrying the script text, and a
-    Redis restart (empty script cache) costs one EVAL.
-    """
-
-    def __init__(self, source: str) -> None:
-        self.source = source.encode("utf-8")
-        self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
-
-    @inlineCallbacks
-    def __call__(self, redis: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Generator[Deferred[Any], Any, Any]:
-        """Run the script on `redis` (anything with ``execute(*args)``)."""
-        try:
-            result = yield redis.execute(b"EVALSHA", self.sha, len(keys), *keys, *args)
-        except ResponseError as e:
-            if "NOSCRIPT" not in str(e):
-                raise
-            result = yield redis.execute(b"EVAL", self.source, len(keys), *keys, *args)
-        return result
-
-
-def run_script(script: Script, redis: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Deferred[Any]:
-    """`script(redis, keys, args)` as a Deferred (for typed callers)."""
-    return script(redis, keys, args)

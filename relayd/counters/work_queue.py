@@ -24,7 +24,8 @@ from twisted.internet.defer import inlineCallbacks
 
 from relayd.counters.aggregate import split_packed
 from relayd.counters.keys import CounterKeys
-from relayd.counters.scripts import CLAIM, COMPLETE, MOVE_ALL, TAKE, TRIM_TAIL, Script
+from relayd.counters.scripts import CLAIM, COMPLETE, MOVE_ALL, TAKE, TRIM_TAIL
+from relayd.redis.scripts import Script
 
 _TAKE = Script(TAKE)
 _COMPLETE = Script(COMPLETE)

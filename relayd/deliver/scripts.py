@@ -7,33 +7,7 @@ back to EVAL on NOSCRIPT: a Redis that restarted (empty) has no script cache.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Sequence
-
-from twisted.internet.defer import Deferred
-
-from relayd.redis.client import ResponseError
-
-
-class Script:
-    """One Lua script, run by its SHA1 (loaded on first use and after a Redis restart)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source.encode("utf-8")
-        self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
-
-    def run(self, redis: Any, keys: Sequence[bytes], args: Sequence[Any] = ()) -> Deferred[Any]:
-        """EVALSHA, or EVAL when Redis does not know the script yet."""
-        d: Deferred[Any] = redis.execute(b"EVALSHA", self.sha, len(keys), *keys, *args)
-
-        def noscript(failure: Any) -> Any:
-            failure.trap(ResponseError)
-            if b"NOSCRIPT" not in str(failure.value).encode() and "NOSCRIPT" not in str(failure.value):
-                return failure
-            return redis.execute(b"EVAL", self.source, len(keys), *keys, *args)
-
-        return d.addErrback(noscript)
-
+from relayd.redis.scripts import Script
 
 #: A failed attempt: out of the processing list, into the retry set (due at ARGV[2]).
 TO_RETRY = Script(
