@@ -38,6 +38,7 @@ from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
 from relayd.reply.inbox import ReplyInbox
+from relayd.fanout.subscribe import Subscriptions
 
 #: /readyz says "can store" when a message of this size could be stored now:
 #: a spool with less room than one ordinary message is as good as full.
@@ -158,6 +159,11 @@ def build_service(
         config.buffer.ack_timeout,
         inbox,
     )
+    # Stream routes get this process's subscriptions: hub, XREAD reader, heartbeats.
+    fanout = None
+    if any(r.stream is not None for r in config.routes):
+        fanout = Subscriptions(reactor, config.redis, redis, metrics)
+        app.fanout = fanout
     site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits)
     ingest = IngestService(
         listen_endpoint or serverFromString(reactor, config.server.listen), site, app, shutdown_timeout, reactor
@@ -202,6 +208,9 @@ def build_service(
     for name, child in (
         *children,
         ("ingest", ingest),
+        # Stopped before ingest: subscriptions end cleanly (a final chunk,
+        # browsers reconnect elsewhere) instead of being cut with the sockets.
+        *((("fanout", fanout),) if fanout is not None else ()),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
     ):

@@ -80,11 +80,14 @@ class ListTarget:
 
 
 from relayd.outbox.dedup import DedupListTarget  # noqa: E402 - after the Protocol it implements
+from relayd.outbox.streams import ListAndStreamTarget, StreamTarget  # noqa: E402
 
 #: kind -> constructor from a spool header.  A new target kind registers here.
 _DECODERS: Dict[int, Callable[[bytes], Target]] = {
     ListTarget.KIND: ListTarget.from_spool_header,
     DedupListTarget.KIND: DedupListTarget.from_spool_header,
+    StreamTarget.KIND: StreamTarget.from_spool_header,
+    ListAndStreamTarget.KIND: ListAndStreamTarget.from_spool_header,
 }
 
 
