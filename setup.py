@@ -28,7 +28,9 @@ setup(
     ],
     extras_require={
         # redis-py: the example request/reply worker (examples/) that the tests run
-        "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11", "redis>=5"],
+        # websocket-client: speaks Chromium's DevTools protocol for the fan-out browser test
+        # (a hand-written RFC 6455 client would be ~150 lines of framing to get right)
+        "test": ["hypothesis>=6.100", "pytest>=8", "treq>=23.11", "redis>=5", "websocket-client>=1.6"],
         "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0", "tox>=4"],
     },
     entry_points={"console_scripts": ["relayd = relayd.cli:main"]},

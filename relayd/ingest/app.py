@@ -288,6 +288,10 @@ class IngestApp:
             if route.tokens is not None:  # the route's auth applies to subscribers
                 auth = request.requestHeaders.getRawHeaders(b"authorization")
                 route.tokens.check(auth[0] if auth else None)
+            if route.tokens is None:
+                # Anyone may read a route without tokens, from any page
+                # (EventSource sends no credentials cross-origin).
+                request.setHeader(b"Access-Control-Allow-Origin", b"*")
             self.fanout.subscribe(request, route.stream_key(values))
         except Problem as p:
             _finish(request, write_problem(request, p))
