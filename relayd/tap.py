@@ -22,6 +22,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config, with_backlog
+from relayd.fanout.subscribe import Subscriptions
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.ingest.http_layer import IngestSite
@@ -38,7 +39,6 @@ from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
 from relayd.redis.client import RedisClient
 from relayd.reply.inbox import ReplyInbox
-from relayd.fanout.subscribe import Subscriptions
 
 #: /readyz says "can store" when a message of this size could be stored now:
 #: a spool with less room than one ordinary message is as good as full.

@@ -77,7 +77,7 @@ class FanoutTests(unittest.TestCase):
             sent[team].append(post(relayd, team, {"team": team, "seq": i}))
         for team, subs in (("red", red), ("blue", blue)):
             for sub in subs:
-                wait_for(lambda: len(sub.events) >= len(sent[team]), ARRIVAL, f"{team} events")
+                wait_for(lambda s=sub, n=len(sent[team]): len(s.events) >= n, ARRIVAL, f"{team} events")
                 envelopes = [json.loads(d) for d in sub.data()]
                 self.assertEqual([e["id"] for e in envelopes], sent[team])
                 self.assertTrue(all(e["body"]["team"] == team for e in envelopes))
@@ -110,7 +110,7 @@ class FanoutTests(unittest.TestCase):
         for bad in ("abc", "1-2-3", "99999999999999-0"):
             sub = SSEClient(relayd.ingest_port, "/tracking/red", last_event_id=bad)
             self.addCleanup(sub.close)
-            wait_for(lambda: sub.closed, ARRIVAL, "the problem response")
+            wait_for(lambda s=sub: s.closed, ARRIVAL, "the problem response")
             self.assertEqual(sub.status, 400, bad)
             self.assertIn(b"application/problem+json", sub.head)
         sub = SSEClient(relayd.ingest_port, "/tracking/a%7Bb")
@@ -165,7 +165,7 @@ class FanoutTests(unittest.TestCase):
         total = len(ids)
         for n, sub in enumerate(subs):
             start = n * 5 + 1
-            wait_for(lambda: len(sub.events) >= total - start, ARRIVAL, "all events")
+            wait_for(lambda s=sub, n=total - start: len(s.events) >= n, ARRIVAL, "all events")
             self.assertEqual([b["seq"] for b in bodies(sub)], list(range(start, total)))
 
     def test_slow_subscriber_is_cut_and_memory_stays_bounded(self) -> None:
@@ -208,7 +208,7 @@ class FanoutTests(unittest.TestCase):
         for i in range(20, 30):
             post(relayd, "red", {"seq": i})
         for sub in subs:
-            wait_for(lambda: len(sub.events) >= 30, ARRIVAL * 2, "events after the restart")
+            wait_for(lambda s=sub: len(s.events) >= 30, ARRIVAL * 2, "events after the restart")
             self.assertEqual([b["seq"] for b in bodies(sub)], list(range(30)))
         self.assertTrue(all(not s.closed for s in subs), "subscriptions stay open across a Redis restart")
 
@@ -222,7 +222,7 @@ class FanoutTests(unittest.TestCase):
         for i in range(20):
             post(b if i % 2 else a, "red", {"seq": i})
         for sub in (sub_a, sub_b):
-            wait_for(lambda: len(sub.events) >= 20, ARRIVAL, "events from both hosts")
+            wait_for(lambda s=sub: len(s.events) >= 20, ARRIVAL, "events from both hosts")
             self.assertEqual([x["seq"] for x in bodies(sub)], list(range(20)))
 
     def test_workers_2_every_subscriber_gets_everything(self) -> None:
@@ -237,12 +237,12 @@ class FanoutTests(unittest.TestCase):
             sent[team].append(post(relayd, team, {"team": team, "seq": i}, keep_alive=False))
         for team, group in subs.items():
             for sub in group:
-                wait_for(lambda: len(sub.events) >= 40, ARRIVAL, f"{team} events")
+                wait_for(lambda s=sub: len(s.events) >= 40, ARRIVAL, f"{team} events")
                 self.assertEqual([json.loads(d)["id"] for d in sub.data()], sent[team])
         self.assertEqual(relayd.terminate(), 0, relayd.log_tail())
         for group in subs.values():
             for sub in group:
-                wait_for(lambda: sub.closed, ARRIVAL, "subscriptions ended at stop")
+                wait_for(lambda s=sub: s.closed, ARRIVAL, "subscriptions ended at stop")
 
 
 if os.environ.get("RELAYD_SKIP_FANOUT"):  # pragma: no cover - a local escape hatch, never in CI

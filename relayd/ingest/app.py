@@ -25,6 +25,7 @@ from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
 from relayd.ingest.idempotency import RecentKeys, key_digest, parse_key
+from relayd.ingest.paths import BoundedCache, KeyTemplate, PathMatcher, PathTemplate
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
     BadGateway,
@@ -49,7 +50,6 @@ from relayd.outbox.buffer import NotStored, RingBuffer, Waiter
 from relayd.outbox.dedup import DedupListTarget, encode_bundle
 from relayd.outbox.streams import ListAndStreamTarget, StreamTarget
 from relayd.outbox.targets import ListTarget
-from relayd.ingest.paths import BoundedCache, KeyTemplate, PathMatcher, PathTemplate
 from relayd.reply.inbox import ReplyInbox, ReplyTimeout, ReplyUnusable
 from relayd.reply.protocol import Reply
 

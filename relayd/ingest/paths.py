@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar, Union
 
 MAX_SEGMENT = 128  # bytes; a team name or an id, never a payload
 SEGMENT_RE = re.compile(rb"[A-Za-z0-9._~-]+\Z")
@@ -88,7 +88,7 @@ class KeyTemplate:
     def __init__(self, template: str, names: Sequence[str]) -> None:
         self.template = template
         # Alternating literal pieces and value indexes.
-        self._pieces: List[object] = []
+        self._pieces: List[Union[bytes, int]] = []
         pos = 0
         for m in NAME_RE.finditer(template):
             if m.group(1) in names:
@@ -100,7 +100,7 @@ class KeyTemplate:
 
     def fill(self, values: Sequence[bytes]) -> bytes:
         """The key for one request's path values."""
-        return b"".join(p if isinstance(p, bytes) else values[p] for p in self._pieces)  # type: ignore[index]
+        return b"".join(p if isinstance(p, bytes) else values[p] for p in self._pieces)
 
 
 class PathMatcher(Generic[T]):
