@@ -101,19 +101,28 @@ def run_row(teams: int, subs: int, rate: int, duration: float, stream: bool) -> 
         procs.append(relayd)
         wait_port(iport)
         time.sleep(1.0)
-        cpu0, t0 = cpu_seconds(relayd.pid), time.monotonic()
-        out = subprocess.run(
+        gen = subprocess.Popen(
             ["taskset", "-c", "1", sys.executable, os.path.join(HERE, "fanout_load.py"),
              str(iport), str(teams), str(subs if stream else 0), str(rate), str(duration), "32"],
-            capture_output=True, text=True, timeout=duration + 300,
+            stdout=subprocess.PIPE, text=True,
         )
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-2000:])
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        wall = time.monotonic() - t0
+        procs.append(gen)
+        assert gen.stdout is not None
+        lines = []
+        cpu0 = t0 = cpu1 = t1 = 0.0
+        for line in gen.stdout:
+            if line.strip() == "posting":
+                cpu0, t0 = cpu_seconds(relayd.pid), time.monotonic()
+            elif line.strip() == "posted":
+                cpu1, t1 = cpu_seconds(relayd.pid), time.monotonic()
+            else:
+                lines.append(line)
+        if gen.wait() != 0 or not lines:
+            raise RuntimeError("load generator failed")
+        result = json.loads(lines[-1])
         result.update(
             teams=teams, subs=subs if stream else 0, rate=rate, route="stream" if stream else "list (reference)",
-            relayd_cpu_share=round((cpu_seconds(relayd.pid) - cpu0) / wall, 3),
+            relayd_cpu_share=round((cpu1 - cpu0) / (t1 - t0), 3),
             relayd_peak_rss_mib=round(peak_rss_mib(relayd.pid), 1),
         )
         with RespClient("127.0.0.1", rport) as r:

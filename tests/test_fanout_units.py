@@ -59,6 +59,18 @@ class EventTests(unittest.TestCase):
         self.assertEqual(envelope_ts(b"raw body"), 0.0)
 
 
+class RecordingTransport(StringTransport):
+    """A StringTransport that also keeps the bytes objects written (identity checks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.objects: list = []  # type: ignore[type-arg]
+
+    def write(self, data: bytes) -> None:
+        self.objects.append(data)
+        super().write(data)
+
+
 class StreamingRequest:
     """The part of a twisted.web Request a Subscriber uses, over a StringTransport.
 
@@ -68,7 +80,7 @@ class StreamingRequest:
     def __init__(self) -> None:
         self.written: list = []  # type: ignore[type-arg]
         self.producer = None
-        self.channel = SimpleNamespace(transport=StringTransport())
+        self.channel = SimpleNamespace(transport=RecordingTransport())
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -94,13 +106,13 @@ class SubscriberTests(unittest.TestCase):
     def test_writes_while_not_paused_and_skips_old_ids(self) -> None:
         """Live events after the cursor are written in order; at or before it, skipped."""
         sub, request, _ = subscriber()
-        self.assertTrue(sub.event((1, 0), b"a"))
-        self.assertFalse(sub.event((1, 0), b"dup"))
+        self.assertTrue(sub.event((1, 0), b"a", b"A"))
+        self.assertFalse(sub.event((1, 0), b"dup", b"DUP"))
         sub.catching_up = True
-        self.assertFalse(sub.event((2, 0), b"held off"))
+        self.assertFalse(sub.event((2, 0), b"held off", b"HELD OFF"))
         sub.catching_up = False
-        self.assertTrue(sub.event((3, 0), b"c"))
-        self.assertEqual(request.written, [b"a", b"c"])
+        self.assertTrue(sub.event((3, 0), b"c", b"C"))
+        self.assertEqual(request.channel.transport.value(), b"ac")
 
     def test_paused_queue_then_resume_in_order(self) -> None:
         """While paused events queue; on resume they are written in order."""
@@ -108,10 +120,10 @@ class SubscriberTests(unittest.TestCase):
         sub.pauseProducing()
         for i in range(5):
             sub.send(b"%d" % i)
-        self.assertEqual(request.written, [])
+        self.assertEqual(request.channel.transport.value(), b"")
         self.assertEqual(sub.queued_bytes, 5)
         sub.resumeProducing()
-        self.assertEqual(request.written, [b"0", b"1", b"2", b"3", b"4"])
+        self.assertEqual(request.channel.transport.value(), b"01234")
         self.assertEqual((sub.queued_bytes, cut), (0, []))
 
     def test_cut_past_the_bound(self) -> None:
@@ -135,9 +147,10 @@ class SubscriberTests(unittest.TestCase):
         hub.add(b, (0, 0))
         hub.add(other, (0, 0))
         hub.deliver(b"s", [[b"5-0", [b"data", b"x"]], [b"4-0", [b"data", b"old"]]])
-        self.assertEqual(ra.written, [b"id: 5-0\ndata: x\n\n"])
-        self.assertIs(ra.written[0], rb.written[0])
-        self.assertEqual(ro.written, [])
+        self.assertEqual(ra.channel.transport.value(), b"id: 5-0\ndata: x\n\n")
+        self.assertEqual(rb.channel.transport.value(), b"id: 5-0\ndata: x\n\n")
+        self.assertIs(ra.channel.transport.objects[0], rb.channel.transport.objects[0])
+        self.assertEqual(ro.channel.transport.value(), b"")
         self.assertEqual(hub.position(b"s"), (5, 0))
         hub.remove(a)
         hub.remove(b)

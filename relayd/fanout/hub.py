@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 from relayd.fanout.events import StreamId, encode_event, envelope_ts, parse_id
-from relayd.fanout.sse import Subscriber
+from relayd.fanout.sse import Subscriber, frame
 from relayd.ops.metrics import Metrics
 
 
@@ -89,8 +89,9 @@ class Hub:
             position = sid
             data = _data_field(fields)
             event = encode_event(entry_id, data)
+            framed = frame(event)
             for sub in list(subs):
-                if sub.event(sid, event):
+                if sub.event(sid, event, framed):
                     sent += 1
             ts = envelope_ts(data)
             if ts:
@@ -112,8 +113,9 @@ class Hub:
 
     def broadcast(self, data: bytes) -> None:
         """Write `data` (a heartbeat) to every subscriber."""
+        framed = frame(data)
         for sub in self.subscribers():
-            sub.send(data)
+            sub.send_framed(framed if sub.chunked else data)
 
 
 def _data_field(fields: List[bytes]) -> bytes:

@@ -32,6 +32,7 @@ from typing import Any, List, Optional
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from relayd.config import RedisConfig
@@ -43,6 +44,14 @@ from relayd.redis.client import RedisClient
 BLOCK_MS = 5000  # XREAD block; bounds a stop's wait and the idle round trips (one per 5 s)
 READ_COUNT = 1000  # entries per stream per XREAD: bounds one reply's size
 UNBLOCK_RETRY = 0.02  # seconds before retrying a CLIENT UNBLOCK that found nothing blocked
+#: Least time between two XREADs.  An XREAD costs Redis (and us) work per
+#: stream named, and under load each returns at once with the few entries
+#: that arrived since the last: with 1,000 teams and 2,000 POSTs/s that was
+#: ~2,000 XREADs of 1,000 keys a second and the reader fell behind by
+#: seconds (bench/fanout_bench.py).  Waiting out the rest of 5 ms batches
+#: them: at most 200 XREADs/s, at most 5 ms added, and nothing added after
+#: an idle spell (the blocked XREAD was issued long before).
+MIN_READ_INTERVAL = 0.005
 
 
 class StreamReader(Service):
@@ -112,8 +121,15 @@ class StreamReader(Service):
     def _read(self) -> Any:
         """XREAD, deliver, repeat; until stopped or disconnected (on_ready restarts it)."""
         redis = self._redis
+        clock = self._reactor
+        issued = -MIN_READ_INTERVAL
         try:
             while self.running and redis.ready:
+                wait = issued + MIN_READ_INTERVAL - clock.seconds()
+                if wait > 0:
+                    yield deferLater(clock, wait, lambda: None)
+                    if not (self.running and redis.ready):
+                        break
                 positions = self._hub.positions()
                 if not positions:
                     self._idle = Deferred()
@@ -124,6 +140,7 @@ class StreamReader(Service):
                 args.extend(keys)
                 args.extend(format_id(positions[k]) for k in keys)
                 self._generation += 1
+                issued = clock.seconds()
                 try:
                     id_d = redis.execute(b"CLIENT", b"ID")
                     read_d = redis.execute(*args)

@@ -20,6 +20,11 @@ from zope.interface import implementer
 from relayd.fanout.events import StreamId
 
 
+def frame(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk holding `data`."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 @implementer(IPushProducer)
 class Subscriber:
     """A live SSE response for one stream."""
@@ -41,6 +46,11 @@ class Subscriber:
         self._queued = 0
         self._limit = queue_limit
         self._on_cut = on_cut
+        #: HTTP/1.1 responses without a length are chunked: the hub frames
+        #: each event once (`frame`), and it is written straight to the
+        #: transport (Request.write would frame it again per subscriber).
+        self.chunked = bool(getattr(request, "chunked", False))
+        self._transport = request.channel.transport
         request.registerProducer(self, True)
 
     @property
@@ -48,12 +58,12 @@ class Subscriber:
         """Bytes waiting for the transport."""
         return self._queued
 
-    def event(self, sid: StreamId, data: bytes) -> bool:
-        """A live event from the hub; True if it was sent or queued."""
+    def event(self, sid: StreamId, data: bytes, framed: bytes) -> bool:
+        """A live event from the hub (plain and chunk-framed); True if it was sent or queued."""
         if self.catching_up or sid <= self.cursor:
             return False
         self.cursor = sid
-        self.send(data)
+        self.send_framed(framed if self.chunked else data)
         return True
 
     def replayed(self, sid: StreamId, data: bytes) -> None:
@@ -63,11 +73,15 @@ class Subscriber:
             self.send(data)
 
     def send(self, data: bytes) -> None:
-        """Write `data`, or queue it while the transport is full; cut past the bound."""
+        """Write `data` (unframed), or queue it while the transport is full."""
+        self.send_framed(frame(data) if self.chunked else data)
+
+    def send_framed(self, data: bytes) -> None:
+        """Write bytes ready for the wire, or queue them; cut past the bound."""
         if self.closed:
             return
         if not self._paused:
-            self.request.write(data)
+            self._transport.write(data)
             return
         self._queue.append(data)
         self._queued += len(data)
@@ -112,7 +126,7 @@ class Subscriber:
         while queue and not self._paused and not self.closed:
             data = queue.popleft()
             self._queued -= len(data)
-            self.request.write(data)
+            self._transport.write(data)
 
     def stopProducing(self) -> None:
         """The connection is gone."""
