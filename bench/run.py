@@ -69,6 +69,8 @@ TARGETS_TEXT = {
     "relayd-accepted": 'relayd, ack = "accepted"',
     "relayd-ndjson": 'relayd, NDJSON 1000 lines/request, ack = "stored"',
     "relayd-ndjson-accepted": 'relayd, NDJSON 1000 lines/request, ack = "accepted"',
+    "twisted-web-paced": "raw twisted.web, paced load (tail latency at --paced-rate)",
+    "relayd-stored-paced": 'relayd, ack = "stored", paced load (tail latency at --paced-rate)',
 }
 ALL_TARGETS = list(TARGETS_TEXT)
 
@@ -302,9 +304,11 @@ def core_usage(a: dict, b: dict) -> dict:
 
 
 def run_wrk(url: str, script: str, duration: int, conns: int, outfile: Path,
-            server: list[Proc] | None = None, status_hook: bool = True) -> dict:
+            server: list[Proc] | None = None, status_hook: bool = True, pace_ms: float | None = None) -> dict:
     cmd = wrk_cmd(url, script, duration, conns)
     env = dict(os.environ, BATCH_LINES=str(BATCH_LINES), WRK_STATUS_HOOK="1" if status_hook else "0")
+    if pace_ms is not None:
+        env["WRK_PACE_MS"] = f"{pace_ms:.3f}"
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0 = [p.cpu() for p in server or []]
     st0 = proc_stat()
@@ -412,6 +416,10 @@ class Target:
 
     def start(self) -> None:
         raise NotImplementedError
+
+    def pace_ms(self) -> float | None:
+        """Per-connection pause between requests (paced targets), else None."""
+        return None
 
     def ready(self) -> tuple[bool, str]:
         body = self.ctx.sample_body if self.batch == 1 else self.ctx.sample_ndjson
@@ -541,8 +549,26 @@ class RelaydNdjsonAccepted(RelaydNdjson):
     ack = "accepted"
 
 
+class _Paced:
+    """Mixin: the same server under a paced load of about --paced-rate req/s."""
+
+    script = "bench/post_paced.lua"
+    ctx: Ctx
+
+    def pace_ms(self) -> float | None:
+        return 1000.0 * self.ctx.args.connections / self.ctx.args.paced_rate
+
+
+class TwistedWebPaced(_Paced, TwistedWeb):
+    name = "twisted-web-paced"
+
+
+class RelaydStoredPaced(_Paced, Relayd):
+    name = "relayd-stored-paced"
+
+
 TARGET_CLASSES = {c.name: c for c in (Nginx, TwistedWeb, KleinRef, Naive, Relayd, RelaydAccepted, RelaydNdjson,
-                                       RelaydNdjsonAccepted)}
+                                       RelaydNdjsonAccepted, TwistedWebPaced, RelaydStoredPaced)}
 
 
 # --------------------------------------------------------------------------
@@ -565,7 +591,8 @@ CATEGORIES = [
     ("twisted.web HTTP parsing/writing (http.py, server.py, resource.py, http_headers.py)",
      lambda p: "/twisted/web/" in p),
     ("Redis client (txredisapi / redis-py)", lambda p: "/txredisapi" in p or "/redis/" in p),
-    ("JSON (json/ujson), JSON Schema", lambda p: "/json/" in p or "ujson" in p or "fastjsonschema" in p),
+    ("JSON (json/ujson), JSON Schema", lambda p: "/json/" in p or "ujson" in p or "fastjsonschema" in p
+                                        or "jsonschema_rs" in p),
     ("email/cgi Content-Type parsing", lambda p: "/email/" in p or p.endswith("/cgi.py")),
     ("Twisted reactor + TCP transport (twisted/internet, python, protocols, logger)",
      lambda p: any(x in p for x in ("/twisted/internet/", "/twisted/python/", "/twisted/protocols/",
@@ -814,7 +841,7 @@ def measure(ctx: Ctx, name: str, rnd: int) -> dict:
         row["pre_other_cpu_pct"] = wait_for_quiet(ctx, tag)
         log(f"{tag}: warm-up {ctx.args.warmup}s")
         run_wrk(t.url, t.script, ctx.args.warmup, ctx.args.connections, ctx.results / f"{tag}-warmup.txt",
-                status_hook=t.status_hook)
+                status_hook=t.status_hook, pace_ms=t.pace_ms())
         if t.redis_key:
             ctx.redis.settle(t.redis_key, quiet=0.5, limit=15)
             ctx.redis.cli("DEL", t.redis_key)
@@ -825,7 +852,7 @@ def measure(ctx: Ctx, name: str, rnd: int) -> dict:
         servers = list(t.procs) + ([ctx.redis.proc] if t.redis_key else [])
         log(f"{tag}: measuring {ctx.args.duration}s")
         r = run_wrk(t.url, t.script, ctx.args.duration, ctx.args.connections, ctx.results / f"{tag}.txt",
-                    server=servers, status_hook=t.status_hook)
+                    server=servers, status_hook=t.status_hook, pace_ms=t.pace_ms())
         if t.redis_key:
             # what had reached Redis when the load stopped (vs what was acked)
             row["llen_at_end"] = ctx.redis.llen(t.redis_key)
@@ -1050,17 +1077,17 @@ def render(ctx: Ctx, rows: list[dict], all_rows: list[dict], info: dict, profile
       "the range is min–max over rounds; p50/p99 and CPU are from the median round; non-2xx is summed over "
       "all rounds.")
     w("")
-    w("| target | req/s (median) | range | msgs/s | req/s per core (CPU-norm.) | p50 | p99 | non-2xx | server CPU "
+    w("| target | req/s (median) | range | msgs/s | req/s per core (CPU-norm.) | p50 | p99 | p99.9 | non-2xx | server CPU "
       "| Redis CPU | wrk CPU | other CPU / steal (max) | valid |")
-    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if "rps" not in r:
-            w(f"| {r['desc']} | not measured | | | | | | | | | | | **no**: {r['error'].splitlines()[0][:200]} |")
+            w(f"| {r['desc']} | not measured | | | | | | | | | | | | **no**: {r['error'].splitlines()[0][:200]} |")
             continue
         red = f"{r['server_cpu_pct_redis']:.0f}%" if r.get("server_cpu_pct_redis") is not None else "–"
         cn = f"{r['rps_cpu_norm']:,.0f}" if r.get("rps_cpu_norm") else "–"
         w(f"| {r['desc']} | {r['rps']:,.0f} | {r['rps_min']:,.0f}–{r['rps_max']:,.0f} | {r['msgs_per_s']:,.0f} | {cn} | "
-          f"{fmt_us(r['lat_p50_us'])} | {fmt_us(r['lat_p99_us'])} | {r['non2xx_total']} | "
+          f"{fmt_us(r['lat_p50_us'])} | {fmt_us(r['lat_p99_us'])} | {fmt_us(r.get('lat_p999_us'))} | {r['non2xx_total']} | "
           f"{r['server_cpu_pct_app']:.0f}% | {red} | {r['wrk_cpu_pct']:.0f}% | {r['foreign_max']:.0f}% / {r.get('steal_max', 0):.0f}% | "
           f"{'yes' if r['valid'] else '**NO**: ' + '; '.join(r['problems'])[:600]} |")
     w("")
@@ -1317,6 +1344,8 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="seconds of warm-up per target (default 3)")
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--paced-rate", type=float, default=4000,
+                    help="req/s offered by the *-paced targets (about half of relayd's stored peak here)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds over all targets; the median round is reported (default 3)")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS),

@@ -23,7 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from relayd.spool.store import FRAME_OVERHEAD, Spool  # noqa: E402
+from relayd.spool.record import FRAME_OVERHEAD  # noqa: E402
+from relayd.spool.spool import Spool  # noqa: E402
 
 BATCH = 1000  # records per sync() and per read(): the forwarder's batch size
 ACK_SYNC_EVERY = 10  # read batches per sync() during replay (cursor persistence)

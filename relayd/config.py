@@ -27,6 +27,8 @@ try:  # Python >= 3.11
 except ImportError:  # pragma: no cover - pypy3 (3.9) keeps working
     import tomli as tomllib  # type: ignore[no-redef]
 
+from relayd.spool.segments import FSYNC_POLICIES  # the spool owns its policy names (a leaf module: no cycle)
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
@@ -34,7 +36,6 @@ class ConfigError(ValueError):
 
 ACK_MODES = ("stored", "accepted")
 FORMATS = ("envelope", "body")
-FSYNC_POLICIES = ("always", "batch", "never")
 
 # Defaults, with the reason for each value.
 DEFAULT_MAX_BODY = 1024 * 1024  # nginx's client_max_body_size and NSQ's ~1 MiB message cap
@@ -104,6 +105,9 @@ class RedisConfig:
     batch_messages: int = DEFAULT_BATCH_MESSAGES
     batch_bytes: int = DEFAULT_BATCH_BYTES
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    # Redis Cluster seed nodes ((host, port), ...); empty = one Redis at `url`.
+    # With seeds, host/port above are the first seed's and db is 0.
+    cluster: Tuple[Tuple[str, int], ...] = ()
 
 
 @attrs.frozen
@@ -300,27 +304,71 @@ def _parse_server(data: Mapping[str, Any]) -> ServerConfig:
     )
 
 
+def _parse_redis_url(url: str, key: str) -> Tuple[str, int, int, Optional[str], Optional[str]]:
+    """``redis://[user:password@]host[:port][/db]`` -> (host, port, db, user, password)."""
+    m = _REDIS_URL_RE.match(url)
+    if not m:
+        raise ConfigError(f"{key}: expected redis://[user:password@]host[:port][/db], got {url!r}")
+    port = int(m.group("port") or 6379)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{key}: port out of range: {port}")
+    return (
+        m.group("host").strip("[]"),
+        port,
+        int(m.group("db") or 0),
+        unquote(m.group("user")) if m.group("user") else None,
+        unquote(m.group("password")) if m.group("password") is not None else None,
+    )
+
+
+def _parse_cluster_seeds(value: Any) -> Tuple[Tuple[Tuple[str, int], ...], Optional[str], Optional[str]]:
+    """`redis.cluster`: seed URLs -> ((host, port), ...), user, password.
+
+    A cluster has only db 0, and every node takes the same credentials, so
+    seeds that name another db or disagree on credentials are errors.
+    """
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError('redis.cluster: expected a non-empty list of "redis://host:port" seed URLs')
+    seeds = []
+    creds: Optional[Tuple[Optional[str], Optional[str]]] = None
+    for i, url in enumerate(value):
+        host, port, db, user, password = _parse_redis_url(url, f"redis.cluster[{i}]")
+        if db != 0:
+            raise ConfigError(f"redis.cluster[{i}]: a Redis Cluster has only db 0, got /{db}")
+        if creds is not None and (user, password) != creds:
+            raise ConfigError(f"redis.cluster[{i}]: every seed must carry the same user:password")
+        creds = (user, password)
+        if (host, port) not in seeds:
+            seeds.append((host, port))
+    assert creds is not None
+    return tuple(seeds), creds[0], creds[1]
+
+
 def _parse_redis(data: Mapping[str, Any]) -> RedisConfig:
     t = _table(data, "redis")
     _check_keys(
         t,
-        ("url", "reply_timeout", "connect_timeout", "batch_messages", "batch_bytes", "max_in_flight"),
+        ("url", "cluster", "reply_timeout", "connect_timeout", "batch_messages", "batch_bytes", "max_in_flight"),
         "redis",
     )
-    url = _typed(t, "url", str, DEFAULT_REDIS_URL, "redis")
-    m = _REDIS_URL_RE.match(url)
-    if not m:
-        raise ConfigError(f"redis.url: expected redis://[user:password@]host[:port][/db], got {url!r}")
-    port = int(m.group("port") or 6379)
-    if not 0 < port < 65536:
-        raise ConfigError(f"redis.url: port out of range: {port}")
+    cluster: Tuple[Tuple[str, int], ...] = ()
+    if "cluster" in t:
+        if "url" in t:
+            raise ConfigError("redis.cluster: set either redis.url (one Redis) or redis.cluster (seed nodes), not both")
+        cluster, user, password = _parse_cluster_seeds(t["cluster"])
+        url = ",".join(t["cluster"])
+        host, port, db = cluster[0][0], cluster[0][1], 0
+    else:
+        url = _typed(t, "url", str, DEFAULT_REDIS_URL, "redis")
+        host, port, db, user, password = _parse_redis_url(url, "redis.url")
     return RedisConfig(
         url=url,
-        host=m.group("host").strip("[]"),
+        host=host,
         port=port,
-        db=int(m.group("db") or 0),
-        username=unquote(m.group("user")) if m.group("user") else None,
-        password=unquote(m.group("password")) if m.group("password") is not None else None,
+        db=db,
+        username=user,
+        password=password,
+        cluster=cluster,
         reply_timeout=_positive(
             _typed(t, "reply_timeout", float, DEFAULT_REPLY_TIMEOUT, "redis"), "redis.reply_timeout"
         ),
@@ -506,9 +554,14 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         if r.path in seen:
             raise ConfigError(f"route[{i}].path: duplicate of route[{seen[r.path]}] ({r.path})")
         seen[r.path] = i
+    redis = _parse_redis(data)
+    for i, r in enumerate(routes):
+        if r.stream is not None and redis.cluster:
+            # One XREAD names every watched stream; Cluster runs it only within one slot (docs/fanout.md).
+            raise ConfigError(f"route[{i}].stream: fan-out needs a single Redis ([redis] url), not a cluster (yet)")
     return Config(
         server=_parse_server(data),
-        redis=_parse_redis(data),
+        redis=redis,
         buffer=_parse_buffer(data),
         spool=_parse_spool(data, base_dir),
         routes=routes,
@@ -525,7 +578,7 @@ def check_environment(config: Config, compile_schema: Callable[[str, str], Any])
     validators = {}
     for i, route in enumerate(config.routes):
         if route.schema is not None:
-            validators[route.path] = compile_schema(route.schema, f"route[{i}].schema")
+            validators[route.path] = compile_schema(route.schema, f"route[{i}].schema (route {route.path})")
         for key in ("auth_tokens_file", "webhook_secret_file"):
             path = getattr(route, key)
             if path is not None and not os.access(path, os.R_OK):

@@ -21,7 +21,15 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from relayd.config import Config, ConfigError, check_environment, config_from_string, load_config, with_backlog
+from relayd.config import (
+    Config,
+    ConfigError,
+    RedisConfig,
+    check_environment,
+    config_from_string,
+    load_config,
+    with_backlog,
+)
 from relayd.fanout.subscribe import Subscriptions
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
@@ -29,6 +37,8 @@ from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
 from relayd.listener import ListenerService
 from relayd.ops.admin import AdminApp
+from relayd.ops.gctune import GcService
+from relayd.ops.looplag import LoopLagMonitor
 from relayd.ops.metrics import Metrics
 from relayd.outbox.adoption import OrphanAdopter
 from relayd.outbox.buffer import RingBuffer
@@ -37,7 +47,9 @@ from relayd.outbox.spooler import Spooler
 from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
 from relayd.process.supervisor import make_supervisor, resolve_workers
-from relayd.redis.client import RedisClient
+from relayd.redis.cluster import ClusterClient
+from relayd.redis.factory import make_redis_client as redis_client_for
+from relayd.redis.probe import probe_cluster
 from relayd.reply.inbox import ReplyInbox
 
 #: /readyz says "can store" when a message of this size could be stored now:
@@ -101,7 +113,13 @@ class RelayService(MultiService):
 def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: Any) -> List[IngestRoute]:
     """The ingest routes of a config; rate limits get this process's share."""
     share = 1.0 / max(1, resolve_workers(config.server.workers))
+    metrics.describe_routes((r.path, r.list, r.ack) for r in config.routes)
     return [IngestRoute(r, validators.get(r.path), metrics.route(r.path), reactor, share) for r in config.routes]
+
+
+def make_redis_client(reactor: Any, config: RedisConfig, metrics: Optional[Metrics] = None) -> Any:
+    """This process's Redis client (one Redis or a cluster: `relayd.redis.factory`)."""
+    return redis_client_for(reactor, config, metrics.redis_node if metrics is not None else None)
 
 
 def build_service(
@@ -123,7 +141,7 @@ def build_service(
     buffer = RingBuffer(config.buffer.max_messages, config.buffer.max_bytes)
     metrics.watch(metrics.buffer_messages, lambda: buffer.messages)
     metrics.watch(metrics.buffer_bytes, lambda: buffer.bytes)
-    redis = RedisClient(reactor, config.redis)
+    redis = make_redis_client(reactor, config.redis, metrics)
     metrics.watch(metrics.redis_up, lambda: 1.0 if redis.ready else 0.0)
     writer = RedisWriter(reactor, redis, metrics)
     spooler = Spooler(
@@ -176,10 +194,17 @@ def build_service(
         return {
             "ingest_listening": listening["ingest"],
             "spool_recovered": spooler.spool is not None,
-            "can_store": forwarder.can_store(1, READY_MESSAGE_BYTES),
+            "can_store": forwarder.can_store(1, max(READY_MESSAGE_BYTES, spooler.refused_size)),
         }
 
-    admin_site = Site(AdminApp(metrics, readiness).resource(), reactor=reactor)
+    metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
+    metrics.watch(metrics.spool_disk_bytes, lambda: spooler.spool.disk_bytes if spooler.spool is not None else 0)
+    metrics.spool_max_bytes.set(config.spool.max_bytes)
+    details = None
+    if isinstance(redis, ClusterClient):
+        cluster = redis
+        details = lambda: {"redis_cluster": cluster.describe()}  # noqa: E731
+    admin_site = Site(AdminApp(metrics, readiness, details).resource(), reactor=reactor)
     admin_site.log = lambda request: None  # type: ignore[method-assign]
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
     adopter = OrphanAdopter(
@@ -196,7 +221,7 @@ def build_service(
     root = RelayService(reactor)
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: admin, ingest (waits for replies), replies, forwarder, adopter, spooler, Redis.
+    # Stopped in reverse: looplag, admin, ingest (waits for replies), replies, forwarder, adopter, spooler, Redis.
     children: List[Tuple[str, Any]] = [
         ("redis", redis),
         ("spooler", spooler),
@@ -213,6 +238,8 @@ def build_service(
         *((("fanout", fanout),) if fanout is not None else ()),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
+        ("looplag", LoopLagMonitor(reactor, metrics.reactor_lag)),
+        ("gc", GcService(reactor, metrics)),
     ):
         child.setName(name)
         child.setServiceParent(root)
@@ -257,6 +284,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     try:
         config, validators = load_config(options["config"], compile_schema_file)
         config = _apply_overrides(config, options)
+        if config.redis.cluster:
+            problem = probe_cluster(config.redis)
+            if problem is not None:
+                raise ConfigError(problem)
     except ConfigError as e:
         sys.stderr.write(f"relayd: {e}\n")
         sys.stderr.flush()

@@ -193,8 +193,9 @@ class RedisServer:
 
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
 
-    def __init__(self, test: unittest.TestCase, port: int | None = None) -> None:
+    def __init__(self, test: unittest.TestCase, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
+        self.extra_args = list(extra_args)  # e.g. cluster mode (tests/cluster_harness.py)
         self.dir = tempfile.mkdtemp(prefix="relayd-redis-")
         self.proc: subprocess.Popen | None = None
         self._paused = False
@@ -227,6 +228,7 @@ class RedisServer:
                 "no",
                 "--protected-mode",
                 "no",
+                *self.extra_args,
             ],
             cwd=self.dir,
             stdin=subprocess.DEVNULL,
@@ -387,7 +389,7 @@ class RelaydProcess:
         self,
         test: unittest.TestCase,
         routes: Sequence[Mapping[str, Any]] = (),
-        redis_url: str = "redis://127.0.0.1:6379/0",
+        redis_url: str | None = "redis://127.0.0.1:6379/0",
         spool_dir: str | None = None,
         server: Mapping[str, Any] | None = None,
         spool: Mapping[str, Any] | None = None,
@@ -419,7 +421,8 @@ class RelaydProcess:
                     "workers": 1,
                     **(server or {}),
                 },
-                "redis": {"url": redis_url, **(redis or {})},
+                # redis_url=None: no url (a cluster's seeds come in `redis`)
+                "redis": {**({"url": redis_url} if redis_url else {}), **(redis or {})},
                 "spool": {"dir": spool_dir or os.path.join(self.dir, "spool"), "fsync": "batch", **(spool or {})},
             }
             if buffer:

@@ -114,3 +114,34 @@ def spool_records():
 def spool_entries():
     """(Redis list key, item) pairs for the spool entry codec; keys may be empty or binary."""
     return st.tuples(st.binary(max_size=40), st.binary(max_size=200))
+
+
+# --- route schemas ---
+
+_SCHEMA_KEYWORDS = [
+    "type", "$ref", "$id", "id", "$schema", "$defs", "definitions", "items", "prefixItems", "properties",
+    "patternProperties", "additionalProperties", "format", "pattern", "enum", "const", "minimum", "maximum",
+    "minLength", "allOf", "anyOf", "oneOf", "not", "if", "then", "else", "$dynamicRef", "$dynamicAnchor",
+    "$anchor", "$recursiveRef", "$recursiveAnchor", "dependentRequired", "dependentSchemas", "dependencies",
+    "unevaluatedProperties", "unevaluatedItems", "contains", "multipleOf", "required", "propertyNames",
+    "contentMediaType", "$vocabulary",
+]
+_SCHEMA_LEAVES = [
+    "string", "integer", "object", "#", "#/$defs/a", "#/definitions/a", "a.json", "uuid", "date-time", "(",
+    "^a$", "http://json-schema.org/draft-07/schema#", "https://json-schema.org/draft/2020-12/schema",
+    "urn:x", "#a", "a",
+]
+
+
+def json_schemas():
+    """Schema-shaped JSON values, mostly broken: keywords with values of any type, refs, drafts."""
+    leaf = (
+        st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False, allow_infinity=False)
+        | st.sampled_from(_SCHEMA_LEAVES)
+    )
+    return st.recursive(
+        leaf,
+        lambda children: st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(_SCHEMA_KEYWORDS) | st.text(max_size=2), children, max_size=4),
+        max_leaves=12,
+    )

@@ -16,12 +16,12 @@ from relayd.ops.metrics import Metrics
 from relayd.outbox.replay import REPLAY_PIPELINE, REPLAY_RETRY, Replayer
 from relayd.outbox.targets import ListTarget, encode_payload
 from relayd.outbox.writer import RedisWriter
-from relayd.spool.store import Spool
+from relayd.spool.spool import Spool
 from tests.test_forwarder import FakeRedis
 
 
-class ReplayTests(SynchronousTestCase):
-    """Replay pushes spooled records oldest first, pipelined, and never skips a failed batch."""
+class ReplayFixture(SynchronousTestCase):
+    """A Replayer over a real spool in a temp dir, with a hand-driven Redis."""
 
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp()
@@ -50,6 +50,11 @@ class ReplayTests(SynchronousTestCase):
 
     def pushed(self, key: bytes) -> List[bytes]:
         return [v for p in self.redis.pushes if p.key == key and p.outcome == "stored" for v in p.values]
+
+
+
+class ReplayTests(ReplayFixture):
+    """Replay pushes spooled records oldest first, pipelined, and never skips a failed batch."""
 
     def test_pipelined_in_order_then_idle(self) -> None:
         """Up to REPLAY_PIPELINE batches go out at once; all arrive in order; on_idle once the spool is empty."""
@@ -126,3 +131,46 @@ class ReplayTests(SynchronousTestCase):
         self.redis.succeed_all()
         self.assertEqual(self.pushed(b"k"), [b"ok"])
         self.assertEqual(self.spool.pending_records, 0)
+
+
+class PartialFailureTests(ReplayFixture):
+    """One target of a batch fails while the others are stored (a cluster node down)."""
+
+    def test_failed_target_is_set_aside_and_others_flow_once(self) -> None:
+        """Records of the failing list are appended again at the spool's end and the batch is acked:
+        the healthy list gets each record exactly once (no re-push storm), the failing one keeps its
+        order and arrives once its node answers."""
+        for i in range(6):
+            self.spool.append([encode_payload(ListTarget(b"up" if i % 2 else b"down"), b"%d" % i)])
+        self.redis.set_ready(True)
+        self.replayer.start()
+        self.clock.advance(0)
+        for push in list(self.redis.outstanding):
+            if push.key == b"down":
+                push.fail()
+            else:
+                push.succeed()
+        self.clock.advance(0)
+        self.assertEqual(self.pushed(b"up"), [b"1", b"3", b"5"])
+        self.assertEqual(self.spool.pending_records, 3, "only the failed list's records are left")
+        # The node comes back: the set-aside records arrive, in their order.
+        for _ in range(5):
+            self.redis.succeed_all()
+            self.clock.advance(0)
+        self.assertEqual(self.pushed(b"down"), [b"0", b"2", b"4"])
+        self.assertEqual(self.pushed(b"up"), [b"1", b"3", b"5"], "no healthy record pushed twice")
+        self.assertEqual(self.spool.pending_records, 0)
+
+    def test_all_targets_failing_retries_the_batch_after_a_pause(self) -> None:
+        """When nothing got through, nothing is appended again: the batch is retried from the cursor."""
+        for i in range(4):
+            self.spool.append([encode_payload(ListTarget(b"a" if i % 2 else b"b"), b"%d" % i)])
+        self.redis.set_ready(True)
+        self.replayer.start()
+        self.clock.advance(0)
+        for push in list(self.redis.outstanding):
+            push.fail()
+        self.assertEqual(self.spool.pending_records, 4)
+        self.assertEqual(self.redis.outstanding, [])
+        self.clock.advance(REPLAY_RETRY)
+        self.assertEqual(len(self.redis.outstanding), 2)

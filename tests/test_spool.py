@@ -1,4 +1,4 @@
-"""Tests for relayd.spool.store: framing, the entry codec, the Spool API, recovery and full disks."""
+"""Tests for relayd.spool (record, meta, segments, recovery, spool): framing, the entry codec, the Spool API, recovery and full disks."""
 
 from __future__ import annotations
 
@@ -16,21 +16,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayd.spool import store as spool_mod
-from relayd.spool.store import (
+from relayd.spool import meta as meta_mod
+from relayd.spool import segments as segments_mod
+from relayd.spool.errors import SpoolClosedError, SpoolDirectoryError, SpoolFull, SpoolLockedError, SpoolWriteError
+from relayd.spool.record import (
     FRAME_OVERHEAD,
     MAX_PAYLOAD_BYTES,
-    Spool,
-    SpoolClosedError,
-    SpoolDirectoryError,
-    SpoolFull,
-    SpoolLockedError,
-    SpoolWriteError,
     decode_entry,
     decode_record,
     encode_entry,
     encode_record,
 )
+from relayd.spool.spool import Spool
 from tests.strategies import spool_entries, spool_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -331,9 +328,9 @@ class SpoolAPITests(SpoolTestCase):
         sp.append([b"a", b"b"])
         sp.sync()
         sp.ack(sp.read(1, 10)[0][0])
-        meta_before = spool_mod._load_meta(self.dir)
+        meta_before = meta_mod.load_meta(self.dir)
         sp.sync()
-        meta_after = spool_mod._load_meta(self.dir)
+        meta_after = meta_mod.load_meta(self.dir)
         self.assertNotEqual(meta_before, meta_after)
         self.assertEqual(meta_after[2], 1)
 
@@ -507,7 +504,7 @@ class RecoveryTests(SpoolTestCase):
         """A well-formed cursor that is not a record boundary replays its segment from the start."""
         payloads = self.fill(4)
         seq = int(os.path.basename(segment_files(self.dir)[1])[:-4])
-        doc = {"version": 1, "segment": seq, "offset": 7, "acked": 0, "crc": spool_mod._meta_crc(seq, 7, 0)}
+        doc = {"version": 1, "segment": seq, "offset": 7, "acked": 0, "crc": meta_mod.meta_crc(seq, 7, 0)}
         with open(os.path.join(self.dir, "meta.json"), "w") as f:
             json.dump(doc, f)
         sp = self.open(segment_bytes=100)
@@ -554,7 +551,8 @@ class RecoveryTests(SpoolTestCase):
 _FSIZE_CHILD = textwrap.dedent(
     """
     import json, os, resource, signal, sys
-    from relayd.spool.store import Spool, SpoolWriteError
+    from relayd.spool.errors import SpoolWriteError
+    from relayd.spool.spool import Spool
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
     path, limit = sys.argv[1], int(sys.argv[2])
     sp = Spool.open(path, 1 << 30, segment_bytes=1 << 20)
@@ -667,13 +665,13 @@ class WriteErrorTests(SpoolTestCase):
                 raise OSError(errno.EIO, "I/O error")
             return real_pwrite(fd, data, offset)
 
-        self.patch(spool_mod.os, "pwrite", failing_pwrite)
+        self.patch(os, "pwrite", failing_pwrite)
         files_before = segment_files(self.dir)
         e = self.assertRaises(SpoolWriteError, sp.append, [b"b" * 34, b"c" * 34, b"d" * 34])
         self.assertEqual(e.errno, errno.EIO)
         self.assertEqual(segment_files(self.dir), files_before)
         self.assertEqual(os.path.getsize(files_before[0]), 50)
-        self.patch(spool_mod.os, "pwrite", real_pwrite)
+        self.patch(os, "pwrite", real_pwrite)
         sp.append([b"e"])
         self.assertEqual(read_all(sp), [b"a" * 34, b"e"])
 
@@ -685,9 +683,9 @@ class WriteErrorTests(SpoolTestCase):
         def failing(fd):
             raise OSError(errno.EIO, "I/O error")
 
-        self.patch(spool_mod, "_fdatasync", failing)
+        self.patch(segments_mod, "fdatasync", failing)
         self.assertRaises(SpoolWriteError, sp.sync)
-        self.patch(spool_mod, "_fdatasync", os.fsync)
+        self.patch(segments_mod, "fdatasync", os.fsync)
         sp.append([b"b"])
         sp.sync()
         self.assertEqual(len(segment_files(self.dir)), 2)

@@ -11,7 +11,8 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayd.spool.cli import EXIT_CORRUPT, EXIT_OK, EXIT_USAGE, main
-from relayd.spool.store import FRAME_OVERHEAD, Spool, encode_record
+from relayd.spool.record import FRAME_OVERHEAD, encode_record
+from relayd.spool.spool import Spool
 
 
 class SpoolCLITests(SynchronousTestCase):

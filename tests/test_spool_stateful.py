@@ -23,8 +23,9 @@ import tempfile
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from relayd.spool import store as spool_mod
-from relayd.spool.store import Spool, SpoolFull
+from relayd.spool import segments as segments_mod
+from relayd.spool.errors import SpoolFull
+from relayd.spool.spool import Spool
 from tests.strategies import spool_payloads
 
 SEGMENT_BYTES = 160  # a handful of records per segment, so rolling and deletion happen constantly
@@ -50,9 +51,9 @@ class SpoolMachine(RuleBasedStateMachine):
         self.synced_sizes = {}  # segment name -> size at its last fdatasync
         self.durable_names = set()  # segment names whose directory entry was fsynced
         self.durable_meta = None  # meta.json bytes as of the last directory fsync
-        self._real = (spool_mod._fdatasync, spool_mod._fsync_dir)
-        spool_mod._fdatasync = self._observe_fdatasync
-        spool_mod._fsync_dir = self._observe_fsync_dir
+        self._real = (segments_mod.fdatasync, segments_mod.fsync_dir)
+        segments_mod.fdatasync = self._observe_fdatasync
+        segments_mod.fsync_dir = self._observe_fsync_dir
         self.in_flight = None  # position after the last record read but not acked
         self._in_flight_count = 0
         self.spool = self._open()
@@ -85,7 +86,7 @@ class SpoolMachine(RuleBasedStateMachine):
 
     def teardown(self):
         """Release the directory and the fsync observers."""
-        spool_mod._fdatasync, spool_mod._fsync_dir = self._real
+        segments_mod.fdatasync, segments_mod.fsync_dir = self._real
         if not self.spool.closed:
             self.spool.close()
         shutil.rmtree(self.dir, True)

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relayd.ops.metrics import Metrics
 from relayd.outbox.spooler import COMMIT_WINDOW, RETRY_AFTER_ERROR, Spooler
-from relayd.spool.store import FRAME_OVERHEAD, SpoolFull, SpoolWriteError
+from relayd.spool.errors import SpoolFull, SpoolWriteError
+from relayd.spool.record import FRAME_OVERHEAD
 
 
 class SpoolerFixture:
@@ -127,3 +128,26 @@ class ThreadedCommitTests(SynchronousTestCase, SpoolerFixture):
         self.failureResultOf(first, SpoolWriteError)
         self.failureResultOf(second, SpoolWriteError)
         self.assertFalse(self.spooler.can_take(1, 1))
+
+
+class ReadinessSizeTests(SynchronousTestCase, SpoolerFixture):
+    """refused_size: what /readyz asks about, so that it agrees with ingest."""
+
+    def test_largest_refusal_is_remembered_until_such_a_write_fits(self) -> None:
+        """A refused 1000-byte write makes refused_size cover it; smaller successful checks do
+        not clear it; a check of at least that size that fits does."""
+        self.make(self, max_bytes=4096)
+        self.append(b"x" * 3500)
+        self.assertFalse(self.spooler.can_take(1, 1000))
+        self.assertEqual(self.spooler.refused_size, 1000 + FRAME_OVERHEAD)
+        self.assertTrue(self.spooler.can_take(1, 10))
+        self.assertEqual(self.spooler.refused_size, 1000 + FRAME_OVERHEAD, "a small write proves nothing")
+
+    def test_cleared_when_a_refused_size_fits_again(self) -> None:
+        """After a write error's refusal window, the same size fits again and the mark clears."""
+        self.make(self)
+        self.spooler._refuse("write", "injected EIO")
+        self.assertFalse(self.spooler.can_take(1, 1000))
+        self.clock.advance(RETRY_AFTER_ERROR)
+        self.assertTrue(self.spooler.can_take(1, 1000))
+        self.assertEqual(self.spooler.refused_size, 0)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relayd.outbox.targets import ListTarget, decode_payload, encode_payload, group_by_target
-from relayd.spool.store import decode_entry, encode_entry
+from relayd.spool.record import decode_entry, encode_entry
 
 
 class SpoolEncodingTests(unittest.TestCase):

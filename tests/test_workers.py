@@ -210,7 +210,8 @@ class AdoptionTests(RelayTestCase):
         import shutil
         import tempfile
 
-        from relayd.spool.store import Spool, encode_entry
+        from relayd.spool.record import encode_entry
+        from relayd.spool.spool import Spool
 
         self.redis = RedisServer(self)
         base = tempfile.mkdtemp(prefix="relayd-adopt-")
@@ -235,7 +236,8 @@ class AdoptionTests(RelayTestCase):
         import shutil
         import tempfile
 
-        from relayd.spool.store import Spool, encode_entry
+        from relayd.spool.record import encode_entry
+        from relayd.spool.spool import Spool
 
         self.redis = RedisServer(self)
         base = tempfile.mkdtemp(prefix="relayd-adopt-")

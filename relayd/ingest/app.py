@@ -121,8 +121,8 @@ class IngestRoute:
         list_key = self._list.fill(values) if self._list is not None else None
         dedup = DedupListTarget(list_key, self._window_ms) if list_key is not None else None
         if self._stream is None:
-            assert list_key is not None
-            return ListTarget(list_key), dedup
+            assert list_key is not None and self._list is not None
+            return ListTarget(list_key, label=self._list.template.encode()), dedup
         assert self._stream is not None
         stream = StreamTarget(self._stream.fill(values), self._history, label=self._stream.template.encode())
         if list_key is None:

@@ -1,9 +1,8 @@
 """Request body -> message values, or a `Problem` that says exactly why not.
 
-One `BodyParser` per route holds the route's compiled JSON Schema (compiled
-once at config load by fastjsonschema: ~10x faster per message than an
-interpreted validator) and decides, from the Content-Type, how the body is
-read:
+One `BodyParser` per route holds the route's compiled JSON Schema (a
+`relayd.schema.RouteSchema`, compiled once at config load by jsonschema-rs)
+and decides, from the Content-Type, how the body is read:
 
 - ``application/json`` / ``*+json``: one JSON value; malformed -> 400.
 - ``application/x-ndjson``: one JSON value per non-blank line; all or
@@ -11,19 +10,20 @@ read:
 - no Content-Type: JSON if it parses, else (schema-less routes only) text.
 - anything else: relayed as a UTF-8 string on schema-less routes, 415 on
   routes with a schema (their contract is JSON).
+
+A schema violation is a 400 whose ``field`` is the JSON pointer of the
+failing value and whose ``keyword`` names the schema keyword that failed.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-import fastjsonschema
 import ujson
 
 from relayd.codec import split_ndjson
-from relayd.config import ConfigError
 from relayd.ingest.problems import (
     BadRequest,
     InvalidBatch,
@@ -32,23 +32,16 @@ from relayd.ingest.problems import (
     SchemaViolation,
     UnsupportedMediaType,
 )
+from relayd.schema import RouteSchema, Violation, compile_schema, compile_schema_file
+
+__all__ = ["BodyParser", "Parsed", "Validator", "compile_schema", "compile_schema_file", "media_type"]
 
 NDJSON = "application/x-ndjson"
 JSON = "application/json"
 MAX_REPORTED_LINES = 20  # enough to fix a batch; keeps the 400 small
 
-_UUID_RE = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-# fastjsonschema silently ignores formats it does not know (it has no
-# "uuid"): add the ones users ask for, and reject unknown ones at load.
-EXTRA_FORMATS = {"uuid": _UUID_RE}
-_KNOWN_FORMATS = {
-    "date-time", "email", "hostname", "ipv4", "ipv6", "json-pointer", "regex", "uri",
-    "uri-reference", "uri-template", "date", "time", "iri", "iri-reference", "idn-email",
-    "idn-hostname", "relative-json-pointer", *EXTRA_FORMATS,
-}
-_SCHEMA_MAPS = {"properties", "patternProperties", "definitions", "$defs", "dependencies", "dependentSchemas"}
-
-Validator = Callable[[Any], Any]
+#: What ingest holds per route with a schema (kept under its old name for callers).
+Validator = RouteSchema
 
 
 class Parsed(NamedTuple):
@@ -60,43 +53,6 @@ class Parsed(NamedTuple):
     batch: bool = False  # NDJSON: answered with "accepted" and "ids"
 
 
-def _unknown_formats(schema: Any, in_map: bool = False) -> List[str]:
-    found = []
-    if isinstance(schema, dict):
-        if not in_map and isinstance(schema.get("format"), str) and schema["format"] not in _KNOWN_FORMATS:
-            found.append(schema["format"])
-        for key, value in schema.items():
-            if in_map or key not in ("enum", "const", "default", "examples"):
-                found += _unknown_formats(value, in_map=(not in_map and key in _SCHEMA_MAPS))
-    elif isinstance(schema, list):
-        for value in schema:
-            found += _unknown_formats(value)
-    return found
-
-
-def compile_schema_file(path: str, key: str) -> Validator:
-    """Load and compile one JSON Schema file; `ConfigError` names `key`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            schema = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read schema {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise ConfigError(f"{key}: schema {path} is not valid JSON: {e}") from None
-    return compile_schema(schema, key)
-
-
-def compile_schema(schema: Any, key: str = "schema") -> Validator:
-    """Compile a schema document; reject formats that would silently pass."""
-    unknown = _unknown_formats(schema)
-    if unknown:
-        raise ConfigError(f"{key}: unsupported format(s) {', '.join(sorted(set(unknown)))}")
-    try:
-        return fastjsonschema.compile(schema, formats=EXTRA_FORMATS)
-    except (fastjsonschema.JsonSchemaDefinitionException, ValueError, TypeError) as e:
-        raise ConfigError(f"{key}: invalid schema: {e}") from None
-
-
 def media_type(header: Optional[bytes]) -> Optional[str]:
     """``b"Application/JSON; charset=utf-8"`` -> ``"application/json"``."""
     if not header:
@@ -106,19 +62,6 @@ def media_type(header: Optional[bytes]) -> Optional[str]:
 
 def _is_json_type(mt: str) -> bool:
     return mt == JSON or mt.endswith("+json")
-
-
-def _field(e: fastjsonschema.JsonSchemaValueException) -> str:
-    path = list(e.path or [])[1:]  # drop the leading "data"
-    return "/" + "/".join(str(p) for p in path)
-
-
-def _schema_detail(e: fastjsonschema.JsonSchemaValueException) -> str:
-    message = e.message
-    if message.startswith("data"):
-        message = message[4:].lstrip(".")
-        message = ("body" if not message or message[0] == " " else "") + message
-    return message
 
 
 _NESTING_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
@@ -186,7 +129,7 @@ class BodyParser:
 
     def __init__(
         self,
-        validator: Optional[Validator],
+        validator: Optional[RouteSchema],
         raw: bool = False,
         max_lines: int = 10_000,
         max_depth: int = 64,
@@ -246,10 +189,33 @@ class BodyParser:
 
     def _check(self, value: Any) -> None:
         if self._validate is not None:
-            try:
-                self._validate(value)
-            except fastjsonschema.JsonSchemaValueException as e:
-                raise SchemaViolation(_schema_detail(e), field=_field(e)) from None
+            problem = self._violation(value)
+            if problem is not None:
+                detail, violation = problem
+                if violation is None:
+                    raise BadRequest(detail)
+                raise SchemaViolation(
+                    violation.detail, field=violation.field, keyword=violation.keyword,
+                    schema_path=violation.schema_path,
+                )
+
+    def _violation(self, value: Any) -> Optional[Tuple[str, Optional[Violation]]]:
+        """None if `value` passes the schema, else ``(detail, Violation or None)``.
+
+        None as the violation: the value has no UTF-8 form (a lone surrogate
+        that ujson let in), refused as the envelope encoder refuses it.
+        """
+        schema = self._validate
+        assert schema is not None
+        try:
+            if schema.is_valid(value):
+                return None
+            violation = schema.violation(value)
+        except UnicodeEncodeError as e:
+            return f"body has no strict JSON representation: {e.reason} in a string", None
+        if violation is None:  # cannot happen: the same validator said "invalid"
+            return None
+        return violation.detail, violation
 
     @staticmethod
     def _text(body: bytes) -> str:
@@ -294,12 +260,14 @@ class BodyParser:
             values = list(map(ujson.loads, lines))
         except (ValueError, OverflowError):
             return None
-        validate = self._validate
-        if validate is not None:
+        schema = self._validate
+        if schema is not None:
+            is_valid = schema.is_valid
             try:
                 for value in values:
-                    validate(value)
-            except fastjsonschema.JsonSchemaValueException:
+                    if not is_valid(value):
+                        return None
+            except UnicodeEncodeError:
                 return None
         return Parsed(values, lines, JSON, True)
 
@@ -315,10 +283,9 @@ class BodyParser:
                 errors[number] = f"not valid JSON: {e}"
                 continue
             if self._validate is not None:
-                try:
-                    self._validate(value)
-                except fastjsonschema.JsonSchemaValueException as e:
-                    errors[number] = _schema_detail(e)
+                problem = self._violation(value)
+                if problem is not None:
+                    errors[number] = problem[0]
                     continue
             values.append(value)
             raws.append(line)

@@ -6,7 +6,7 @@ rate-limited like) client traffic, and so it can bind to localhost only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import ujson
 from klein import Klein
@@ -27,11 +27,19 @@ class AdminApp:
     _app = Klein()
 
     def __init__(
-        self, metrics: Any, readiness: Callable[[], Union[Dict[str, bool], Deferred[Dict[str, bool]]]]
+        self,
+        metrics: Any,
+        readiness: Callable[[], Union[Dict[str, bool], Deferred[Dict[str, bool]]]],
+        details: Optional[Callable[[], Dict[str, Any]]] = None,
     ) -> None:
-        """`readiness()` returns named checks (or a Deferred of them); ready when all are true."""
+        """`readiness()` returns named checks (or a Deferred of them); ready when all are true.
+
+        `details()`, when given, adds JSON fields to `/readyz`'s body that
+        say more than a boolean can (a cluster's unwritable slot ranges).
+        """
         self._metrics = metrics
         self._readiness = readiness
+        self._details = details
 
     @_app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: Request) -> bytes:
@@ -49,7 +57,10 @@ class AdminApp:
             request.setHeader(b"Content-Type", b"application/json")
             if not ready:
                 request.setHeader(b"Retry-After", b"1")
-            return ujson.dumps({"status": "OK" if ready else "NOT READY", "checks": checks}).encode()
+            body: Dict[str, Any] = {"status": "OK" if ready else "NOT READY", "checks": checks}
+            if self._details is not None:
+                body.update(self._details())
+            return ujson.dumps(body).encode()
 
         checks = self._readiness()
         if isinstance(checks, Deferred):

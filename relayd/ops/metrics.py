@@ -8,23 +8,33 @@ few attribute lookups, not a label-dict hash per message.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterable, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from relayd.ops.fastmetrics import FastCollector, FastCounter, FastHistogram, items, single
 
 # Request latency buckets (seconds): stored acks live around 0.2-5 ms on a
 # LAN Redis; the tail up to the ack timeout still needs resolution.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+# Cluster nodes with their own latency series; more (a huge cluster, or
+# churn through failovers) share "other" so one process exports a bounded
+# number of series whatever the topology does.
+MAX_NODE_LABELS = 32
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# Reactor loop lag (seconds): a healthy reactor is late by well under 1 ms;
+# 0.1 s is what the alert calls slow, and the watchdog kills a worker whose
+# heartbeat is 30 s late, so the buckets stop there.
+REACTOR_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class RouteMetrics:
-    """The pre-bound children of one route's series."""
+    """One route's series: the per-request ones as plain numbers (relayd/ops/fastmetrics.py)."""
 
     def __init__(self, metrics: Metrics, route: str) -> None:
-        self.ingested = metrics.ingested.labels(route=route)
-        self.latency = metrics.request_latency.labels(route=route)
+        self.ingested = FastCounter()
+        self.latency = FastHistogram(LATENCY_BUCKETS)
         self._rejected = metrics.rejected
         self._route = route
 
@@ -39,12 +49,27 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.ingested = Counter("relayd_ingested", "Messages accepted from clients.", ["route"], registry=r)
+        # Per-request and per-batch series: plain numbers exported at scrape time.
+        self._routes: Dict[str, RouteMetrics] = {}
+        fast = FastCollector()
+        fast.counter(
+            "relayd_ingested", "Messages accepted from clients.", "route",
+            lambda: [(path, rm.ingested) for path, rm in self._routes.items()],
+        )
+        fast.histogram(
+            "relayd_request_duration_seconds", "Time from request body received to response.", ("route",),
+            lambda: [((path,), rm.latency) for path, rm in self._routes.items()],
+        )
+        self._forwarded_children: Dict[str, FastCounter] = {}
+        fast.counter(
+            "relayd_forwarded", "Messages pushed to Redis (directly or replayed from the spool).", "list",
+            items(self._forwarded_children),
+        )
+        self.batch_size = FastHistogram(BATCH_BUCKETS)
+        fast.histogram("relayd_batch_size", "Messages per LPUSH.", (), single(self.batch_size))
+        r.register(fast)
         self.rejected = Counter(
             "relayd_rejected", "Requests rejected, by reason.", ["route", "reason"], registry=r
-        )
-        self.forwarded = Counter(
-            "relayd_forwarded", "Messages pushed to Redis (directly or replayed from the spool).", ["list"], registry=r
         )
         self.duplicates = Counter(
             "relayd_duplicates_dropped",
@@ -55,6 +80,13 @@ class Metrics:
         )
         self.idempotency_keys = Gauge(
             "relayd_idempotency_keys", "Idempotency keys remembered in this process (LRU).", registry=r
+        )
+        self.gc_pause = Histogram(
+            "relayd_gc_pause_seconds",
+            "Cyclic garbage collections, by generation: how long each stalled the reactor.",
+            ["generation"],
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
         )
         self.reply_waiting = Gauge("relayd_reply_waiting", "Request/reply requests waiting for their reply.", registry=r)
         self.replies = Counter(
@@ -71,17 +103,14 @@ class Metrics:
             registry=r,
         )
         self.redis_errors = Counter("relayd_redis_errors", "Failed Redis pushes, by kind.", ["kind"], registry=r)
-        self.batch_size = Histogram(
-            "relayd_batch_size", "Messages per LPUSH.", buckets=BATCH_BUCKETS, registry=r
-        )
         self.redis_latency = Histogram(
             "relayd_redis_roundtrip_seconds", "LPUSH round-trip time.", buckets=REDIS_BUCKETS, registry=r
         )
-        self.request_latency = Histogram(
-            "relayd_request_duration_seconds",
-            "Time from request body received to response.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
+        self.redis_node_latency = Histogram(
+            "relayd_redis_node_roundtrip_seconds",
+            f"Round-trip time of each command, by Redis Cluster node (at most {MAX_NODE_LABELS}, then 'other').",
+            ["node"],
+            buckets=REDIS_BUCKETS,
             registry=r,
         )
         self.buffer_messages = Gauge("relayd_buffer_messages", "Messages in memory.", registry=r)
@@ -104,6 +133,25 @@ class Metrics:
         self.fsync_latency = Histogram(
             "relayd_spool_fsync_seconds", "Spool group-commit fsync time.", buckets=REDIS_BUCKETS, registry=r
         )
+        # -- for the operations kit (etc/prometheus, etc/grafana, docs/runbook.md) --
+        self.spool_disk_bytes = Gauge(
+            "relayd_spool_disk_bytes", "Size of the spool's segment files (what [spool] max_bytes bounds).", registry=r
+        )
+        self.spool_max_bytes = Gauge(
+            "relayd_spool_max_bytes", "The spool's [spool] max_bytes (per worker; summed over workers).", registry=r
+        )
+        self.ready = Gauge("relayd_ready", "1 while /readyz would answer 200 (every readiness check passes).", registry=r)
+        self.route_info = Gauge(
+            "relayd_route_info", "One series per configured route: its list and ack mode.", ["route", "list", "ack"],
+            registry=r,
+        )
+        self.reactor_lag = Histogram(
+            "relayd_reactor_lag_seconds",
+            "How late the reactor ran a timed call (relayd/ops/looplag.py): CPU-bound or blocking code.",
+            buckets=REACTOR_LAG_BUCKETS,
+            registry=r,
+        )
+        self._node_children: Dict[str, Histogram] = {}
         # Fan-out (relayd/fanout/): live SSE subscribers of stream routes.
         self.fanout_subscribers = Gauge("relayd_fanout_subscribers", "Live SSE subscribers.", registry=r)
         self.fanout_events_sent = Counter(
@@ -126,8 +174,6 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self._routes: Dict[str, RouteMetrics] = {}
-        self._forwarded_children: Dict[bytes, Counter] = {}
 
     def route(self, path: str) -> RouteMetrics:
         """The pre-bound series of one route."""
@@ -135,13 +181,31 @@ class Metrics:
             self._routes[path] = RouteMetrics(self, path)
         return self._routes[path]
 
-    def forwarded_to(self, list_key: bytes) -> Counter:
-        """The forwarded counter child of one list (cached)."""
-        child = self._forwarded_children.get(list_key)
+    def forwarded_to(self, list_key: bytes) -> FastCounter:
+        """The forwarded counter of one list (created on first use)."""
+        name = list_key.decode("utf-8", "replace")
+        child = self._forwarded_children.get(name)
         if child is None:
-            child = self.forwarded.labels(list=list_key.decode("utf-8", "replace"))
-            self._forwarded_children[list_key] = child
+            child = self._forwarded_children[name] = FastCounter()
         return child
+
+    def redis_node(self, node: str) -> Callable[[float], None]:
+        """The ``observe`` of one cluster node's latency series (bounded: see MAX_NODE_LABELS)."""
+        child = self._node_children.get(node)
+        if child is None:
+            label = node if len(self._node_children) < MAX_NODE_LABELS else "other"
+            child = self._node_children[node] = self.redis_node_latency.labels(node=label)
+        return child.observe
+
+    def describe_routes(self, routes: Iterable[Tuple[str, str, str]]) -> None:
+        """Set `relayd_route_info` to exactly these ``(path, list, ack)`` routes (start and SIGHUP).
+
+        Alert rules join on it to single out stored-ack routes: the request
+        latency histogram itself has no ack label.
+        """
+        self.route_info.clear()
+        for path, list_key, ack in routes:
+            self.route_info.labels(route=path, list=list_key, ack=ack).set(1)
 
     def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Make `gauge` read its value at scrape time (no hot-path updates)."""

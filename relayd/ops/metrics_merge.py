@@ -30,6 +30,8 @@ GAUGE_RULES: Dict[str, str] = {
     "relayd_spill_mode": "max",  # any worker spilling is worth seeing
     "relayd_spool_oldest_age_seconds": "max",
     "relayd_fanout_reader_lag_seconds": "max",  # the laggiest worker's subscribers see it
+    "relayd_ready": "min",  # ready only if every worker is
+    "relayd_route_info": "max",  # every worker has the same routes: 1, not N
 }
 
 SampleKey = Tuple[str, Tuple[Tuple[str, str], ...]]

@@ -46,7 +46,8 @@ from twisted.logger import Logger
 from relayd.ops.metrics import Metrics
 from relayd.outbox.replay import Replayer
 from relayd.outbox.writer import RedisWriter
-from relayd.spool.store import Spool, SpoolError, SpoolLockedError
+from relayd.spool.errors import SpoolError, SpoolLockedError
+from relayd.spool.spool import Spool
 
 CLAIM_LOCK = ".claim.lock"
 WORKER_DIR_RE = re.compile(r"^worker-(\d+)$")

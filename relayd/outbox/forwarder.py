@@ -56,7 +56,7 @@ from relayd.outbox.spooler import RETRY_AFTER_ERROR, Spooler
 from relayd.outbox.targets import Target, encode_payload
 from relayd.outbox.writer import RedisWriter
 from relayd.redis.client import ResponseError, TimeoutError
-from relayd.spool.store import SpoolFull, SpoolWriteError
+from relayd.spool.errors import SpoolFull, SpoolWriteError
 
 HIGH_WATER = 0.5  # spill once the buffer is half full: Redis is slower than ingest
 SPILL_RETRY = 0.1  # seconds before retrying a spill the spool refused

@@ -20,9 +20,10 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from relayd.ops.metrics import Metrics
-from relayd.outbox.targets import Target, decode_payload
+from relayd.outbox.targets import Target, decode_payload, encode_payload, group_by_target
 from relayd.outbox.writer import RedisWriter
-from relayd.spool.store import Position, Spool
+from relayd.spool.errors import SpoolError
+from relayd.spool.spool import Position, Spool
 
 REPLAY_PIPELINE = 3  # batches on the wire: hides the round trip behind decoding the next
 REPLAY_MAX_RECORDS = 1000  # one command per target per batch, like the forwarder
@@ -104,38 +105,53 @@ class Replayer:
             groups = self._decode(records)
             d = self._writer.write_groups(groups, source="replay")
             self._inflight.append(d)
-            count = len(records)
-            d.addCallback(self._written, d, last, count)
+            d.addCallback(self._written, d, last, sum(len(v) for v in groups.values()), groups)
+
+    def _requeue(self, failed: List[Target], groups: Dict[Target, List[bytes]]) -> bool:
+        """Some targets of a batch failed, others were stored (one node of a
+        cluster is down, or one key has the wrong type): append the failed
+        targets' records again at the spool's end, so the batch can be acked
+        and the other targets keep flowing instead of being pushed again and
+        again.  The copies and the cursor become durable in the same commit,
+        copies first.  Per target, order holds while the target keeps
+        failing; if it recovers in the middle of a pass, newer records of it
+        may overtake the re-appended ones.  False if the spool refused.
+        """
+        payloads = [encode_payload(t, item) for t in failed for item in groups[t]]
+        try:
+            self._spool.append(payloads)
+        except (SpoolError, ValueError):
+            return False
+        self._metrics.redis_errors.labels(kind="replay_partial").inc()
+        return True
 
     def _decode(self, records: List[Tuple[Position, bytes]]) -> Dict[Target, List[bytes]]:
-        groups: Dict[Target, List[bytes]] = {}
+        pairs: List[Tuple[Target, bytes]] = []
         for position, payload in records:
             try:
-                target, item = decode_payload(payload)
+                pairs.append(decode_payload(payload))
             except ValueError as e:
                 # CRC-valid but not a message (written by a newer release?):
                 # counted and skipped rather than blocking the spool forever.
                 self._metrics.spool_corrupt.inc()
                 self._log.error("spool record at {position} skipped: {error}", position=position, error=e)
-                continue
-            group = groups.get(target)
-            if group is None:
-                groups[target] = [item]
-            else:
-                group.append(item)
-        return groups
+        return group_by_target(pairs)
 
-    def _written(self, outcomes: Dict[Target, Any], d: Deferred, last: Position, count: int) -> None:
+    def _written(
+        self, outcomes: Dict[Target, Any], d: Deferred, last: Position, count: int, groups: Dict[Target, List[bytes]]
+    ) -> None:
         self._inflight.remove(d)
         if self._spool.closed:
             return
-        failed = [f for f in outcomes.values() if f is not None]
-        if failed:
+        failed = [t for t, f in outcomes.items() if f is not None]
+        if failed and (len(failed) == len(outcomes) or self._broken or not self._requeue(failed, groups)):
+            # Nothing got through (Redis down), or the rest cannot be set aside:
+            # retry the whole batch from the durable cursor after a pause.
             self._broken = True
             self._metrics.redis_errors.labels(kind="replay").inc()
         elif not self._broken:
             self._spool.ack(last)
-            self._metrics.replayed.inc(count)
+            self._metrics.replayed.inc(count - sum(len(groups[t]) for t in failed))
             self._on_acked()
         if self._broken:
             if self._inflight:

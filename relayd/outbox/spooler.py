@@ -36,11 +36,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.ops.metrics import Metrics
-from relayd.spool.store import FRAME_OVERHEAD, Spool, SpoolFull, SpoolWriteError, SyncPlan, run_sync
+from relayd.spool.errors import SpoolFull, SpoolWriteError
+from relayd.spool.record import FRAME_OVERHEAD
+from relayd.spool.segments import DEFAULT_SEGMENT_BYTES as SEGMENT_BYTES
+from relayd.spool.spool import Spool
+from relayd.spool.sync import SyncPlan, run_sync
 
 COMMIT_WINDOW = 0.002  # seconds: a 2 ms window lets ~hundreds of requests share one fsync
 RETRY_AFTER_ERROR = 1.0  # seconds before writing again after ENOSPC/EIO
-SEGMENT_BYTES = 64 * 1024 * 1024  # NSQ/Vector use 100-128 MiB; 64 MiB frees disk sooner
 
 
 class Spooler(Service):
@@ -82,6 +85,10 @@ class Spooler(Service):
         self._uncommitted: List[Deferred] = []  # one per append since the last commit began
         self._commit_call: Any = None
         self._blocked_until = 0.0  # after SpoolFull / write errors
+        #: The largest write refused since one at least that large was taken
+        #: (framing included): /readyz asks whether *that* would fit now, so it
+        #: agrees with ingest for the messages clients actually send.
+        self.refused_size = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -164,12 +171,17 @@ class Spooler(Service):
         error in the last `RETRY_AFTER_ERROR` seconds.
         """
         spool = self.spool
-        return (
+        ok = (
             spool is not None
             and not spool.closed
             and spool.disk_bytes + size + count * FRAME_OVERHEAD <= self._max_bytes
             and self._reactor.seconds() >= self._blocked_until
         )
+        if not ok:
+            self.refused_size = max(self.refused_size, size + count * FRAME_OVERHEAD)
+        elif size + count * FRAME_OVERHEAD >= self.refused_size:
+            self.refused_size = 0
+        return ok
 
     @property
     def refusing_until(self) -> float:

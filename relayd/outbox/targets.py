@@ -56,6 +56,14 @@ class ListTarget:
 
     KIND: ClassVar[int] = 0
     key: bytes
+    #: The configured name for metrics (``leads:{team}`` of a template
+    #: route: one series per route, not per team); not part of equality.
+    label: bytes = attrs.field(default=b"", eq=False, hash=False)
+
+    @property
+    def metric_label(self) -> bytes:
+        """The configured name, else the key."""
+        return self.label or self.key
 
     def commands(self, items: Sequence[bytes]) -> List[Tuple[bytes, ...]]:
         """One multi-value LPUSH: about one round trip whatever the count."""

@@ -288,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         service.getServiceNamed("spooler").open()  # locks `path` (SpoolLockedError if held)
         return service
 
-    from relayd.spool.store import SpoolError
+    from relayd.spool.errors import SpoolError
 
     try:
         spool_path, service = claim(config.spool.dir, open_dir)

@@ -110,6 +110,7 @@ class RedisClient(Service):
         )
         self._proto: Optional[RelaydRedisProtocol] = None
         self._ready_listeners: List[Callable[[], None]] = []
+        self._lost_listeners: List[Callable[[], None]] = []
         self._was_down_logged = False
         self._setup_failures = 0
         self._backoffs: Set[Deferred] = set()  # handshake back-off waits, cancelled on stop
@@ -122,6 +123,10 @@ class RedisClient(Service):
     def on_ready(self, listener: Callable[[], None]) -> None:
         """Call `listener()` each time a connection becomes ready."""
         self._ready_listeners.append(listener)
+
+    def on_lost(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` each time a ready connection is lost (a cluster re-reads its map then)."""
+        self._lost_listeners.append(listener)
 
     @inlineCallbacks
     def _handshake(self, proto: RelaydRedisProtocol):  # type: ignore[no-untyped-def]
@@ -187,8 +192,13 @@ class RedisClient(Service):
         if self._proto is proto:
             self._proto = None
             if not self._was_down_logged:
-                self._log.warn("redis connection lost; reconnecting with backoff")
+                cfg = self._config
+                self._log.warn(
+                    "redis connection to {host}:{port} lost; reconnecting with backoff", host=cfg.host, port=cfg.port
+                )
                 self._was_down_logged = True
+            for listener in list(self._lost_listeners):
+                listener()
 
     def startService(self) -> None:
         """Start connecting (and reconnecting)."""

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 
 from relayd.config import RedisConfig
 from relayd.ops.metrics import Metrics
-from relayd.redis.client import RedisClient
+from relayd.redis.factory import make_redis_client
 from relayd.reply.protocol import MalformedReply, Reply, parse_reply
 
 REGISTRY = b"relayd:reply-lists"
@@ -77,8 +77,8 @@ class ReplyInbox(Service):
     def __init__(self, reactor: Any, redis_config: RedisConfig, metrics: Metrics, name: Optional[bytes] = None) -> None:
         self._reactor = reactor
         self.list_name: bytes = name if name is not None else reply_list_name()
-        # The reader's own connection: a BRPOP holds it for BLOCK_SECONDS.
-        self._redis = RedisClient(reactor, attrs.evolve(redis_config, reply_timeout=BLOCK_SECONDS + 2.0))
+        # The reader's own connection (one per primary on a cluster): a BRPOP holds it for BLOCK_SECONDS.
+        self._redis = make_redis_client(reactor, attrs.evolve(redis_config, reply_timeout=BLOCK_SECONDS + 2.0))
         self._metrics = metrics
         self._waiting: Dict[str, Tuple[Deferred, Any, float]] = {}  # id -> (deferred, timer, started)
         self._reading: Optional[Deferred] = None

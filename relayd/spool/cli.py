@@ -18,9 +18,10 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
-from relayd.spool.store import ScanReport, SpoolDirectoryError, scan_directory
+from relayd.spool.errors import SpoolDirectoryError
+from relayd.spool.inspection import ScanReport, scan_directory
 
 EXIT_OK = 0
 EXIT_CORRUPT = 1
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _summary(report: ScanReport, now: float) -> dict:
+def _summary(report: ScanReport, now: float) -> Dict[str, Any]:
     age = None if report.oldest_timestamp is None else max(0.0, now - report.oldest_timestamp)
     return {
         "segments": len(report.segments),

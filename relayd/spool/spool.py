@@ -11,14 +11,26 @@ spool from opening (Vector's crash loops).
 
 The core is synchronous and reactor-free: callers (the daemon's spool
 service) decide when to append, when to ``sync()`` (group commit) and when to
-read and ``ack()``.
+read and ``ack()``.  This module owns the `Spool` class: the directory lock,
+the in-memory index of segments and cursors, append, group commit
+(``begin_sync`` / ``end_sync``), read, ack and close.  Its parts live next
+to it, one concern each:
+
+``record``       the frame of one record (length, CRC32C, timestamp) and the entry codec
+``segments``     segment file names, listing, fsync primitives, ``FSYNC_POLICIES``
+``meta``         the ``meta.json`` cursor document (built and written in one place)
+``sync``         `SyncPlan` / `run_sync`: a group commit, runnable in a thread
+``scan``         walking a segment's frames, resynchronising after corruption
+``recovery``     rebuilding the index at open; torn tails, ``quarantine/``
+``inspection``   read-only `scan_directory` for ``relayd spool inspect|verify``
+``errors``       the exceptions
 
 On-disk layout (one directory per worker, one `Spool` per directory)
 ====================================================================
 ``NNNNNNNNNNNNNNNNNNNN.seg``
     Segment files, named by a 20-digit, monotonically increasing sequence
     number, so lexical order is log order.  A segment is a plain
-    concatenation of records; there is no file header.
+    concatenation of records (`relayd.spool.record`); there is no file header.
 ``meta.json``
     The durable read cursor: ``{"version", "segment", "offset", "acked",
     "crc"}`` where ``crc`` is the CRC32C of the other fields.  Written as
@@ -28,19 +40,6 @@ On-disk layout (one directory per worker, one `Spool` per directory)
     a directory.
 ``quarantine/<segment>-<offset>.bad``
     Verbatim copies of byte ranges that recovery had to skip.
-
-Record framing (all integers little-endian)::
-
-    +-------------+----------------+------------------+------------------+
-    | length  u32 | crc32c u32     | timestamp f64    | payload          |
-    +-------------+----------------+------------------+------------------+
-                   \\____ covers ____/  \\______ length bytes ______________/
-                   (timestamp + payload)
-
-``length`` counts timestamp + payload (so it is at least 8), ``crc32c`` is
-CRC-32C (Castagnoli) over those ``length`` bytes, ``timestamp`` is the
-append time in seconds from the injected clock.  Payloads are opaque bytes;
-`encode_entry` / `decode_entry` are a tiny codec for (Redis list key, item).
 
 Invariants
 ==========
@@ -84,76 +83,37 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
-import re
-import struct
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import attrs
 from crc32c import crc32c
 from twisted.logger import Logger
 
-__all__ = [
-    "Spool",
-    "SpoolError",
-    "SpoolDirectoryError",
-    "SpoolLockedError",
-    "SpoolFull",
-    "SpoolWriteError",
-    "SpoolClosedError",
-    "Position",
-    "ScanReport",
-    "SegmentReport",
-    "encode_entry",
-    "decode_entry",
-    "encode_record",
-    "decode_record",
-    "scan_directory",
-    "FSYNC_POLICIES",
-    "DEFAULT_SEGMENT_BYTES",
-    "MAX_PAYLOAD_BYTES",
-    "FRAME_OVERHEAD",
-]
+from relayd.spool import segments
+from relayd.spool.errors import SpoolClosedError, SpoolDirectoryError, SpoolFull, SpoolLockedError, SpoolWriteError
+from relayd.spool.meta import build_meta, write_meta
+from relayd.spool.record import (
+    FRAME_OVERHEAD,
+    HEADER,
+    HEADER_BYTES,
+    MAX_LENGTH,
+    MAX_PAYLOAD_BYTES,
+    MIN_LENGTH,
+    TIMESTAMP,
+    TS_BYTES,
+)
+from relayd.spool.recovery import quarantine, recover
+from relayd.spool.scan import RESYNC_MIN_BOUND, resync
+from relayd.spool.segments import DEFAULT_SEGMENT_BYTES, FSYNC_POLICIES, LOCK_NAME, segment_name, unlink_segment
+from relayd.spool.sync import SyncPlan, run_sync
 
-FSYNC_POLICIES = ("always", "batch", "never")
+__all__ = ["Spool", "Position"]
 
-# 64 MiB: big enough that per-segment costs (create, fsync of the directory,
-# unlink) vanish next to the data, small enough that one fully acknowledged
-# segment is freed promptly.  Vector uses 128 MiB, NSQ 100 MiB.
-DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
-
-# Hard cap on one payload: a sanity bound for recovery's length check.  Far
-# above any HTTP body relayd accepts (1 MiB by default).
-MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
-
-_HEADER = struct.Struct("<II")  # length, crc32c
-_U32 = struct.Struct("<I")
-_TS = struct.Struct("<d")
-HEADER_BYTES = _HEADER.size  # 8
-TS_BYTES = _TS.size  # 8
-FRAME_OVERHEAD = HEADER_BYTES + TS_BYTES  # 16 bytes around every payload
-_MIN_LENGTH = TS_BYTES
-_MAX_LENGTH = MAX_PAYLOAD_BYTES + TS_BYTES
-
-# Resync only considers candidate frames up to this length unless larger
-# records have been seen: 1 MiB is relayd's default HTTP body cap.
-_RESYNC_MIN_BOUND = 1024 * 1024 + TS_BYTES
-# Resync candidates longer than this must also be followed by a plausible
-# header (or end of data), which keeps random garbage cheap to scan.
-_CHAIN_CHECK_LENGTH = 64 * 1024
 # Bounds on one pread when replaying: at least a page or so, at most a few
 # batches' worth (the consumer asks for ~1000 records / 1 MiB at a time).
 _READ_CHUNK_MIN = 4096
 _READ_CHUNK_MAX = 4 * 1024 * 1024
-
-SEGMENT_SUFFIX = ".seg"
-META_NAME = "meta.json"
-META_TMP_NAME = "meta.json.tmp"
-LOCK_NAME = "lock"
-QUARANTINE_DIR = "quarantine"
-_META_VERSION = 1
 
 Position = Tuple[int, int, int]
 """Opaque, totally ordered token naming the point just after one record.
@@ -161,416 +121,6 @@ Position = Tuple[int, int, int]
 Compare positions with ``<``; hand them back to `Spool.ack` or to
 `Spool.read` (``after=``).  Do not build or pick them apart yourself.
 """
-
-
-# --------------------------------------------------------------------------
-# Errors
-
-
-class SpoolError(Exception):
-    """Base class for everything the spool raises on purpose."""
-
-
-class SpoolDirectoryError(SpoolError):
-    """The spool directory cannot be created, opened, locked or written."""
-
-
-class SpoolLockedError(SpoolDirectoryError):
-    """Another `Spool` (probably another process) holds this directory."""
-
-
-class SpoolFull(SpoolError):
-    """Appending would take the spool past ``max_bytes``; nothing was written."""
-
-
-class SpoolWriteError(SpoolError):
-    """The disk refused a write or fsync (ENOSPC, EIO, EDQUOT, EFBIG, ...).
-
-    After an ``append`` failure the log is unchanged.  After a ``sync``
-    failure, records appended since the previous successful sync must be
-    treated as not durable (their producers should see an error).
-    ``errno`` carries the underlying error number.
-    """
-
-    def __init__(self, message: str, errno_: Optional[int] = None) -> None:
-        super().__init__(message)
-        self.errno = errno_
-
-
-@attrs.define
-class SyncPlan:
-    """What one group commit makes durable (see `Spool.begin_sync`)."""
-
-    path: str
-    fds: List[int]  # owned: closed by `run_sync`
-    dir: bool
-    meta: Optional[Dict[str, int]]
-
-
-def run_sync(plan: SyncPlan) -> None:
-    """Perform a plan: fdatasync the segments, then the directory and the cursor.
-
-    Touches only the plan's own fds and files, so it may run in a thread
-    while the owning `Spool` keeps appending.  Raises OSError.
-    """
-    try:
-        for fd in plan.fds:
-            _fdatasync(fd)
-    finally:
-        for fd in plan.fds:
-            os.close(fd)
-    if plan.meta is not None:
-        tmp = os.path.join(plan.path, META_TMP_NAME)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, json.dumps(plan.meta, sort_keys=True).encode("ascii") + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, os.path.join(plan.path, META_NAME))
-    if plan.dir or plan.meta is not None:
-        _fsync_dir(plan.path)
-
-
-class SpoolClosedError(SpoolError):
-    """The `Spool` was used after ``close()``."""
-
-
-# --------------------------------------------------------------------------
-# Entry codec and record framing (pure functions)
-
-_ENTRY_KEY_LEN = struct.Struct("<I")
-
-
-def encode_entry(list_key: bytes, item: bytes) -> bytes:
-    """Pack a Redis list key and one item into a spool payload.
-
-    Layout: ``key length (u32 LE) + key + item``; the item takes the rest, so
-    any bytes round-trip.
-    """
-    return _ENTRY_KEY_LEN.pack(len(list_key)) + list_key + item
-
-
-def decode_entry(payload: bytes) -> Tuple[bytes, bytes]:
-    """Inverse of `encode_entry`; raises ``ValueError`` on a malformed payload."""
-    if len(payload) < 4:
-        raise ValueError("spool entry shorter than its key-length field")
-    (klen,) = _ENTRY_KEY_LEN.unpack_from(payload, 0)
-    if 4 + klen > len(payload):
-        raise ValueError("spool entry key length runs past the payload")
-    return payload[4 : 4 + klen], payload[4 + klen :]
-
-
-def encode_record(payload: bytes, timestamp: float) -> bytes:
-    """Frame one payload as it is stored on disk (see the module docstring)."""
-    body = _TS.pack(timestamp) + payload
-    return _HEADER.pack(len(body), crc32c(body)) + body
-
-
-def decode_record(buf: bytes, offset: int = 0) -> Optional[Tuple[float, bytes, int]]:
-    """Parse the frame at ``offset`` of ``buf``.
-
-    Returns ``(timestamp, payload, next_offset)``, or ``None`` if the bytes at
-    ``offset`` are not a complete frame whose length and CRC check out.
-    """
-    end = _frame_end(buf, offset, len(buf))
-    if end < 0:
-        return None
-    (ts,) = _TS.unpack_from(buf, offset + HEADER_BYTES)
-    return ts, bytes(buf[offset + FRAME_OVERHEAD : end]), end
-
-
-def _frame_end(buf: bytes, p: int, limit: int) -> int:
-    """End offset of the valid frame at ``p`` (ending at or before ``limit``), else -1."""
-    if p + HEADER_BYTES > limit:
-        return -1
-    length, crc = _HEADER.unpack_from(buf, p)
-    if length < _MIN_LENGTH or length > _MAX_LENGTH:
-        return -1
-    q = p + HEADER_BYTES + length
-    if q > limit:
-        return -1
-    if crc32c(memoryview(buf)[p + HEADER_BYTES : q]) != crc:
-        return -1
-    return q
-
-
-_resync_patterns: Dict[int, re.Pattern[bytes]] = {}
-
-
-def _resync_pattern(bound: int) -> re.Pattern[bytes]:
-    """Regex matching offsets whose u32 LE could be a length in [8, bound] (bound < 2**24).
-
-    Pure function of ``bound``; compiled patterns are cached (immutable values).
-    """
-    hi = min(bound >> 16, 0xFF)
-    pat = _resync_patterns.get(hi)
-    if pat is None:
-        alts = [rb"[\x08-\xff]\x00\x00\x00", rb".[\x01-\xff]\x00\x00"]
-        if hi >= 1:
-            alts.append(rb"..[\x01-" + b"\\x%02x" % hi + rb"]\x00")
-        pat = re.compile(rb"(?=" + b"|".join(alts) + rb")", re.DOTALL)
-        _resync_patterns[hi] = pat
-    return pat
-
-
-_NONZERO_RUN = re.compile(rb"[^\x00]+")
-
-
-def _resync(buf: bytes, start: int, limit: int, bound: int) -> int:
-    """First offset after ``start`` where a valid frame begins, or ``limit`` if none.
-
-    ``buf[:limit]`` holds the data; only lengths up to ``bound`` are tried.
-    A plausible length (8 <= n < 2**24) has a non-zero byte among its low
-    three bytes, so candidates lie just before or inside runs of non-zero
-    bytes: zero-filled ranges (a crash's usual leftover) are skipped at
-    memchr-like speed instead of being tried offset by offset.
-    """
-    bound = min(bound, (1 << 24) - 1)
-    mv = memoryview(buf)
-    unpack = _HEADER.unpack_from
-    search = _resync_pattern(bound).search
-    c = start + 1
-    for run in _NONZERO_RUN.finditer(buf, start + 1, limit):
-        c = max(c, run.start() - 3)
-        window_end = min(limit, run.end() + 3)
-        while True:
-            m = search(buf, c, window_end)
-            if m is None:
-                break
-            c = m.start()
-            if c + HEADER_BYTES > limit:
-                return limit
-            length, crc = unpack(buf, c)
-            c += 1
-            if length > bound:
-                continue
-            q = c - 1 + HEADER_BYTES + length
-            if q > limit:
-                continue
-            if length > _CHAIN_CHECK_LENGTH and q != limit:
-                if q + HEADER_BYTES > limit:
-                    continue
-                (nxt,) = _U32.unpack_from(buf, q)
-                if nxt < _MIN_LENGTH or q + HEADER_BYTES + nxt > limit:
-                    continue
-            if crc32c(mv[c - 1 + HEADER_BYTES : q]) == crc:
-                return c - 1
-        c = max(c, run.end())
-    return limit
-
-
-@attrs.define
-class _SegmentScan:
-    """What one pass over a segment's bytes found."""
-
-    records: int = 0
-    # (start, end) of ranges that are not valid frames but are followed by one.
-    bad: List[Tuple[int, int]] = attrs.field(factory=list)
-    # Start of a trailing range with no valid frame after it (torn tail), or None.
-    tail: Optional[int] = None
-    # Record index at ``mark`` if ``mark`` is a frame boundary, else None.
-    mark_index: Optional[int] = None
-    # Timestamp of the first record at or after ``mark``.
-    first_ts: Optional[float] = None
-    largest: int = 0
-
-
-def _scan_bytes(buf: bytes, mark: int, bound: int) -> _SegmentScan:
-    """Walk every frame of one segment's contents, noting records and bad ranges."""
-    out = _SegmentScan()
-    limit = len(buf)
-    p = 0
-    records = 0
-    largest = 0
-    mv = memoryview(buf)
-    unpack = _HEADER.unpack_from
-    while p < limit:
-        if p == mark:
-            out.mark_index = records
-        q = -1
-        if p + HEADER_BYTES <= limit:
-            length, crc = unpack(buf, p)
-            if _MIN_LENGTH <= length <= _MAX_LENGTH:
-                q = p + HEADER_BYTES + length
-                if q > limit or crc32c(mv[p + HEADER_BYTES : q]) != crc:
-                    q = -1
-                elif length > largest:
-                    largest = length
-        if q < 0:
-            nxt = _resync(buf, p, limit, max(bound, largest))
-            if nxt >= limit:
-                out.tail = p
-                break
-            if p < mark < nxt:
-                mark = -1  # the cursor points into garbage; not a boundary
-            out.bad.append((p, nxt))
-            p = nxt
-            continue
-        if out.first_ts is None and p >= mark >= 0:
-            (out.first_ts,) = _TS.unpack_from(buf, p + HEADER_BYTES)
-        records += 1
-        p = q
-    if p == mark and out.tail is None:
-        out.mark_index = records
-    out.records = records
-    out.largest = largest
-    return out
-
-
-# --------------------------------------------------------------------------
-# Small file-system helpers
-
-
-def _segment_name(seq: int) -> str:
-    return "%020d%s" % (seq, SEGMENT_SUFFIX)
-
-
-def _list_segments(path: str) -> Dict[int, str]:
-    """Map sequence number -> file name for every well-formed segment name."""
-    found: Dict[int, str] = {}
-    for name in os.listdir(path):
-        if name.endswith(SEGMENT_SUFFIX):
-            stem = name[: -len(SEGMENT_SUFFIX)]
-            if stem.isdigit():
-                found[int(stem)] = name
-    return found
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_fdatasync = getattr(os, "fdatasync", os.fsync)
-
-
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _meta_crc(segment: int, offset: int, acked: int) -> int:
-    return crc32c(b"%d:%d:%d" % (segment, offset, acked))
-
-
-def _load_meta(path: str) -> Optional[Tuple[int, int, int]]:
-    """The (segment, offset, acked) cursor in ``meta.json``, or None if missing/invalid."""
-    try:
-        raw = _read_file(os.path.join(path, META_NAME))
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return None
-    try:
-        d = json.loads(raw.decode("utf-8"))
-        seg, off, acked, crc = d["segment"], d["offset"], d["acked"], d["crc"]
-        if d.get("version") != _META_VERSION:
-            return None
-        for v in (seg, off, acked, crc):
-            if type(v) is not int or v < 0:
-                return None
-        if crc != _meta_crc(seg, off, acked):
-            return None
-        return seg, off, acked
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-# --------------------------------------------------------------------------
-# Read-only inspection (used by `relayd spool inspect/verify`)
-
-
-@attrs.frozen
-class SegmentReport:
-    """One segment as `scan_directory` saw it."""
-
-    sequence: int
-    size: int
-    records: int
-    corrupt_ranges: Tuple[Tuple[int, int], ...]
-    torn_tail: Optional[int]
-
-
-@attrs.frozen
-class ScanReport:
-    """Read-only summary of a spool directory; no file is modified."""
-
-    segments: Tuple[SegmentReport, ...]
-    meta_ok: bool
-    cursor: Tuple[int, int]
-    pending_records: int
-    pending_bytes: int
-    oldest_timestamp: Optional[float]
-
-    @property
-    def corrupt_ranges(self) -> int:
-        """Number of mid-log ranges that recovery would quarantine."""
-        return sum(len(s.corrupt_ranges) for s in self.segments)
-
-
-def scan_directory(path: str) -> ScanReport:
-    """Scan a spool directory without locking or changing it.
-
-    Every CRC of every segment is checked.  Safe to run against a live spool
-    (a record being written may then show up as a torn tail).  Raises
-    ``SpoolDirectoryError`` if ``path`` is not a readable directory.
-    """
-    try:
-        names = _list_segments(path)
-    except OSError as e:
-        raise SpoolDirectoryError("cannot list spool directory %s: %s" % (path, e.strerror)) from None
-    meta = _load_meta(path)
-    seqs = sorted(names)
-    if meta is None:
-        cursor = (seqs[0] if seqs else 0, 0)
-    else:
-        cursor = (meta[0], meta[1])
-    reports = []
-    pending_records = 0
-    pending_bytes = 0
-    oldest: Optional[float] = None
-    bound = _RESYNC_MIN_BOUND
-    for seq in seqs:
-        try:
-            buf = _read_file(os.path.join(path, names[seq]))
-        except OSError:
-            buf = b""
-        mark = cursor[1] if seq == cursor[0] else (0 if seq > cursor[0] else -1)
-        scan = _scan_bytes(buf, mark, bound)
-        bound = max(bound, scan.largest)
-        reports.append(
-            SegmentReport(
-                sequence=seq,
-                size=len(buf),
-                records=scan.records,
-                corrupt_ranges=tuple(scan.bad),
-                torn_tail=scan.tail,
-            )
-        )
-        if seq < cursor[0]:
-            continue
-        start_idx = scan.mark_index if scan.mark_index is not None else 0
-        start_off = mark if scan.mark_index is not None else 0
-        pending_records += max(0, scan.records - start_idx)
-        pending_bytes += max(0, len(buf) - start_off)
-        if oldest is None and scan.first_ts is not None:
-            oldest = scan.first_ts
-    return ScanReport(
-        segments=tuple(reports),
-        meta_ok=meta is not None,
-        cursor=cursor,
-        pending_records=pending_records,
-        pending_bytes=pending_bytes,
-        oldest_timestamp=oldest,
-    )
-
-
-# --------------------------------------------------------------------------
-# The spool
 
 
 class Spool:
@@ -622,7 +172,7 @@ class Spool:
         self._acked_total = 0
         self._corrupt = 0
         self._torn_bytes = 0
-        self._resync_bound = _RESYNC_MIN_BOUND
+        self._resync_bound = RESYNC_MIN_BOUND
         self._oldest_cache: Optional[Tuple[Tuple[int, int], Optional[float]]] = None
         self._closed = False
 
@@ -680,105 +230,22 @@ class Spool:
         return spool
 
     def _recover(self) -> None:
+        """Adopt what `relayd.spool.recovery.recover` rebuilt; persist a moved cursor."""
         path = self._path
-        try:
-            os.unlink(os.path.join(path, META_TMP_NAME))
-        except FileNotFoundError:
-            pass
-        names = _list_segments(path)
-        seqs = sorted(names)
-        meta = _load_meta(path)
-        changed = False
-        if meta is None:
-            if seqs or os.path.exists(os.path.join(path, META_NAME)):
-                self._log.warn(
-                    "spool {path}: metadata missing or invalid; replaying from the oldest segment",
-                    path=path,
-                )
-            rseq, roff = (seqs[0] if seqs else 0), 0
-            self._acked_total = 0
-            changed = True
-        else:
-            rseq, roff, self._acked_total = meta
-        # Segments before the cursor were fully acknowledged; their deletion
-        # just had not reached the disk.
-        for seq in [s for s in seqs if s < rseq]:
-            self._unlink_segment_file(seq)
-            seqs.remove(seq)
-            changed = True
-        self._next_seq = max([rseq] + [s + 1 for s in seqs])
-        if rseq not in names:
-            # The cursor's segment was deleted (fully acknowledged).
-            rseq, roff = (seqs[0] if seqs else self._next_seq), 0
-            changed = True
-        ridx = 0
-        last = seqs[-1] if seqs else None
-        for seq in seqs:
-            fname = os.path.join(path, names[seq])
-            try:
-                buf = _read_file(fname)
-            except OSError as e:
-                # Unreadable file: nothing in it can be served.  Leave it for
-                # an operator, count it, carry on with the next segment.
-                self._log.error("spool {path}: cannot read segment {seq}: {err}", path=path, seq=seq, err=e)
-                self._corrupt += 1
-                self._sizes[seq] = 0
-                self._counts[seq] = 0
-                self._bad[seq] = {}
-                self._seqs.append(seq)
-                continue
-            mark = roff if seq == rseq else 0
-            scan = _scan_bytes(buf, mark, self._resync_bound)
-            self._resync_bound = max(self._resync_bound, scan.largest)
-            size = len(buf)
-            tail = scan.tail
-            if tail is not None:
-                if seq == last:
-                    # Torn tail of the newest segment: a write that never
-                    # completed.  Cut it off so appends resume on a boundary.
-                    self._torn_bytes += size - tail
-                    self._truncate_file(fname, tail)
-                    size = tail
-                    if seq == rseq and roff > size:
-                        # The cursor had acknowledged past what survived.
-                        roff = size
-                        scan = _scan_bytes(buf[:size], roff, self._resync_bound)
-                else:
-                    scan.bad.append((tail, size))
-            if seq == rseq:
-                if scan.mark_index is None:
-                    self._log.warn(
-                        "spool {path}: read cursor {seq}:{off} is not a record boundary; "
-                        "replaying the segment from its start",
-                        path=path,
-                        seq=seq,
-                        off=roff,
-                    )
-                    roff, ridx, changed = 0, 0, True
-                else:
-                    ridx = scan.mark_index
-            if size == 0 and seq != last:
-                self._unlink_segment_file(seq)
-                if seq == rseq:
-                    rseq = seq + 1
-                    roff = ridx = 0
-                    changed = True
-                continue
-            self._sizes[seq] = size
-            self._counts[seq] = scan.records
-            self._bad[seq] = dict(scan.bad)
-            self._seqs.append(seq)
-            for start, end in scan.bad:
-                if seq > rseq or start >= roff:
-                    self._quarantine(seq, start, buf[start:end])
-        if self._seqs and rseq < self._seqs[0]:
-            rseq, roff, ridx = self._seqs[0], 0, 0
-        self._rseq, self._roff, self._ridx = rseq, roff, ridx
+        log = recover(path, self._policy != "never", self._log)
+        self._seqs, self._sizes, self._counts, self._bad = log.seqs, log.sizes, log.counts, log.bad
+        self._next_seq = log.next_seq
+        self._rseq, self._roff, self._ridx = log.rseq, log.roff, log.ridx
+        self._acked_total = log.acked_total
+        self._corrupt = log.corrupt
+        self._torn_bytes = log.torn_bytes
+        self._resync_bound = log.resync_bound
+        self._dir_dirty = log.dir_dirty
         if self._seqs:
             self._wseq = self._seqs[-1]
-            self._wfd = os.open(os.path.join(path, _segment_name(self._wseq)), os.O_RDWR | os.O_CLOEXEC)
-        self._meta_dirty = changed
-        if changed or self._dir_dirty:
+            self._wfd = os.open(os.path.join(path, segment_name(self._wseq)), os.O_RDWR | os.O_CLOEXEC)
+        self._meta_dirty = log.meta_changed
+        if log.meta_changed or self._dir_dirty:
             self._write_meta(durable=self._policy != "never")
         if self._corrupt or self._torn_bytes:
             self._log.warn(
@@ -789,43 +256,11 @@ class Spool:
                 torn=self._torn_bytes,
             )
 
-    def _truncate_file(self, fname: str, size: int) -> None:
-        fd = os.open(fname, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            if self._policy != "never":
-                _fdatasync(fd)
-        finally:
-            os.close(fd)
-
     def _quarantine(self, seq: int, start: int, data: bytes) -> None:
-        """Count a corrupt range and keep a copy of its bytes for forensics."""
+        """Count a corrupt range met while reading and keep a copy of its bytes."""
         self._corrupt += 1
-        qdir = os.path.join(self._path, QUARANTINE_DIR)
-        name = os.path.join(qdir, "%s-%d.bad" % (_segment_name(seq)[: -len(SEGMENT_SUFFIX)], start))
-        self._log.error(
-            "spool {path}: corrupt range at segment {seq} offset {start} ({n} bytes) quarantined as {name}",
-            path=self._path,
-            seq=seq,
-            start=start,
-            n=len(data),
-            name=name,
-        )
-        if os.path.exists(name):
-            return  # quarantined by an earlier run
-        try:
-            os.makedirs(qdir, exist_ok=True)
-            tmp = name + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if self._policy != "never":
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.rename(tmp, name)
+        if quarantine(self._path, seq, start, data, self._policy != "never", self._log):
             self._dir_dirty = True
-        except OSError as e:
-            # Quarantine is best effort: the bytes stay in the segment anyway.
-            self._log.error("spool {path}: cannot write quarantine file: {err}", path=self._path, err=e)
 
     # -- properties ----------------------------------------------------------
 
@@ -898,7 +333,7 @@ class Spool:
             (seq, end, _), payload = first[0]
             start = end - len(payload) - FRAME_OVERHEAD
             raw = self._pread(seq, TS_BYTES, start + HEADER_BYTES)
-            (ts,) = _TS.unpack(raw)
+            (ts,) = TIMESTAMP.unpack(raw)
             self._oldest_cache = (key, ts)  # fixed until the cursor moves
         return ts
 
@@ -920,9 +355,9 @@ class Spool:
         self._check_open()
         if not payloads:
             return
-        tsb = _TS.pack(float(self._clock()))
+        tsb = TIMESTAMP.pack(float(self._clock()))
         seed = crc32c(tsb)
-        pack = _HEADER.pack
+        pack = HEADER.pack
         seg_limit = self._segment_bytes
         # Plan: list of (seq, start offset, [chunks]) per target segment.
         cur_seq = self._wseq
@@ -984,7 +419,7 @@ class Spool:
                     touched_old = (fd, start)
                 else:
                     fd = os.open(
-                        os.path.join(self._path, _segment_name(seq)),
+                        os.path.join(self._path, segment_name(seq)),
                         os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                         0o644,
                     )
@@ -1030,7 +465,7 @@ class Spool:
         for seq, fd in created:
             os.close(fd)
             try:
-                os.unlink(os.path.join(self._path, _segment_name(seq)))
+                os.unlink(os.path.join(self._path, segment_name(seq)))
             except OSError as e:
                 self._log.error("spool {path}: cannot remove partial segment: {err}", path=self._path, err=e)
 
@@ -1082,8 +517,7 @@ class Spool:
         self._wdirty = False
         meta = None
         if self._meta_dirty:
-            seg, off, acked = self._rseq, self._roff, self._acked_total
-            meta = {"version": _META_VERSION, "segment": seg, "offset": off, "acked": acked, "crc": _meta_crc(seg, off, acked)}
+            meta = build_meta(self._rseq, self._roff, self._acked_total)
         plan = SyncPlan(self._path, fds, self._dir_dirty, meta)
         self._dir_dirty = self._meta_dirty = False
         return plan
@@ -1106,19 +540,9 @@ class Spool:
 
     def _write_meta(self, durable: bool) -> None:
         """Persist the read cursor: tmp -> fsync -> rename -> fsync(dir)."""
-        seg, off, acked = self._rseq, self._roff, self._acked_total
-        doc = {"version": _META_VERSION, "segment": seg, "offset": off, "acked": acked, "crc": _meta_crc(seg, off, acked)}
-        tmp = os.path.join(self._path, META_TMP_NAME)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, json.dumps(doc, sort_keys=True).encode("ascii") + b"\n")
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, os.path.join(self._path, META_NAME))
+        write_meta(self._path, build_meta(self._rseq, self._roff, self._acked_total), durable)
         if durable:
-            _fsync_dir(self._path)
+            segments.fsync_dir(self._path)
             self._dir_dirty = False
         else:
             self._dir_dirty = True
@@ -1136,7 +560,7 @@ class Spool:
             if self._rfd is not None:
                 os.close(self._rfd)
                 self._rfd = self._rfd_seq = None
-            self._rfd = os.open(os.path.join(self._path, _segment_name(seq)), os.O_RDONLY | os.O_CLOEXEC)
+            self._rfd = os.open(os.path.join(self._path, segment_name(seq)), os.O_RDONLY | os.O_CLOEXEC)
             self._rfd_seq = seq
         assert self._rfd is not None
         return self._rfd
@@ -1174,7 +598,7 @@ class Spool:
             seq, off, idx = after
         out: List[Tuple[Position, bytes]] = []
         nbytes = 0
-        unpack = _HEADER.unpack_from
+        unpack = HEADER.unpack_from
         while len(out) < max_records:
             size = self._sizes.get(seq)
             if size is None or off >= size:
@@ -1202,7 +626,7 @@ class Spool:
                     break  # header straddles the chunk: read on
                 length, crc = unpack(buf, p)
                 q = p + HEADER_BYTES + length
-                if length < _MIN_LENGTH or length > _MAX_LENGTH or off + q > size:
+                if length < MIN_LENGTH or length > MAX_LENGTH or off + q > size:
                     p = self._skip_bad(seq, off + p, size) - off
                     progressed = True
                     break
@@ -1238,7 +662,7 @@ class Spool:
         if known is not None:
             return known
         buf = self._pread(seq, size - start, start)
-        nxt = start + _resync(buf, 0, len(buf), self._resync_bound)
+        nxt = start + resync(buf, 0, len(buf), self._resync_bound)
         self._bad.setdefault(seq, {})[start] = nxt
         self._quarantine(seq, start, buf[: nxt - start])
         return nxt
@@ -1296,13 +720,7 @@ class Spool:
         self._unlink_segment_file(seq)
 
     def _unlink_segment_file(self, seq: int) -> None:
-        try:
-            os.unlink(os.path.join(self._path, _segment_name(seq)))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            # Harmless: recovery deletes segments behind the cursor.
-            self._log.error("spool {path}: cannot delete segment {seq}: {err}", path=self._path, seq=seq, err=e)
+        unlink_segment(self._path, seq, self._log)
         self._dir_dirty = True
 
     def _reclaim_drained(self) -> bool:
