@@ -93,27 +93,37 @@ class SSEClient:
                         return
                     self.body += chunk
                 return
-            raw = buf
-            text = b""
+            # Linear-time parsing (bytearrays, consumed from the front once per
+            # read): a slow client would be cut as a slow subscriber.
+            raw = bytearray(buf)
+            text = bytearray()
             while True:
                 if chunked:
+                    pos = 0
                     while True:
-                        end = raw.find(b"\r\n")
+                        end = raw.find(b"\r\n", pos)
                         if end < 0:
                             break
-                        size = int(raw[:end].split(b";")[0], 16)
+                        size = int(bytes(raw[pos:end]).split(b";")[0], 16)
                         if len(raw) < end + 2 + size + 2:
                             break
                         text += raw[end + 2 : end + 2 + size]
-                        raw = raw[end + 4 + size :]
+                        pos = end + 4 + size
                         if size == 0:
                             return
+                    del raw[:pos]
                 else:
-                    text, raw = text + raw, b""
-                while b"\n\n" in text:
-                    block, text = text.split(b"\n\n", 1)
-                    self._block(block.decode("utf-8"))
-                chunk = self.sock.recv(65536)
+                    text += raw
+                    del raw[:]
+                start = 0
+                while True:
+                    i = text.find(b"\n\n", start)
+                    if i < 0:
+                        break
+                    self._block(bytes(text[start:i]).decode("utf-8"))
+                    start = i + 2
+                del text[:start]
+                chunk = self.sock.recv(262144)
                 if not chunk:
                     return
                 raw += chunk

@@ -185,7 +185,10 @@ class FanoutTests(unittest.TestCase):
         count = 400  # 40 MB of events: buffered for the stuck one, RSS would grow by that much
         for i in range(20, count):
             post(relayd, "red", {"seq": i, "pad": blob})
-        wait_for(lambda: len(reader.events) == count, ARRIVAL * 2, "every event at the reading subscriber")
+        try:
+            wait_for(lambda: len(reader.events) == count, ARRIVAL * 2, "every event at the reading subscriber")
+        except AssertionError:
+            raise AssertionError(f"{len(reader.events)} events; {metric_values(relayd)}; {relayd.log_tail()}") from None
         self.assertEqual([b["seq"] for b in bodies(reader)], list(range(count)))
         values = metric_values(relayd)
         self.assertEqual(values.get('relayd_fanout_subscribers_cut_total'), 1.0, values)

@@ -179,3 +179,30 @@ class StreamTargetTests(unittest.TestCase):
         )
         self.assertEqual(target.metric_label, b"s:{x}")
         self.assertEqual(StreamTarget(b"s", 10, label=b"a"), StreamTarget(b"s", 10, label=b"b"))
+
+
+class HeartbeatTests(unittest.TestCase):
+    """Heartbeats reach every subscriber once per interval, a slice per tick."""
+
+    def test_heartbeat_slices(self) -> None:
+        """Over 15 ticks of 1 s each subscriber gets exactly one ``: ping``, never all in one tick."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relayd.config import RedisConfig
+        from relayd.fanout.subscribe import HEARTBEAT_INTERVAL, Subscriptions
+
+        clock = MemoryReactorClock()
+        subs = Subscriptions(clock, RedisConfig(), SimpleNamespace(ready=True), Metrics())
+        subs._heartbeat.clock = clock
+        subs._heartbeat.start(HEARTBEAT_INTERVAL / 15, now=False)
+        made = [subscriber() for _ in range(30)]
+        for sub, _, _ in made:
+            subs.hub.add(sub, (0, 0))
+        clock.advance(1.0)
+        first = sum(1 for _, r, _ in made if r.channel.transport.value())
+        self.assertLess(first, 30)
+        for _ in range(14):
+            clock.advance(1.0)
+        for _, request, _ in made:
+            self.assertEqual(request.channel.transport.value(), b": ping\n\n")
+        subs._heartbeat.stop()

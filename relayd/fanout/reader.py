@@ -42,7 +42,7 @@ from relayd.ops.metrics import Metrics
 from relayd.redis.client import RedisClient
 
 BLOCK_MS = 5000  # XREAD block; bounds a stop's wait and the idle round trips (one per 5 s)
-READ_COUNT = 1000  # entries per stream per XREAD: bounds one reply's size
+READ_COUNT = 100  # entries per stream per XREAD: bounds one reply (100 x 1 MiB bodies at worst), parsed within the reply timeout
 UNBLOCK_RETRY = 0.02  # seconds before retrying a CLIENT UNBLOCK that found nothing blocked
 #: Least time between two XREADs.  An XREAD costs Redis (and us) work per
 #: stream named, and under load each returns at once with the few entries

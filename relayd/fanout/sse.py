@@ -41,6 +41,7 @@ class Subscriber:
         #: until the replay reaches the reader's position.
         self.catching_up = False
         self.closed = False
+        self.serial = 0  # set by the hub: which heartbeat slice it is in
         self._paused = False
         self._queue: Deque[bytes] = deque()
         self._queued = 0

@@ -22,7 +22,8 @@ and the route's auth).  Per subscriber:
    replays from the oldest entry still held.
 
 Heartbeats (``: ping``) go to every subscriber every `HEARTBEAT_INTERVAL`
-from one timer, not one per connection.
+from one timer, not one per connection, a fifteenth of the subscribers
+each second (no burst of 10,000 writes in one reactor turn).
 """
 
 from __future__ import annotations
@@ -44,14 +45,17 @@ from relayd.ingest.problems import BadRequest, NotReady, Problem
 from relayd.ops.metrics import Metrics
 
 HEARTBEAT_INTERVAL = 15.0  # seconds; under common proxy idle timeouts (nginx 60 s, ALB 60 s)
+HEARTBEAT_SLICES = 15  # one slice of the subscribers per second: each still gets a ping every 15 s
 RETRY_BASE_MS = 2000  # browsers reconnect after 2..5 s: quick, yet spread over 3 s
 RETRY_JITTER_MS = 3000
 REPLAY_PAGE = 500  # entries per XRANGE while resuming
 FUTURE_SKEW = 60.0  # seconds an id may be ahead of this host's clock (clock skew between hosts)
 #: Bytes an event queue may hold while the transport is full, beyond
-#: Twisted's 64 KiB transport buffer: ~1,000 position updates of ~250 B,
-#: seconds of a team's burst; past it the subscriber is cut.
-QUEUE_LIMIT = 256 * 1024
+#: Twisted's 64 KiB transport buffer: one event of the largest default body
+#: (1 MiB) or ~4,000 position updates of ~250 B; past it the subscriber is
+#: cut.  The queue holds references to the bytes shared by all subscribers,
+#: so many slow subscribers of one stream cost little more than one.
+QUEUE_LIMIT = 1024 * 1024
 
 
 class Subscriptions(MultiService):
@@ -78,7 +82,8 @@ class Subscriptions(MultiService):
         self.hub = Hub(reactor, metrics)
         self.reader = StreamReader(reactor, redis_config, redis, self.hub, metrics)
         self.reader.setServiceParent(self)
-        self._heartbeat = LoopingCall(self.hub.broadcast, HEARTBEAT)
+        self._tick = 0
+        self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self._cut = metrics.fanout_cut.labels(reason="slow")
         metrics.watch(metrics.fanout_subscribers, lambda: self.hub.count)
@@ -86,7 +91,12 @@ class Subscriptions(MultiService):
     def startService(self) -> None:
         """Start the reader and the heartbeat."""
         super().startService()
-        self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
+        self._heartbeat.start(HEARTBEAT_INTERVAL / HEARTBEAT_SLICES, now=False)
+
+    def _beat(self) -> None:
+        """``: ping`` to this tick's slice of the subscribers."""
+        self._tick = (self._tick + 1) % HEARTBEAT_SLICES
+        self.hub.broadcast(HEARTBEAT, self._tick, HEARTBEAT_SLICES)
 
     def stopService(self) -> Deferred:
         """End every subscription cleanly (browsers reconnect elsewhere), stop reading."""
