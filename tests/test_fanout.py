@@ -56,7 +56,6 @@ class FanoutTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.redis = RedisServer(self)
-        self.redis.start()
 
     def start(self, routes: Any = (ROUTE,), **kw: Any) -> RelaydProcess:
         return RelaydProcess(self, routes=list(routes), redis_url=self.redis.url, **kw)

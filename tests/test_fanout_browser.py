@@ -107,7 +107,6 @@ class DemoPageTests(unittest.TestCase):
     def test_demo_page_live_and_after_reconnect(self) -> None:
         """Events posted after load appear; relayd restarts (closing the stream); the page resumes, nothing lost."""
         redis = RedisServer(self)
-        redis.start()
         a = RelaydProcess(self, routes=[ROUTE], redis_url=redis.url)
         b = RelaydProcess(self, routes=[ROUTE], redis_url=redis.url)  # a second "host" on the same Redis
         page_port = serve_examples(self)
