@@ -45,6 +45,9 @@ setup(
             "pyyaml>=6.0",
             # redis-py: the example request/reply worker (examples/) that the tests run
             "redis>=5",
+            # standardwebhooks: the spec's reference verifier checks our signatures
+            # (a hand-written verifier would only agree with our own signer).
+            "standardwebhooks>=1.0",
             # websocket-client: speaks Chromium's DevTools protocol for the fan-out browser
             # test (a hand-written RFC 6455 client would be ~150 lines of framing to get right)
             "websocket-client>=1.6",

@@ -3,7 +3,8 @@
 Parsing is a pure function (`config_from_string`) so every rule can be
 property-tested without touching a disk.  The checks that need the file
 system (schema files readable and valid, spool directory writable) live in
-`check_environment`, and `load_config` composes both: a config that loads is
+`check_environment`, and `load_config` composes both (plus the command
+line's overrides): a config that loads is
 fully validated before any port is bound.
 
 Every rejection is a `ConfigError` whose message is one line naming the key
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Mapping, Optional, Tuple
-from urllib.parse import unquote
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
@@ -84,7 +85,7 @@ class ServerConfig:
 
     listen: str = DEFAULT_LISTEN
     admin: str = DEFAULT_ADMIN
-    workers: Any = 1  # int >= 1, or "auto"
+    workers: Union[int, str] = 1  # int >= 1, or "auto"
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     backlog: int = DEFAULT_BACKLOG
@@ -166,6 +167,38 @@ class LimitsConfig:
     max_headers: int = DEFAULT_MAX_HEADERS
 
 
+# [[deliver]] defaults (docs/delivery.md explains each).
+DEFAULT_DELIVER_CONCURRENCY = 16  # requests in flight per process: hides ~16 RTTs of upstream latency
+DEFAULT_DELIVER_TIMEOUT = 10.0  # seconds for the whole exchange; most APIs answer in < 1 s
+DEFAULT_DELIVER_MAX_ATTEMPTS = 10  # with 1 s doubling to 10 m: ~1.5 h of retries before a dead letter
+DEFAULT_DELIVER_BACKOFF = 1.0  # seconds before the first retry
+DEFAULT_DELIVER_BACKOFF_MAX = 600.0  # seconds; an outage longer than 10 m is retried every ~10 m
+DEFAULT_DELIVER_VISIBILITY = 30.0  # seconds a dead process's claimed messages wait before another takes them
+DEFAULT_DELIVER_BREAKER = 5  # consecutive failures that open the circuit breaker
+DELIVER_METHODS = ("POST", "PUT", "PATCH")
+
+
+@attrs.frozen
+class DeliverConfig:
+    """One `[[deliver]]`: a Redis list fed to an upstream HTTP endpoint."""
+
+    name: str
+    list: str
+    url: str
+    method: str = "POST"
+    headers: Tuple[Tuple[str, str], ...] = ()
+    rate: Optional[Tuple[float, float]] = None  # (requests, per seconds), global; None = unlimited
+    concurrency: int = DEFAULT_DELIVER_CONCURRENCY
+    timeout: float = DEFAULT_DELIVER_TIMEOUT
+    max_attempts: int = DEFAULT_DELIVER_MAX_ATTEMPTS
+    backoff: float = DEFAULT_DELIVER_BACKOFF
+    backoff_max: float = DEFAULT_DELIVER_BACKOFF_MAX
+    dead_letter: str = ""  # filled with "<list>:dead" by the parser
+    sign_secret_file: Optional[str] = None
+    visibility_timeout: float = DEFAULT_DELIVER_VISIBILITY
+    breaker_failures: int = DEFAULT_DELIVER_BREAKER
+
+
 @attrs.frozen
 class Config:
     """The whole daemon configuration."""
@@ -176,6 +209,7 @@ class Config:
     spool: SpoolConfig
     routes: Tuple[RouteConfig, ...]
     limits: LimitsConfig = LimitsConfig()
+    delivers: Tuple[DeliverConfig, ...] = ()
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -535,6 +569,80 @@ def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
     )
 
 
+_DELIVER_KEYS = (
+    "name", "list", "url", "method", "headers", "rate", "concurrency", "timeout", "max_attempts",
+    "backoff", "backoff_max", "dead_letter", "sign_secret_file", "visibility_timeout", "breaker_failures",
+)
+_DELIVER_NAME_RE = re.compile(r"^[A-Za-z0-9._~-]+$")  # one URL path segment: /deliver/<name>/replay
+_HTTP_URL_RE = re.compile(r"^https?://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(/[^\s#]*)?$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+
+
+def _parse_deliver(t: Any, index: int, base_dir: str) -> DeliverConfig:
+    where = f"deliver[{index}]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: expected a table")
+    _check_keys(t, _DELIVER_KEYS, where)
+    for required in ("name", "list", "url"):
+        if required not in t:
+            raise ConfigError(f"{where}.{required}: missing")
+    name = _typed(t, "name", str, None, where)
+    if not _DELIVER_NAME_RE.match(name):
+        raise ConfigError(f"{where}.name: expected letters, digits and ._~- only, got {name!r}")
+    list_key = _typed(t, "list", str, None, where)
+    if not list_key:
+        raise ConfigError(f"{where}.list: must not be empty")
+    if "}" in list_key and "{" not in list_key.split("}")[0]:
+        raise ConfigError(f"{where}.list: a '}}' outside a {{hash tag}} leaves no slot for companion keys")
+    url = _typed(t, "url", str, None, where)
+    try:
+        port_ok = 0 < (urlsplit(url).port or 80) < 65536
+    except ValueError:
+        port_ok = False
+    if not _HTTP_URL_RE.match(url) or not port_ok:
+        raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
+    method = _typed(t, "method", str, "POST", where).upper()
+    _choice(method, DELIVER_METHODS, f"{where}.method")
+    raw_headers = t.get("headers", {})
+    if not isinstance(raw_headers, dict):
+        raise ConfigError(f"{where}.headers: expected a table of name = \"value\"")
+    headers = []
+    for hname, hvalue in raw_headers.items():
+        if not _HEADER_NAME_RE.match(hname) or not isinstance(hvalue, str) or any(c in hvalue for c in "\r\n\0"):
+            raise ConfigError(f"{where}.headers.{hname}: expected a header name and a one-line string value")
+        headers.append((hname, hvalue))
+    backoff = parse_duration(t.get("backoff", DEFAULT_DELIVER_BACKOFF), f"{where}.backoff")
+    backoff_max = parse_duration(t.get("backoff_max", DEFAULT_DELIVER_BACKOFF_MAX), f"{where}.backoff_max")
+    if backoff_max < backoff:
+        raise ConfigError(f"{where}.backoff_max: must be >= backoff ({backoff} s), got {backoff_max} s")
+    timeout = parse_duration(t.get("timeout", DEFAULT_DELIVER_TIMEOUT), f"{where}.timeout")
+    visibility = parse_duration(t.get("visibility_timeout", DEFAULT_DELIVER_VISIBILITY), f"{where}.visibility_timeout")
+    dead = _typed(t, "dead_letter", str, list_key + ":dead", where)
+    if not dead or dead == list_key:
+        raise ConfigError(f"{where}.dead_letter: must be a non-empty list name other than list")
+    return DeliverConfig(
+        name=name,
+        list=list_key,
+        url=url,
+        method=method,
+        headers=tuple(headers),
+        rate=parse_rate(t["rate"], f"{where}.rate") if "rate" in t else None,
+        concurrency=_positive(_typed(t, "concurrency", int, DEFAULT_DELIVER_CONCURRENCY, where), f"{where}.concurrency"),
+        timeout=timeout,
+        max_attempts=_positive(
+            _typed(t, "max_attempts", int, DEFAULT_DELIVER_MAX_ATTEMPTS, where), f"{where}.max_attempts"
+        ),
+        backoff=backoff,
+        backoff_max=backoff_max,
+        dead_letter=dead,
+        sign_secret_file=_optional_path(t, "sign_secret_file", where, base_dir),
+        visibility_timeout=visibility,
+        breaker_failures=_positive(
+            _typed(t, "breaker_failures", int, DEFAULT_DELIVER_BREAKER, where), f"{where}.breaker_failures"
+        ),
+    )
+
+
 def config_from_string(text: str, base_dir: str = ".") -> Config:
     """Parse and validate config text; relative paths resolve against `base_dir`.
 
@@ -544,7 +652,7 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: not valid TOML: {e}") from None
-    _check_keys(data, ("server", "redis", "buffer", "spool", "limits", "route"), "config")
+    _check_keys(data, ("server", "redis", "buffer", "spool", "limits", "route", "deliver"), "config")
     raw_routes = data.get("route", [])
     if not isinstance(raw_routes, list) or not raw_routes:
         raise ConfigError("route: at least one [[route]] table is required")
@@ -559,6 +667,15 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         if r.stream is not None and redis.cluster:
             # One XREAD names every watched stream; Cluster runs it only within one slot (docs/fanout.md).
             raise ConfigError(f"route[{i}].stream: fan-out needs a single Redis ([redis] url), not a cluster (yet)")
+    raw_delivers = data.get("deliver", [])
+    if not isinstance(raw_delivers, list):
+        raise ConfigError("deliver: expected [[deliver]] tables")
+    delivers = tuple(_parse_deliver(t, i, base_dir) for i, t in enumerate(raw_delivers))
+    names: dict[str, int] = {}
+    for i, d in enumerate(delivers):
+        if d.name in names:
+            raise ConfigError(f"deliver[{i}].name: duplicate of deliver[{names[d.name]}] ({d.name})")
+        names[d.name] = i
     return Config(
         server=_parse_server(data),
         redis=redis,
@@ -566,16 +683,17 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         spool=_parse_spool(data, base_dir),
         routes=routes,
         limits=_parse_limits(data),
+        delivers=delivers,
     )
 
 
-def check_environment(config: Config, compile_schema: Callable[[str, str], Any]) -> dict:
+def check_environment(config: Config, compile_schema: Callable[[str, str], Any]) -> Dict[str, Any]:
     """Check what needs the file system; return ``{route path: compiled schema}``.
 
     `compile_schema(path, key)` loads and compiles one schema file and raises
     `ConfigError` naming `key` when it cannot.
     """
-    validators = {}
+    validators: Dict[str, Any] = {}
     for i, route in enumerate(config.routes):
         if route.schema is not None:
             validators[route.path] = compile_schema(route.schema, f"route[{i}].schema (route {route.path})")
@@ -583,6 +701,9 @@ def check_environment(config: Config, compile_schema: Callable[[str, str], Any])
             path = getattr(route, key)
             if path is not None and not os.access(path, os.R_OK):
                 raise ConfigError(f"route[{i}].{key}: cannot read {path}")
+    for i, deliver in enumerate(config.delivers):
+        if deliver.sign_secret_file is not None and not os.access(deliver.sign_secret_file, os.R_OK):
+            raise ConfigError(f"deliver[{i}].sign_secret_file: cannot read {deliver.sign_secret_file}")
     spool_dir = config.spool.dir
     try:
         os.makedirs(spool_dir, exist_ok=True)
@@ -593,11 +714,56 @@ def check_environment(config: Config, compile_schema: Callable[[str, str], Any])
     return validators
 
 
-def load_config(path: str, compile_schema: Callable[[str, str], Any]) -> Tuple[Config, dict]:
-    """Read, parse and check the config file at `path`.
+@attrs.frozen
+class ConfigOverrides:
+    """Command-line overrides of ``[server]`` (``twistd relayd --listen/--admin/--workers``).
 
-    Relative paths inside it resolve against the current directory (the
-    daemon's working directory, as for twistd's own ``--pidfile``).
+    Kept apart from the file's values so that a reload (SIGHUP) re-reads the
+    file and applies the same overrides again.
+    """
+
+    listen: Optional[str] = None
+    admin: Optional[str] = None
+    workers: Optional[str] = None  # as typed: an integer >= 1 or "auto"
+
+
+def apply_overrides(config: Config, overrides: ConfigOverrides) -> Config:
+    """`config` with the command line's ``[server]`` overrides; raises `ConfigError` for a bad one."""
+    server = config.server
+    if overrides.listen:
+        server = attrs.evolve(server, listen=with_backlog(overrides.listen, server.backlog))
+    if overrides.admin:
+        server = attrs.evolve(server, admin=overrides.admin)
+    if overrides.workers:
+        w = overrides.workers
+        if w != "auto" and not (w.isdigit() and int(w) >= 1):
+            raise ConfigError(f'--workers: expected an integer >= 1 or "auto", got {w!r}')
+        server = attrs.evolve(server, workers=w if w == "auto" else int(w))
+    return attrs.evolve(config, server=server)
+
+
+@attrs.frozen
+class LoadedConfig:
+    """A config file as loaded: the validated values, its compiled schemas, and its text.
+
+    The text is kept because the supervisor hands each generation of workers
+    a snapshot of exactly what it validated (relayd/process/generations.py).
+    """
+
+    config: Config
+    validators: Dict[str, Any]
+    text: str
+
+
+def load_config(
+    path: str, compile_schema: Callable[[str, str], Any], overrides: ConfigOverrides = ConfigOverrides()
+) -> LoadedConfig:
+    """Read, parse and check the config file at `path`, then apply the command line's `overrides`.
+
+    The one loader: twistd's start, a SIGHUP reload and each worker process
+    all read their config through here.  Relative paths inside it resolve
+    against the current directory (the daemon's working directory, as for
+    twistd's own ``--pidfile``).
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -607,4 +773,15 @@ def load_config(path: str, compile_schema: Callable[[str, str], Any]) -> Tuple[C
     except UnicodeDecodeError:
         raise ConfigError(f"config: {path} is not UTF-8") from None
     config = config_from_string(text, base_dir=os.getcwd())
-    return config, check_environment(config, compile_schema)
+    validators = check_environment(config, compile_schema)
+    return LoadedConfig(apply_overrides(config, overrides), validators, text)
+
+
+def resolve_workers(workers: Union[int, str]) -> int:
+    """``"auto"`` -> the CPUs this process may run on; an int stays."""
+    if workers == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+    return int(workers)

@@ -11,32 +11,28 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from types import FrameType
 from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
-from relayd.config import (
-    Config,
-    ConfigError,
-    RedisConfig,
-    check_environment,
-    config_from_string,
-    load_config,
-    with_backlog,
-)
+from relayd.compat import exit_status_zero
+from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, RedisConfig, load_config, resolve_workers
+from relayd.deliver.admin import DeliverAdmin
+from relayd.deliver.manager import DeliverManager
 from relayd.fanout.subscribe import Subscriptions
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.ingest.http_layer import IngestSite
 from relayd.ingest.validation import compile_schema_file
 from relayd.listener import ListenerService
-from relayd.ops.admin import AdminApp
+from relayd.ops.admin import AdminApp, AdminSite
 from relayd.ops.gctune import GcService
 from relayd.ops.looplag import LoopLagMonitor
 from relayd.ops.metrics import Metrics
@@ -46,7 +42,7 @@ from relayd.outbox.forwarder import Forwarder
 from relayd.outbox.spooler import Spooler
 from relayd.outbox.writer import RedisWriter
 from relayd.process.sdnotify import NotifyService
-from relayd.process.supervisor import make_supervisor, resolve_workers
+from relayd.process.supervisor import make_supervisor
 from relayd.redis.cluster import ClusterClient
 from relayd.redis.factory import make_redis_client as redis_client_for
 from relayd.redis.probe import probe_cluster
@@ -79,7 +75,7 @@ class RelayService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IReactorCore) -> None:
         super().__init__()
         self._reactor = reactor
         self.metrics: Optional[Metrics] = None  # set by build_service (workers report it)
@@ -100,17 +96,19 @@ class RelayService(MultiService):
         if clean:
             # twistd re-raises the stop signal on exit (status 143 for
             # SIGTERM); the contract promises 0 after a lossless stop.
-            self._reactor._exitSignal = None
+            exit_status_zero(self._reactor)
         self._log.info("relayd stopped (clean={clean})", clean=clean)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         """Stop children sequentially; fires when all have drained."""
         self.running = 0
         return Deferred.fromCoroutine(self._stop_in_order())
 
 
 
-def build_routes(config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: Any) -> List[IngestRoute]:
+def build_routes(
+    config: Config, validators: Dict[str, Any], metrics: Metrics, reactor: IReactorTime
+) -> List[IngestRoute]:
     """The ingest routes of a config; rate limits get this process's share."""
     share = 1.0 / max(1, resolve_workers(config.server.workers))
     metrics.describe_routes((r.path, r.list, r.ack) for r in config.routes)
@@ -125,7 +123,7 @@ def make_redis_client(reactor: Any, config: RedisConfig, metrics: Optional[Metri
 def build_service(
     config: Config,
     validators: Dict[str, Any],
-    reactor: Any,
+    reactor: IReactorTime,
     spool_path: Optional[str] = None,
     listen_endpoint: Any = None,
     admin_endpoint: Any = None,
@@ -197,6 +195,7 @@ def build_service(
             "can_store": forwarder.can_store(1, max(READY_MESSAGE_BYTES, spooler.refused_size)),
         }
 
+    deliver = DeliverManager(reactor, config.delivers, redis, config.redis, metrics, config.server.shutdown_timeout)
     metrics.watch(metrics.ready, lambda: 1.0 if all(readiness().values()) else 0.0)
     metrics.watch(metrics.spool_disk_bytes, lambda: spooler.spool.disk_bytes if spooler.spool is not None else 0)
     metrics.spool_max_bytes.set(config.spool.max_bytes)
@@ -204,8 +203,7 @@ def build_service(
     if isinstance(redis, ClusterClient):
         cluster = redis
         details = lambda: {"redis_cluster": cluster.describe()}  # noqa: E731
-    admin_site = Site(AdminApp(metrics, readiness, details).resource(), reactor=reactor)
-    admin_site.log = lambda request: None  # type: ignore[method-assign]
+    admin_site = AdminSite(AdminApp(metrics, readiness, details, deliver=DeliverAdmin(deliver, redis)), reactor)
     admin = ListenerService(admin_endpoint or serverFromString(reactor, config.server.admin), admin_site, "admin")
     adopter = OrphanAdopter(
         reactor,
@@ -218,12 +216,14 @@ def build_service(
         config.spool.fsync,
     )
 
-    root = RelayService(reactor)
+    root = RelayService(IReactorCore(reactor))
     root.metrics = metrics
     root.worker_index = worker_index
-    # Stopped in reverse: looplag, admin, ingest (waits for replies), replies, forwarder, adopter, spooler, Redis.
+    # Stopped in reverse: looplag, admin, ingest (waits for replies), replies, forwarder, adopter, spooler, deliver,
+    # Redis.
     children: List[Tuple[str, Any]] = [
         ("redis", redis),
+        ("deliver", deliver),  # its own blocking connections; settles through `redis`, so stops before it
         ("spooler", spooler),
         ("adopter", adopter),
         ("forwarder", forwarder),
@@ -246,55 +246,36 @@ def build_service(
     return root
 
 
-def _apply_overrides(config: Config, options: Options) -> Config:
-    import attrs
-
-    server = config.server
-    if options["listen"]:
-        server = attrs.evolve(server, listen=with_backlog(options["listen"], server.backlog))
-    if options["admin"]:
-        server = attrs.evolve(server, admin=options["admin"])
-    if options["workers"]:
-        w = options["workers"]
-        if w != "auto" and not (w.isdigit() and int(w) >= 1):
-            raise ConfigError(f'--workers: expected an integer >= 1 or "auto", got {w!r}')
-        server = attrs.evolve(server, workers=w if w == "auto" else int(w))
-    return attrs.evolve(config, server=server)
+def overrides_of(options: Options) -> ConfigOverrides:
+    """The command line's ``[server]`` overrides."""
+    return ConfigOverrides(listen=options["listen"], admin=options["admin"], workers=options["workers"])
 
 
-def _reload_config(options: Options) -> Tuple[Config, str]:
-    """The config file again, validated, with the command line's overrides; and its text."""
-    path = options["config"]
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config: cannot read {path}: {e}") from None
-    config = config_from_string(text, base_dir=os.getcwd())
-    check_environment(config, compile_schema_file)
-    return _apply_overrides(config, options), text
-
-
-def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
+def makeService(options: Options, reactor: Optional[IReactorTime] = None) -> MultiService:
     """twistd entry point: load and validate the config, then build the tree."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    overrides = overrides_of(options)
+
+    def load() -> LoadedConfig:
+        return load_config(options["config"], compile_schema_file, overrides)
+
     try:
-        config, validators = load_config(options["config"], compile_schema_file)
-        config = _apply_overrides(config, options)
-        if config.redis.cluster:
-            problem = probe_cluster(config.redis)
+        loaded = load()
+        if loaded.config.redis.cluster:
+            problem = probe_cluster(loaded.config.redis)
             if problem is not None:
                 raise ConfigError(problem)
     except ConfigError as e:
         sys.stderr.write(f"relayd: {e}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
+    config, validators = loaded.config, loaded.validators
     log = Logger(namespace="relayd")
     if resolve_workers(config.server.workers) > 1:
-        return make_supervisor(reactor, config, lambda: _reload_config(options))
+        return make_supervisor(reactor, loaded, load)
 
     service = build_service(config, validators, reactor)
     current = {"config": config}
@@ -302,15 +283,16 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     def reload() -> None:
         """SIGHUP in a single process: swap routes in place, the socket stays open."""
         try:
-            new, new_validators = load_config(options["config"], compile_schema_file)
-            new = _apply_overrides(new, options)
+            reloaded = load()
         except ConfigError as e:
             log.error("SIGHUP: new config rejected, the old one stays: {error}", error=str(e))
             return
         ingest = service.getServiceNamed("ingest")
         # New routes read their tokens and secret files afresh.
         assert service.metrics is not None
-        ingest.app.replace_routes(build_routes(new, new_validators, service.metrics, reactor))
+        new = reloaded.config
+        ingest.app.replace_routes(build_routes(new, reloaded.validators, service.metrics, reactor))
+        service.getServiceNamed("deliver").reconfigure(new.delivers)
         tables = ("server", "redis", "buffer", "spool", "limits")
         pending = [name for name in tables if getattr(new, name) != getattr(current["config"], name)]
         if pending:
@@ -319,11 +301,16 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
                 tables=", ".join(pending),
             )
         else:
-            log.info("SIGHUP: routes and tokens reloaded ({count} routes)", count=len(new.routes))
-        current["config"] = attrs.evolve(current["config"], routes=new.routes)
+            log.info(
+                "SIGHUP: routes, tokens and delivers reloaded ({count} routes, {delivers} delivers)",
+                count=len(new.routes), delivers=len(new.delivers),
+            )
+        current["config"] = attrs.evolve(current["config"], routes=new.routes, delivers=new.delivers)
 
-    def on_sighup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reload)  # type: ignore[union-attr]
+    threads = IReactorFromThreads(reactor)
+
+    def on_sighup(signum: int, frame: Optional[FrameType]) -> None:
+        threads.callFromThread(reload)
 
     signal.signal(signal.SIGHUP, on_sighup)
     return service

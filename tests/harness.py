@@ -402,6 +402,7 @@ class RelaydProcess:
         ingest_port: int | None = None,
         admin_port: int | None = None,
         extra_args: Sequence[str] = (),
+        extra_toml: str = "",
     ) -> None:
         self.dir = tempfile.mkdtemp(prefix="relayd-")
         test.addCleanup(shutil.rmtree, self.dir, True)
@@ -430,7 +431,8 @@ class RelaydProcess:
             if limits:
                 tables["limits"] = dict(limits)
             self.tables = tables
-            config_text = to_toml(tables, routes)
+            config_text = to_toml(tables, routes) + extra_toml
+        self.extra_toml = extra_toml
         self.config_path = self.write_file("relayd.conf", config_text)
         self.start(wait_ready=wait_ready)
 
@@ -446,9 +448,11 @@ class RelaydProcess:
             f.write(content)
         return path
 
-    def rewrite_config(self, routes: Sequence[Mapping[str, Any]]) -> None:
+    def rewrite_config(self, routes: Sequence[Mapping[str, Any]], extra_toml: str | None = None) -> None:
         """Rewrite the config file with the same tables and new routes (for SIGHUP)."""
-        self.write_file("relayd.conf", to_toml(self.tables, routes))
+        if extra_toml is not None:
+            self.extra_toml = extra_toml
+        self.write_file("relayd.conf", to_toml(self.tables, routes) + getattr(self, "extra_toml", ""))
 
     @property
     def argv(self) -> list[str]:

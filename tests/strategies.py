@@ -145,3 +145,43 @@ def json_schemas():
         | st.dictionaries(st.sampled_from(_SCHEMA_KEYWORDS) | st.text(max_size=2), children, max_size=4),
         max_leaves=12,
     )
+
+
+@st.composite
+def status_messages(draw):
+    """Any message a worker can send on its status pipe (relayd/process/status.py)."""
+    from relayd.process.status import FinalMetrics, Heartbeat, Ready
+
+    kind = draw(st.sampled_from(("ready", "hb", "final")))
+    if kind == "ready":
+        return Ready(pid=draw(st.integers(1, 2**22)), spool=draw(st.text()))
+    if kind == "hb":
+        return Heartbeat(at=draw(st.floats(0, 2e9, allow_nan=False)))
+    return FinalMetrics(text=draw(st.text()))
+
+
+# --- delivery (relayd/deliver/) ---
+
+
+def list_items():
+    """Raw list items: envelopes, other JSON, text, arbitrary bytes."""
+    import json as _json
+
+    envelopes = st.builds(
+        lambda mid, body: _json.dumps(
+            {"id": mid, "ts": 1.5, "route": "/in", "content_type": "application/json", "body": body}
+        ).encode(),
+        st.text(alphabet="abcdef0123456789", min_size=1, max_size=20),
+        st.one_of(st.text(max_size=20), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3)),
+    )
+    json_values = st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.text(max_size=10)),
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+        max_leaves=8,
+    ).map(lambda v: _json.dumps(v).encode())
+    return st.one_of(envelopes, json_values, st.text(max_size=30).map(str.encode), st.binary(max_size=40))
+
+
+def http_statuses():
+    """Any status an upstream could answer."""
+    return st.integers(min_value=100, max_value=599)

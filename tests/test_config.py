@@ -199,7 +199,8 @@ class LoadConfigTests(unittest.TestCase):
         cwd = os.getcwd()
         os.chdir(root)
         try:
-            config, validators = load_config("etc/relayd.conf", compile_schema_file)
+            loaded = load_config("etc/relayd.conf", compile_schema_file)
+            config, validators = loaded.config, loaded.validators
         finally:
             os.chdir(cwd)
         self.assertIn("/increments", validators)

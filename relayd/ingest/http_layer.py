@@ -21,6 +21,7 @@ from __future__ import annotations
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Dict, Optional, Set
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -28,6 +29,7 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
+from relayd.compat import HookedHTTPChannel
 from relayd.config import LimitsConfig
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -117,7 +119,7 @@ class IngestRequest(Request):
         site.app.serve(self, route)
 
 
-class IngestChannel(HTTPChannel):
+class IngestChannel(HookedHTTPChannel):
     """An HTTPChannel with the guards twisted.web lacks.
 
     - 413 from Content-Length before any body byte is read;
@@ -185,7 +187,7 @@ class IngestChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         """Decide 413 from Content-Length, before any body byte is read."""
-        self.body_limit = self.site.body_limit(self._path)
+        self.body_limit = self.site.body_limit(self.request_path)
         if self.length is not None and self.length > self.body_limit:
             self.reject(PayloadTooLarge(f"Content-Length {self.length} exceeds the route's max_body of {self.body_limit} bytes"))
             return
@@ -204,9 +206,9 @@ class IngestChannel(HTTPChannel):
         self._phase = "idle"
         super().requestDone(request)
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         """Twisted's bad-request path, as a problem document (431 for header limits)."""
-        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
+        if self.received_header_size > self.totalHeadersSize or self.received_header_count > self.maxHeaders:
             self.reject(
                 HeadersTooLarge(
                     f"at most {self.maxHeaders} header fields and {self.totalHeadersSize} bytes of request head"
@@ -224,7 +226,7 @@ class IngestChannel(HTTPChannel):
         self._cancel_deadline()
         self.site.on_reject(problem)
         self.transport.write(_raw_problem(problem))
-        self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        self.dataReceived = self.rawDataReceived = lambda data: None  # type: ignore[method-assign]  # drop the rest
         self.loseConnection()
 
     def getHost(self) -> Any:
@@ -262,7 +264,7 @@ class IngestSite(Site):
     requestFactory = IngestRequest
 
     def __init__(
-        self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: Any, limits: Optional[LimitsConfig] = None
+        self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: IReactorTime, limits: Optional[LimitsConfig] = None
     ) -> None:
         super().__init__(app.resource(), timeout=idle_timeout, reactor=reactor)
         self.limits = limits if limits is not None else LimitsConfig()
@@ -296,7 +298,7 @@ class IngestSite(Site):
 
     def now(self) -> float:
         """The injected clock's time."""
-        return self._clock.seconds()
+        return float(self._clock.seconds())
 
     def stopFactory(self) -> None:
         """Stop the deadline sweeper with the port (it starts with the first connection)."""

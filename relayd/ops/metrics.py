@@ -18,6 +18,7 @@ from relayd.ops.fastmetrics import FastCollector, FastCounter, FastHistogram, it
 # LAN Redis; the tail up to the ack timeout still needs resolution.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Cluster nodes with their own latency series; more (a huge cluster, or
 # churn through failovers) share "other" so one process exports a bounded
 # number of series whatever the topology does.
@@ -41,6 +42,32 @@ class RouteMetrics:
     def rejected(self, reason: str) -> None:
         """Count one rejected request (not per message: a batch is one)."""
         self._rejected.labels(route=self._route, reason=reason).inc()
+
+
+class DeliverMetrics:
+    """The pre-bound children of one deliver's series (relayd/deliver/)."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self._attempts = metrics.deliver_attempts
+        self._children: Dict[str, Counter] = {}
+        self._name = name
+        self.retries = metrics.deliver_retries.labels(deliver=name)
+        self.dead_lettered = metrics.deliver_dead_lettered.labels(deliver=name)
+        self.latency = metrics.deliver_latency.labels(deliver=name)
+        self.in_flight = metrics.deliver_in_flight.labels(deliver=name)
+        self.queue_lag = metrics.deliver_queue_lag.labels(deliver=name)
+        self.circuit_state = metrics.deliver_circuit_state.labels(deliver=name)
+
+    def results(self) -> list:
+        """The result labels counted so far (to remove them with the deliver)."""
+        return list(self._children)
+
+    def attempt(self, result: str) -> None:
+        """Count one attempt by result: ``2xx``..``5xx`` or ``error`` (timeout, connection)."""
+        child = self._children.get(result)
+        if child is None:
+            child = self._children[result] = self._attempts.labels(deliver=self._name, result=result)
+        child.inc()
 
 
 class Metrics:
@@ -133,6 +160,29 @@ class Metrics:
         self.fsync_latency = Histogram(
             "relayd_spool_fsync_seconds", "Spool group-commit fsync time.", buckets=REDIS_BUCKETS, registry=r
         )
+        self.deliver_attempts = Counter(
+            "relayd_deliver_attempts", "Upstream attempts by result (status class or error).", ["deliver", "result"],
+            registry=r,
+        )
+        self.deliver_retries = Counter("relayd_deliver_retries", "Messages scheduled for a retry.", ["deliver"], registry=r)
+        self.deliver_dead_lettered = Counter(
+            "relayd_deliver_dead_lettered", "Messages moved to the dead-letter list.", ["deliver"], registry=r
+        )
+        self.deliver_latency = Histogram(
+            "relayd_deliver_upstream_seconds", "Upstream exchange time (body included).", ["deliver"],
+            buckets=UPSTREAM_BUCKETS, registry=r,
+        )
+        self.deliver_in_flight = Gauge(
+            "relayd_deliver_in_flight", "Messages claimed by this process, not yet finished.", ["deliver"], registry=r
+        )
+        self.deliver_queue_lag = Gauge(
+            "relayd_deliver_queue_lag_seconds", "Age of the oldest queued message (0 when empty).", ["deliver"],
+            registry=r,
+        )
+        self.deliver_circuit_state = Gauge(
+            "relayd_deliver_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", ["deliver"], registry=r
+        )
+        self._delivers: Dict[str, DeliverMetrics] = {}
         # -- for the operations kit (etc/prometheus, etc/grafana, docs/runbook.md) --
         self.spool_disk_bytes = Gauge(
             "relayd_spool_disk_bytes", "Size of the spool's segment files (what [spool] max_bytes bounds).", registry=r
@@ -180,6 +230,28 @@ class Metrics:
         if path not in self._routes:
             self._routes[path] = RouteMetrics(self, path)
         return self._routes[path]
+
+    def deliver(self, name: str) -> DeliverMetrics:
+        """The pre-bound series of one deliver."""
+        if name not in self._delivers:
+            self._delivers[name] = DeliverMetrics(self, name)
+        return self._delivers[name]
+
+    def forget_deliver(self, name: str) -> None:
+        """Drop a removed deliver's series (SIGHUP), so its gauges stop reading a stopped service."""
+        gone = self._delivers.pop(name, None)
+        if gone is None:
+            return
+        for series in (
+            self.deliver_retries, self.deliver_dead_lettered, self.deliver_latency, self.deliver_in_flight,
+            self.deliver_queue_lag, self.deliver_circuit_state,
+        ):
+            try:
+                series.remove(name)
+            except KeyError:
+                pass
+        for result in gone.results():
+            self.deliver_attempts.remove(name, result)
 
     def forwarded_to(self, list_key: bytes) -> FastCounter:
         """The forwarded counter of one list (created on first use)."""

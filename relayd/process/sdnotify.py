@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable, Mapping, Optional
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -90,7 +92,7 @@ class Notifier:
         """``STOPPING=1``."""
         return self.notify(STOPPING=1)
 
-    def start_watchdog(self, clock: Any, healthy: Callable[[], bool] = lambda: True) -> None:
+    def start_watchdog(self, clock: IReactorTime, healthy: Callable[[], bool] = lambda: True) -> None:
         """Ping ``WATCHDOG=1`` every half period from `clock` while `healthy()`."""
         if self._address is None or self.watchdog_interval is None or self._watchdog is not None:
             return
@@ -117,7 +119,7 @@ class Notifier:
             self._sock = None
 
 
-def child_environment(environ: Optional[Mapping[str, str]] = None) -> dict:
+def child_environment(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """A copy of the environment without the systemd notify/activation variables."""
     env = dict(os.environ if environ is None else environ)
     for key in NOTIFY_ENV:
@@ -132,8 +134,11 @@ class NotifyService(Service):
     hears ``STOPPING=1`` as the drain begins.
     """
 
-    def __init__(self, reactor: Any, ready: Any, status: str, notifier: Optional[Notifier] = None) -> None:
+    def __init__(
+        self, reactor: IReactorTime, ready: Deferred[Any], status: str, notifier: Optional[Notifier] = None
+    ) -> None:
         self._reactor = reactor
+        self._core = IReactorCore(reactor)
         self._ready = ready
         self._status = status
         self.notifier = notifier if notifier is not None else Notifier()
@@ -145,7 +150,7 @@ class NotifyService(Service):
         def announce(result: Any) -> Any:
             # The port is bound before the reactor runs (privileged start);
             # it answers once the reactor runs: announce from there.
-            self._reactor.callWhenRunning(self._announce)
+            self._core.callWhenRunning(self._announce)
             return result
 
         self._ready.addCallback(announce)
@@ -155,9 +160,53 @@ class NotifyService(Service):
             self.notifier.ready(self._status)
             self.notifier.start_watchdog(self._reactor)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         """``STOPPING=1``; stop pinging."""
         super().stopService()
         self.notifier.stopping()
         self.notifier.stop_watchdog()
         return succeed(None)
+
+
+class SupervisorNotify:
+    """The supervisor's sd_notify: ``READY=1`` once all workers are ready, then the watchdog.
+
+    Only the supervisor (the unit's main pid) notifies; the watchdog is
+    pinged from its reactor, and only while `healthy()` (every worker's
+    heartbeat is fresh), so a blocked supervisor *or* a blocked worker
+    stops the pings.
+    """
+
+    _log = Logger(namespace="relayd.process.supervisor")
+
+    def __init__(self, reactor: IReactorTime, notifier: Notifier, healthy: Callable[[], bool]) -> None:
+        self._reactor = reactor
+        self._notifier = notifier
+        self._healthy = healthy
+        self._announced = False
+
+    def workers_ready(self, pids: Sequence[Optional[int]]) -> None:
+        """Every worker of the first generation is ready: announce it (once)."""
+        if self._announced:
+            return
+        self._announced = True
+        self._log.info(
+            "relayd ready: {count} workers listening (pids {pids})",
+            count=len(pids),
+            pids=", ".join(str(p) for p in pids),
+        )
+        self._notifier.ready(f"{len(pids)} workers ready")
+        self._notifier.start_watchdog(self._reactor, self._healthy)
+
+    def reloading(self) -> None:
+        """``RELOADING=1`` with the monotonic timestamp systemd pairs it by."""
+        self._notifier.reloading(int(time.monotonic() * 1e6))
+
+    def status(self, text: str) -> None:
+        """``READY=1`` with a status line (after a reload, whichever way it went)."""
+        self._notifier.ready(text)
+
+    def stopping(self) -> None:
+        """``STOPPING=1``; no more watchdog pings."""
+        self._notifier.stopping()
+        self._notifier.stop_watchdog()

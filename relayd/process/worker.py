@@ -22,9 +22,10 @@ File descriptors shared with the supervisor:
     supervisor is gone, and the worker drains and exits (its spool survives
     for the next worker).
 ``--status-fd`` (3)
-    The worker writes JSON lines: ``{"ready": true}`` once ingest listens
-    and spool recovery is done, then a heartbeat every `HEARTBEAT_INTERVAL`
-    that the supervisor uses for its systemd watchdog.
+    The worker writes status lines (relayd/process/status.py, the one
+    definition both sides use): ready once ingest listens and spool
+    recovery is done, then a heartbeat every `HEARTBEAT_INTERVAL`, and its
+    final counters as it exits.
 
 SIGTERM drains (the same lossless stop as single-process relayd) and exits
 0; SIGINT is ignored (a Ctrl-C in a terminal reaches the whole process
@@ -35,140 +36,48 @@ supervisor's job: it starts new workers).
 from __future__ import annotations
 
 import argparse
-import errno
-import json
 import os
 import signal
 import socket
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence
 
-from twisted.internet.defer import gatherResults
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFDSet,
+    IReactorSocket,
+    IReactorTime,
+    IReadDescriptor,
+    IStreamServerEndpoint,
+)
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from relayd.listener import SharedSocketsEndpoint, bind_reuseport
 from relayd.ops.logs import make_observer, set_process_fields
+from relayd.process.status import HEARTBEAT_INTERVAL, FinalMetrics, Heartbeat, Ready, StatusWriter
 
-#: Seconds between heartbeats: the supervisor restarts a worker that stays
-#: silent for `[server] worker_timeout` and only pings systemd's watchdog
-#: while every worker's heartbeat is fresh.
-HEARTBEAT_INTERVAL = 1.0
+if TYPE_CHECKING:  # pragma: no cover
+    from relayd.ops.metrics import Metrics
+    from relayd.tap import RelayService
+
 #: Seconds between checks that the parent still exists (backs up the stdin EOF).
 PARENT_POLL_INTERVAL = 1.0
 
 _log = Logger(namespace="relayd.process.worker")
 
 
-# -- listening sockets -------------------------------------------------------
-
-
-def parse_tcp_endpoint(description: str) -> Dict[str, Any]:
-    """``tcp:8080:interface=127.0.0.1:backlog=50`` -> ``{"kind", "port", "interface", "backlog"}``.
-
-    Only the endpoint types a worker can bind itself (``tcp``/``tcp6``);
-    raises ValueError for others.
-    """
-    from twisted.internet.endpoints import _parse  # stable private helper: handles "\:" escapes
-
-    args, kwargs = _parse(description)
-    kind = args[0].lower() if args else ""
-    if kind not in ("tcp", "tcp6"):
-        raise ValueError(f"cannot bind {description!r} with SO_REUSEPORT (only tcp: and tcp6: endpoints)")
-    port = kwargs.get("port", args[1] if len(args) > 1 else None)
-    if port is None:
-        raise ValueError(f"no port in {description!r}")
-    default_iface = "::" if kind == "tcp6" else ""
-    return {
-        "kind": kind,
-        "port": int(port),
-        "interface": kwargs.get("interface", args[2] if len(args) > 2 else default_iface),
-        "backlog": int(kwargs.get("backlog", 50)),
-    }
-
-
-def bind_reuseport(description: str) -> socket.socket:
-    """A non-blocking listening socket for a ``tcp:``/``tcp6:`` endpoint, with SO_REUSEPORT."""
-    spec = parse_tcp_endpoint(description)
-    family = socket.AF_INET6 if spec["kind"] == "tcp6" or ":" in spec["interface"] else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind((spec["interface"], spec["port"]))
-        s.listen(spec["backlog"])
-        s.setblocking(False)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-class _Ports:
-    """Several listening ports that stop together (what `ListenerService` needs of a port)."""
-
-    def __init__(self, ports: List[Any]) -> None:
-        self.ports = ports
-
-    def getHost(self) -> Any:
-        return self.ports[0].getHost()
-
-    def stopListening(self) -> Any:
-        return gatherResults([p.stopListening() for p in self.ports])
-
-
-class SharedSocketsEndpoint:
-    """Listen on inherited listening sockets that other processes share.
-
-    `AdoptedStreamServerEndpoint` for each fd, with one change: Twisted's
-    port calls ``shutdown()`` on its socket when it stops listening, and
-    ``shutdown`` on a listening socket stops it for *every* process holding
-    it (pending connections are reset).  A shared socket must only be
-    closed, so the new worker of a reload keeps accepting from it.
-    """
-
-    def __init__(self, reactor: Any, fds: Sequence[int], family: int) -> None:
-        self._reactor = reactor
-        self._fds = list(fds)
-        self._family = family
-
-    def listen(self, factory: Any) -> Any:
-        from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-
-        def adopted(ports: List[Any]) -> _Ports:
-            for port in ports:
-                port._shouldShutdown = False  # close only; see the class docstring
-            return _Ports(ports)
-
-        ds = [AdoptedStreamServerEndpoint(self._reactor, fd, self._family).listen(factory) for fd in self._fds]
-        return gatherResults(ds, consumeErrors=True).addCallback(adopted)
-
-
 # -- the supervisor link --------------------------------------------------------
 
 
-class StatusPipe:
-    """JSON lines to the supervisor; a gone supervisor is not an error."""
-
-    def __init__(self, fd: Optional[int]) -> None:
-        self._fd = fd
-
-    def send(self, **fields: Any) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.write(self._fd, json.dumps(fields).encode() + b"\n")
-        except OSError as e:
-            if e.errno in (errno.EPIPE, errno.EBADF):
-                self._fd = None
-            # EAGAIN: a busy supervisor misses one heartbeat; the next one counts
-
-
+@implementer(IReadDescriptor)
 class ParentWatcher:
     """Calls `gone()` when stdin reaches EOF or the parent pid changes."""
 
-    def __init__(self, reactor: Any, gone: Any, fd: int = 0) -> None:
-        from twisted.internet.task import LoopingCall
-
-        self._reactor = reactor
+    def __init__(self, reactor: IReactorTime, gone: Callable[[str], None], fd: int = 0) -> None:
+        self._reactor = IReactorFDSet(reactor)
         self._gone = gone
         self._fd = fd
         self._ppid = os.getppid()
@@ -177,16 +86,20 @@ class ParentWatcher:
         self._poll.clock = reactor
 
     def start(self) -> None:
+        """Watch stdin and poll the parent pid."""
         self._reactor.addReader(self)
         self._poll.start(PARENT_POLL_INTERVAL, now=False)
 
     def fileno(self) -> int:
+        """stdin (the supervisor holds the write end)."""
         return self._fd
 
     def logPrefix(self) -> str:
+        """The name in Twisted's log lines."""
         return "parent-watcher"
 
     def doRead(self) -> None:
+        """EOF (or an error) on stdin: the supervisor is gone."""
         try:
             data = os.read(self._fd, 4096)
         except BlockingIOError:
@@ -196,8 +109,8 @@ class ParentWatcher:
         if not data:
             self._fire("stdin closed")
 
-    def connectionLost(self, reason: Any) -> None:
-        pass
+    def connectionLost(self, reason: Failure) -> None:
+        """Nothing to clean up (stdin stays open until exit)."""
 
     def _check(self) -> None:
         if os.getppid() != self._ppid:
@@ -212,7 +125,7 @@ class ParentWatcher:
             self._gone(why)
 
 
-def final_counters(metrics: Any) -> str:
+def final_counters(metrics: Metrics) -> str:
     """The counters and histograms of `metrics` as text (gauges read closed parts after a stop)."""
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -246,40 +159,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     set_process_fields(role="worker", worker=args.index, generation=args.generation, pid=os.getpid())
     globalLogBeginner.beginLoggingTo([make_observer()], redirectStandardIO=False)
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
     from twisted.internet.endpoints import serverFromString
 
     from relayd.config import ConfigError, load_config
     from relayd.ingest.validation import compile_schema_file
     from relayd.outbox.adoption import claim
+    from relayd.spool.errors import SpoolError
     from relayd.tap import build_service
 
-    status = StatusPipe(args.status_fd)
+    reactor: IReactorCore = global_reactor
+    socket_reactor = IReactorSocket(global_reactor)
+    clock = IReactorTime(reactor)
+    status = StatusWriter(args.status_fd)
     try:
-        config, validators = load_config(args.config, compile_schema_file)
+        loaded = load_config(args.config, compile_schema_file)
     except ConfigError as e:
         sys.stderr.write(f"relayd worker {args.index}: {e}\n")
         return 2
+    config, validators = loaded.config, loaded.validators
 
+    endpoint: IStreamServerEndpoint
     if args.listen_fd:
         family = socket.AF_INET6 if args.family == "INET6" else socket.AF_INET
-        endpoint: Any = SharedSocketsEndpoint(reactor, args.listen_fd, family)
+        endpoint = SharedSocketsEndpoint(socket_reactor, args.listen_fd, family)
     else:
         try:
             sock = bind_reuseport(args.listen or config.server.listen)
         except (OSError, ValueError) as e:
             sys.stderr.write(f"relayd worker {args.index}: cannot listen: {e}\n")
             return 2
-        endpoint = SharedSocketsEndpoint(reactor, [sock.fileno()], sock.family)
+        endpoint = SharedSocketsEndpoint(socket_reactor, [sock.fileno()], sock.family)
         # The endpoint adopts a dup; ours closes once listening starts.
         reactor.callWhenRunning(sock.close)
-    admin_endpoint = serverFromString(reactor, args.admin or config.server.admin)
+    admin_endpoint = serverFromString(global_reactor, args.admin or config.server.admin)
 
-    def open_dir(path: str) -> Any:
+    def open_dir(path: str) -> RelayService:
         service = build_service(
             config,
             validators,
-            reactor,
+            global_reactor,
             spool_path=path,
             listen_endpoint=endpoint,
             admin_endpoint=admin_endpoint,
@@ -287,8 +206,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         service.getServiceNamed("spooler").open()  # locks `path` (SpoolLockedError if held)
         return service
-
-    from relayd.spool.errors import SpoolError
 
     try:
         spool_path, service = claim(config.spool.dir, open_dir)
@@ -299,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "worker {worker} starting: pid {pid}, spool {spool}", worker=args.index, pid=os.getpid(), spool=spool_path
     )
 
-    stopping = {"started": False, "failed": False}
+    stopping: Dict[str, bool] = {"started": False, "failed": False}
 
     def shutdown(why: str) -> None:
         if not stopping["started"]:
@@ -317,28 +234,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             reactor.stop()
             return
         if args.watch_parent:
-            ParentWatcher(reactor, lambda why: shutdown(f"supervisor gone ({why})")).start()
+            ParentWatcher(clock, lambda why: shutdown(f"supervisor gone ({why})")).start()
         ingest = service.getServiceNamed("ingest")
 
         def listening(_: object) -> None:
-            status.send(ready=True, pid=os.getpid(), spool=spool_path)
-            from twisted.internet.task import LoopingCall
-
-            heartbeat = LoopingCall(lambda: status.send(hb=reactor.seconds()))
-            heartbeat.clock = reactor
+            status.send(Ready(pid=os.getpid(), spool=spool_path))
+            heartbeat = LoopingCall(lambda: status.send(Heartbeat(at=clock.seconds())))
+            heartbeat.clock = clock
             heartbeat.start(HEARTBEAT_INTERVAL, now=False)
 
         ingest.listening.addCallback(listening)
 
-    def stop_tree() -> Any:
+    def stop_tree() -> object:
         stopping["started"] = True
 
-        def final(result: Any) -> Any:
+        def final(result: object) -> object:
             # Counters of this worker as it leaves: the supervisor keeps them
             # in its aggregate (a scrape could be seconds old).
-            metrics = getattr(service, "metrics", None)
-            if metrics is not None:
-                status.send(final_metrics=final_counters(metrics))
+            if service.metrics is not None:
+                status.send(FinalMetrics(text=final_counters(service.metrics)))
             return result
 
         return service.stopService().addBoth(final)
@@ -346,8 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reactor.callWhenRunning(started)
     reactor.addSystemEventTrigger("before", "shutdown", stop_tree)
     reactor.run()
-    clean = getattr(service, "clean", None)
-    code = 2 if stopping["failed"] else 0 if clean is not False else 1
+    code = 2 if stopping["failed"] else 0 if service.clean is not False else 1
     _log.info("worker {worker} exiting with status {code}", worker=args.index, code=code)
     return code
 

@@ -273,6 +273,37 @@ def reply_row() -> Row:
     )
 
 
+def deliver_row() -> Row:
+    """Delivery to upstream HTTP endpoints: attempts by result, queue lag, dead letters, breakers."""
+    return Row(
+        "Delivery ([[deliver]])",
+        (
+            timeseries(
+                "Upstream attempts /s by result",
+                Query(f"sum by (deliver, result) (rate(relayd_deliver_attempts_total{{{SEL}}}[{WINDOW}]))",
+                      "{{deliver}} {{result}}"),
+                unit="cps",
+                width=8,
+            ),
+            timeseries(
+                "Queue lag and in flight",
+                Query(f"max by (deliver) (relayd_deliver_queue_lag_seconds{{{SEL}}})", "{{deliver}} lag"),
+                description="Age of the oldest queued message (alert RelaydDeliverQueueLag above 5 min).",
+                unit="s",
+                width=8,
+            ),
+            timeseries(
+                "Dead letters and retries /s, circuit state",
+                Query(f"sum by (deliver) (rate(relayd_deliver_dead_lettered_total{{{SEL}}}[{WINDOW}]))",
+                      "{{deliver}} dead"),
+                Query(f"sum by (deliver) (rate(relayd_deliver_retries_total{{{SEL}}}[{WINDOW}]))", "{{deliver}} retries"),
+                Query(f"max by (deliver) (relayd_deliver_circuit_state{{{SEL}}})", "{{deliver}} circuit (2 = open)"),
+                width=8,
+            ),
+        ),
+    )
+
+
 def fanout_row() -> Row:
     """Live fan-out (SSE): subscribers, events out, slow subscribers cut, reader lag, ingest-to-write latency."""
     return Row(
@@ -307,5 +338,5 @@ def fanout_row() -> Row:
 
 #: The rows, top to bottom.  A landed feature appends its row function here.
 ROWS: Tuple[Callable[[], Row], ...] = (
-    ingest_row, latency_row, storage_row, redis_row, workers_row, reply_row, fanout_row
+    ingest_row, latency_row, storage_row, redis_row, workers_row, reply_row, deliver_row, fanout_row,
 )

@@ -1,0 +1,120 @@
+# -*- test-case-name: tests.test_compat -*-
+"""Every use of a Twisted private API in relayd, each behind a name.
+
+Twisted's underscore names are free to change in any release.  relayd
+relies on a few of them because the public API has no equivalent; keeping
+them all here means one file to read when upgrading Twisted, and
+tests/test_compat.py checks each one against the installed release (it
+fails loudly, naming the private, if the name or its behaviour moved).
+
+What relayd needs and why:
+
+* `parse_endpoint` (``twisted.internet.endpoints._parse``): the endpoint
+  string grammar, with its ``\\:`` escapes, to bind ``SO_REUSEPORT``
+  sockets and find the systemd-activated socket a description names.
+* `inherited_descriptors` / `inherited_named_descriptors`
+  (``_SystemdParser._sddaemon``): Twisted reads and *removes*
+  ``LISTEN_FDS``/``LISTEN_PID`` when `twisted.internet.endpoints` is
+  imported, so its parsed copy is the only source left.
+* `close_only_on_stop` (``Port._shouldShutdown``): a listening socket shared
+  with other processes must be closed, never ``shutdown()`` (that would stop
+  it for every holder).
+* `exit_status_zero` (``reactor._exitSignal``): twistd re-raises the stop
+  signal on exit (status 143 for SIGTERM); the contract promises 0 after a
+  lossless stop.
+* `HookedHTTPChannel`: `HTTPChannel`'s bad-request path
+  (``_respondToBadRequestAndDisconnect``) and its header counters
+  (``_receivedHeaderSize``, ``_receivedHeaderCount``) and the current
+  request's path (``_path``, known before the Request exists), so that
+  ingest can answer header-limit violations with problem documents and
+  decide 413 before the body is read.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.web.http import HTTPChannel
+
+#: The private attributes relied on, as (owner, name): what tests/test_compat.py checks exists.
+PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
+    ("twisted.internet.endpoints", "_parse"),
+    ("twisted.internet.endpoints._SystemdParser", "_sddaemon"),
+    ("twisted.internet.tcp.Port", "_shouldShutdown"),
+    ("twisted.internet.base.ReactorBase", "_exitSignal"),
+    ("twisted.web.http.HTTPChannel", "_respondToBadRequestAndDisconnect"),
+    ("twisted.web.http.HTTPChannel", "_receivedHeaderSize"),
+    ("twisted.web.http.HTTPChannel", "_receivedHeaderCount"),
+    ("twisted.web.http.HTTPChannel", "_path"),
+)
+
+
+def parse_endpoint(description: str) -> Tuple[List[str], Dict[str, str]]:
+    """``"tcp:8080:interface=127.0.0.1"`` -> ``(["tcp", "8080"], {"interface": "127.0.0.1"})``.
+
+    Twisted's own grammar (``\\:`` escapes a colon), so relayd reads an
+    endpoint string exactly as `serverFromString` does.
+    """
+    args, kwargs = endpoints._parse(description)
+    return [str(a) for a in args], {str(k): str(v) for k, v in kwargs.items()}
+
+
+def inherited_descriptors() -> List[int]:
+    """The systemd-activated descriptors of this process (``LISTEN_FDS``), as Twisted read them at import."""
+    return list(endpoints._SystemdParser._sddaemon.inheritedDescriptors())
+
+
+def inherited_named_descriptors() -> Dict[str, int]:
+    """The activated descriptors by ``FileDescriptorName=`` (``LISTEN_FDNAMES``)."""
+    return dict(endpoints._SystemdParser._sddaemon.inheritedNamedDescriptors())
+
+
+def close_only_on_stop(port: IListeningPort) -> None:
+    """Make `port` close its socket on `stopListening` without ``shutdown()``.
+
+    ``shutdown`` on a listening socket stops it for every process holding a
+    copy; a socket shared by the workers must only be closed.
+    """
+    port._shouldShutdown = False  # type: ignore[attr-defined]  # tcp.Port private, checked by test_compat
+
+
+def exit_status_zero(reactor: IReactorCore) -> None:
+    """Make twistd exit 0 instead of re-raising the stop signal (status 143 for SIGTERM)."""
+    reactor._exitSignal = None  # type: ignore[attr-defined]  # ReactorBase private, checked by test_compat
+
+
+class HookedHTTPChannel(HTTPChannel):
+    """An `HTTPChannel` whose private hooks and counters have public names.
+
+    Subclasses override `bad_request` (called where Twisted would answer a
+    bare "400 Bad Request" and disconnect) and read `received_header_size`,
+    `received_header_count` and `request_path`.
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's hook for a malformed or oversized request head -> `bad_request`."""
+        self.bad_request()
+
+    def bad_request(self) -> None:
+        """Twisted's own answer (a bare 400 and a disconnect); override to answer otherwise."""
+        HTTPChannel._respondToBadRequestAndDisconnect(self)
+
+    @property
+    def received_header_size(self) -> int:
+        """Bytes of request head received so far."""
+        size: int = self._receivedHeaderSize
+        return size
+
+    @property
+    def received_header_count(self) -> int:
+        """Header fields received so far."""
+        count: int = self._receivedHeaderCount
+        return count
+
+    @property
+    def request_path(self) -> bytes:
+        """The path of the request being received (set once its request line is parsed)."""
+        path: bytes = self._path
+        return path
