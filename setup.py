@@ -36,6 +36,9 @@ setup(
         'tomli>=2.0; python_version < "3.11"',  # tomllib is 3.11+
     ],
     extras_require={
+        # psycopg 3 (binary wheel): the maintained PostgreSQL driver; runs on a
+        # dedicated thread for the optional [[counter]] postgres sink.
+        "postgres": ["psycopg[binary]>=3.1"],
         "test": [
             "hypothesis>=6.100",
             "pytest>=8",
@@ -54,6 +57,8 @@ setup(
             # build: the standard PEP 517 front end, so tests build the sdist and the
             # wheel exactly as a packager does (wheel from the sdist).
             "build>=1.0",
+            # psycopg: the counters' PostgreSQL sink tests (a private server per test)
+            "psycopg[binary]>=3.1",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0", "tox>=4"],
     },

@@ -77,6 +77,11 @@ DEFAULT_ADMIN = "tcp:9090:interface=127.0.0.1"  # admin stays on localhost unles
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_SPOOL_DIR = "var/spool"
 DEFAULT_SPOOL_BYTES = 1024**3
+DEFAULT_FLUSH_INTERVAL = 5.0  # seconds; the seed's bound is 10 s, half of it leaves room for a slow flush
+MAX_FLUSH_INTERVAL = 10.0  # the product promise: totals never staler than 10 s
+DEFAULT_COUNTER_BATCH = 10_000  # messages per apply: ~1 MB EVAL, a few ms of Redis time
+DEFAULT_DEDUPE_WINDOW = 900.0  # seconds a counted message id is remembered (outbox duplicates come within seconds)
+DEFAULT_COUNTER_TABLE = "counters"
 
 
 @attrs.frozen
@@ -200,6 +205,22 @@ class DeliverConfig:
 
 
 @attrs.frozen
+class CounterConfig:
+    """One `[[counter]]`: a list of increments summed into a hash (and PostgreSQL)."""
+
+    name: str
+    list: str
+    hash: str
+    key: Tuple[str, ...] = ("key",)  # parsed JSON pointer
+    value: Tuple[str, ...] = ("value",)
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    postgres: Optional[str] = attrs.field(default=None, repr=False)  # may hold a password
+    table: str = DEFAULT_COUNTER_TABLE
+    batch_messages: int = DEFAULT_COUNTER_BATCH
+    dedupe_window: float = DEFAULT_DEDUPE_WINDOW
+
+
+@attrs.frozen
 class Config:
     """The whole daemon configuration."""
 
@@ -210,6 +231,7 @@ class Config:
     routes: Tuple[RouteConfig, ...]
     limits: LimitsConfig = LimitsConfig()
     delivers: Tuple[DeliverConfig, ...] = ()
+    counters: Tuple[CounterConfig, ...] = ()
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -569,6 +591,101 @@ def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
     )
 
 
+def _window(value: Any, key: str) -> float:
+    """A duration where 0 means "off" (``"0s"``, ``0``)."""
+    if value == 0 or (isinstance(value, str) and re.match(r"^\s*0+(\.0*)?\s*(ms|s|m|min|h|d)?\s*$", value)):
+        return 0.0
+    return parse_duration(value, key)
+
+
+_COUNTER_KEYS = (
+    "name", "list", "key", "value", "hash", "flush_interval", "postgres", "table", "batch_messages", "dedupe_window",
+)
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,50}(\.[A-Za-z_][A-Za-z0-9_]{0,50})?$")
+_PG_URL_RE = re.compile(r"^postgres(ql)?://[^\s]*$")
+
+
+def _redis_key(value: str, key: str) -> str:
+    from relayd.redis.keys import companion
+
+    if not value:
+        raise ConfigError(f"{key}: must not be empty")
+    try:
+        companion(value.encode("utf-8"), b"x")
+    except ValueError:
+        raise ConfigError(f"{key}: a '}}' outside a {{hash tag}}: no companion key can share its slot") from None
+    return value
+
+
+def _parse_counter(t: Any, index: int, base_dir: str) -> CounterConfig:
+    from relayd.counters.aggregate import PointerError, parse_pointer
+
+    where = f"counter[{index}]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: expected a table")
+    _check_keys(t, _COUNTER_KEYS, where)
+    for required in ("name", "list", "hash"):
+        if required not in t:
+            raise ConfigError(f"{where}.{required}: missing")
+    name = _typed(t, "name", str, None, where)
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"{where}.name: expected letters, digits, '.', '_' or '-', got {name!r}")
+    pointers = {}
+    for field in ("key", "value"):
+        text = _typed(t, field, str, "/" + field, where)
+        try:
+            pointers[field] = parse_pointer(text)
+        except PointerError as e:
+            raise ConfigError(f"{where}.{field}: {e}") from None
+    flush = parse_duration(t.get("flush_interval", DEFAULT_FLUSH_INTERVAL), f"{where}.flush_interval")
+    if not 0 < flush <= MAX_FLUSH_INTERVAL:
+        raise ConfigError(f"{where}.flush_interval: must be > 0 and at most 10s (the staleness promise), got {flush:g}s")
+    postgres = _typed(t, "postgres", str, None, where)
+    if postgres is not None:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(postgres)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            parts = None
+        if parts is None or not _PG_URL_RE.match(postgres) or not (parts.hostname or "host=" in parts.query):
+            raise ConfigError(f"{where}.postgres: expected postgresql://user[:password]@host[:port]/db, got a bad URL")
+    table = _typed(t, "table", str, DEFAULT_COUNTER_TABLE, where)
+    if not _TABLE_RE.match(table):
+        raise ConfigError(f"{where}.table: expected a SQL identifier like counters or schema.counters, got {table!r}")
+    return CounterConfig(
+        name=name,
+        list=_redis_key(_typed(t, "list", str, None, where), f"{where}.list"),
+        hash=_redis_key(_typed(t, "hash", str, None, where), f"{where}.hash"),
+        key=pointers["key"],
+        value=pointers["value"],
+        flush_interval=flush,
+        postgres=postgres,
+        table=table,
+        batch_messages=_positive(_typed(t, "batch_messages", int, DEFAULT_COUNTER_BATCH, where), f"{where}.batch_messages"),
+        dedupe_window=_window(t.get("dedupe_window", DEFAULT_DEDUPE_WINDOW), f"{where}.dedupe_window"),
+    )
+
+
+def _parse_counters(data: Mapping[str, Any], base_dir: str) -> Tuple[CounterConfig, ...]:
+    raw = data.get("counter", [])
+    if not isinstance(raw, list):
+        raise ConfigError("counter: expected [[counter]] tables")
+    counters = tuple(_parse_counter(t, i, base_dir) for i, t in enumerate(raw))
+    names: dict[str, int] = {}
+    lists: dict[str, int] = {}
+    for i, c in enumerate(counters):
+        if c.name in names:
+            raise ConfigError(f"counter[{i}].name: duplicate of counter[{names[c.name]}] ({c.name})")
+        if c.list in lists:
+            raise ConfigError(f"counter[{i}].list: counter[{lists[c.list]}] already consumes {c.list!r}")
+        names[c.name] = i
+        lists[c.list] = i
+    return counters
+
+
 _DELIVER_KEYS = (
     "name", "list", "url", "method", "headers", "rate", "concurrency", "timeout", "max_attempts",
     "backoff", "backoff_max", "dead_letter", "sign_secret_file", "visibility_timeout", "breaker_failures",
@@ -652,7 +769,7 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: not valid TOML: {e}") from None
-    _check_keys(data, ("server", "redis", "buffer", "spool", "limits", "route", "deliver"), "config")
+    _check_keys(data, ("server", "redis", "buffer", "spool", "limits", "route", "deliver", "counter"), "config")
     raw_routes = data.get("route", [])
     if not isinstance(raw_routes, list) or not raw_routes:
         raise ConfigError("route: at least one [[route]] table is required")
@@ -684,6 +801,7 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         routes=routes,
         limits=_parse_limits(data),
         delivers=delivers,
+        counters=_parse_counters(data, base_dir),
     )
 
 
@@ -704,6 +822,12 @@ def check_environment(config: Config, compile_schema: Callable[[str, str], Any])
     for i, deliver in enumerate(config.delivers):
         if deliver.sign_secret_file is not None and not os.access(deliver.sign_secret_file, os.R_OK):
             raise ConfigError(f"deliver[{i}].sign_secret_file: cannot read {deliver.sign_secret_file}")
+    for i, counter in enumerate(config.counters):
+        if counter.postgres is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("psycopg") is None:
+                raise ConfigError(f"counter[{i}].postgres: needs the psycopg package (pip install 'relayd[postgres]')")
     spool_dir = config.spool.dir
     try:
         os.makedirs(spool_dir, exist_ok=True)

@@ -24,6 +24,7 @@ from twisted.python import usage
 
 from relayd.compat import exit_status_zero
 from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, RedisConfig, load_config, resolve_workers
+from relayd.counters.service import CounterService
 from relayd.deliver.admin import DeliverAdmin
 from relayd.deliver.manager import DeliverManager
 from relayd.fanout.subscribe import Subscriptions
@@ -219,10 +220,14 @@ def build_service(
     root = RelayService(IReactorCore(reactor))
     root.metrics = metrics
     root.worker_index = worker_index
+    counters: List[Tuple[str, Any]] = []
+    if config.counters:  # their own Redis connection inside
+        counters.append(("counters", CounterService(reactor, config.counters, config.redis, metrics, worker_index)))
     # Stopped in reverse: looplag, admin, ingest (waits for replies), replies, forwarder, adopter, spooler, deliver,
-    # Redis.
+    # counters, Redis.
     children: List[Tuple[str, Any]] = [
         ("redis", redis),
+        *counters,
         ("deliver", deliver),  # its own blocking connections; settles through `redis`, so stops before it
         ("spooler", spooler),
         ("adopter", adopter),
@@ -293,7 +298,7 @@ def makeService(options: Options, reactor: Optional[IReactorTime] = None) -> Mul
         new = reloaded.config
         ingest.app.replace_routes(build_routes(new, reloaded.validators, service.metrics, reactor))
         service.getServiceNamed("deliver").reconfigure(new.delivers)
-        tables = ("server", "redis", "buffer", "spool", "limits")
+        tables = ("server", "redis", "buffer", "spool", "limits", "counters")
         pending = [name for name in tables if getattr(new, name) != getattr(current["config"], name)]
         if pending:
             log.warn(

@@ -195,7 +195,7 @@ class RedisServer:
 
     def __init__(self, test: unittest.TestCase, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
-        self.extra_args = list(extra_args)  # e.g. cluster mode (tests/cluster_harness.py)
+        self.extra_args = list(extra_args)  # e.g. cluster mode (tests/cluster_harness.py), AOF
         self.dir = tempfile.mkdtemp(prefix="relayd-redis-")
         self.proc: subprocess.Popen | None = None
         self._paused = False
@@ -353,16 +353,34 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
-def to_toml(tables: Mapping[str, Mapping[str, Any]], routes: Sequence[Mapping[str, Any]]) -> str:
-    """Render ``{table: {key: value}}`` plus ``[[route]]`` entries as TOML."""
+def to_toml(
+    tables: Mapping[str, Mapping[str, Any]],
+    routes: Sequence[Mapping[str, Any]],
+    counters: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """Render ``{table: {key: value}}`` plus ``[[route]]`` (and ``[[counter]]``) entries as TOML.
+
+    A table whose value is a list of tables (``tomllib``'s reading of
+    ``[[counter]]``) is written back as an array of tables.
+    """
     lines: list[str] = []
     for name, table in tables.items():
+        if isinstance(table, list):
+            for entry in table:
+                lines.append(f"[[{name}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in entry.items())
+                lines.append("")
+            continue
         lines.append(f"[{name}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
         lines.append("")
     for route in routes:
         lines.append("[[route]]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in route.items())
+        lines.append("")
+    for counter in counters:
+        lines.append("[[counter]]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in counter.items())
         lines.append("")
     return "\n".join(lines)
 
@@ -380,6 +398,7 @@ class RelaydProcess:
 
     `routes` are ``[[route]]`` tables; `server`, `spool`, `redis`, `buffer`
     add or override keys of those tables; `extra_args` follow ``--config``.
+    `counters` are ``[[counter]]`` tables.
     `config_text`, when given, is written verbatim instead (bad-config tests).  Ports are chosen free on
     127.0.0.1 unless given.  With ``wait_ready=True`` the constructor returns
     once ``GET /readyz`` on the admin port answers 200.
@@ -402,9 +421,11 @@ class RelaydProcess:
         ingest_port: int | None = None,
         admin_port: int | None = None,
         extra_args: Sequence[str] = (),
+        counters: Sequence[Mapping[str, Any]] = (),
         extra_toml: str = "",
     ) -> None:
         self.dir = tempfile.mkdtemp(prefix="relayd-")
+        self.counters = list(counters)
         test.addCleanup(shutil.rmtree, self.dir, True)
         test.addCleanup(self._cleanup)
         self.ingest_port = ingest_port or free_port()
@@ -431,7 +452,7 @@ class RelaydProcess:
             if limits:
                 tables["limits"] = dict(limits)
             self.tables = tables
-            config_text = to_toml(tables, routes) + extra_toml
+            config_text = to_toml(tables, routes, self.counters) + extra_toml
         self.extra_toml = extra_toml
         self.config_path = self.write_file("relayd.conf", config_text)
         self.start(wait_ready=wait_ready)
@@ -452,7 +473,7 @@ class RelaydProcess:
         """Rewrite the config file with the same tables and new routes (for SIGHUP)."""
         if extra_toml is not None:
             self.extra_toml = extra_toml
-        self.write_file("relayd.conf", to_toml(self.tables, routes) + getattr(self, "extra_toml", ""))
+        self.write_file("relayd.conf", to_toml(self.tables, routes, self.counters) + getattr(self, "extra_toml", ""))
 
     @property
     def argv(self) -> list[str]:

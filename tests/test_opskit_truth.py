@@ -75,7 +75,10 @@ class KitAgainstRunningRelaydTests(unittest.TestCase):
             redis_url=self.redis.url,
             server={"workers": 2},
             # A deliver to an upstream nobody listens on: its series exist (and count failures).
-            extra_toml='\n[[deliver]]\nname = "crm"\nlist = "quotes-done"\nurl = "http://127.0.0.1:9/api"\n',
+            extra_toml=(
+                '\n[[deliver]]\nname = "crm"\nlist = "quotes-done"\nurl = "http://127.0.0.1:9/api"\n'
+                '\n[[counter]]\nname = "hits"\nlist = "increments"\nkey = "/key"\nvalue = "/value"\nhash = "counts:hits"\n'
+            ),
             files={"schemas/lead.json": LEAD_SCHEMA, "tokens": TOKEN + "\n"},
         )
         auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}

@@ -8,7 +8,7 @@ few attribute lookups, not a label-dict hash per message.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Tuple
+from typing import Any, Callable, Dict, Iterable, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -42,6 +42,31 @@ class RouteMetrics:
     def rejected(self, reason: str) -> None:
         """Count one rejected request (not per message: a batch is one)."""
         self._rejected.labels(route=self._route, reason=reason).inc()
+
+
+class CounterMetrics:
+    """The pre-bound series of one ``[[counter]]``."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.applied = metrics.counter_applied.labels(counter=name)
+        self.duplicates = metrics.counter_duplicates.labels(counter=name)
+        self.dead = metrics.counter_dead.labels(counter=name)
+        self.batches = metrics.counter_batches.labels(counter=name, sink="hash")
+        self.pg_batches = metrics.counter_batches.labels(counter=name, sink="postgres")
+        self._staleness = metrics.counter_staleness
+        self._name = name
+
+    def watch_staleness(self, aggregator: Any, flusher: Any, clock: Any) -> None:
+        """Scrape-time staleness per sink: the hash's, and PostgreSQL's (>= the hash's)."""
+        self._staleness.labels(counter=self._name, sink="hash").set_function(aggregator.staleness)
+        if flusher is not None:
+
+            def pg() -> float:
+                oldest = flusher.oldest_ts
+                own = clock.seconds() - oldest if oldest is not None else 0.0
+                return max(own, aggregator.staleness())
+
+            self._staleness.labels(counter=self._name, sink="postgres").set_function(pg)
 
 
 class DeliverMetrics:
@@ -202,6 +227,28 @@ class Metrics:
             registry=r,
         )
         self._node_children: Dict[str, Histogram] = {}
+        self.counter_applied = Counter(
+            "relayd_counter_applied", "Increments counted into the hash (exactly once).", ["counter"], registry=r
+        )
+        self.counter_duplicates = Counter(
+            "relayd_counter_duplicates",
+            "Increments not counted because their message id was counted already (outbox re-push).",
+            ["counter"],
+            registry=r,
+        )
+        self.counter_dead = Counter(
+            "relayd_counter_dead", "Items moved to <list>:dead (missing key, not an integer, ...).", ["counter"], registry=r
+        )
+        self.counter_batches = Counter(
+            "relayd_counter_batches", "Batches applied, per sink.", ["counter", "sink"], registry=r
+        )
+        self.counter_staleness = Gauge(
+            "relayd_counter_staleness_seconds",
+            "Age of the oldest acknowledged increment not yet applied, per sink.",
+            ["counter", "sink"],
+            registry=r,
+        )
+        self._counters: Dict[str, CounterMetrics] = {}
         # Fan-out (relayd/fanout/): live SSE subscribers of stream routes.
         self.fanout_subscribers = Gauge("relayd_fanout_subscribers", "Live SSE subscribers.", registry=r)
         self.fanout_events_sent = Counter(
@@ -230,6 +277,12 @@ class Metrics:
         if path not in self._routes:
             self._routes[path] = RouteMetrics(self, path)
         return self._routes[path]
+
+    def counter(self, name: str) -> CounterMetrics:
+        """The pre-bound series of one counter."""
+        if name not in self._counters:
+            self._counters[name] = CounterMetrics(self, name)
+        return self._counters[name]
 
     def deliver(self, name: str) -> DeliverMetrics:
         """The pre-bound series of one deliver."""

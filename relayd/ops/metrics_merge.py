@@ -29,6 +29,7 @@ GAUGE_RULES: Dict[str, str] = {
     "relayd_redis_up": "min",  # the daemon has Redis only if every worker has
     "relayd_spill_mode": "max",  # any worker spilling is worth seeing
     "relayd_spool_oldest_age_seconds": "max",
+    "relayd_counter_staleness_seconds": "max",  # the oldest unapplied increment of any worker
     "relayd_deliver_queue_lag_seconds": "max",  # every worker reads the same list
     "relayd_deliver_circuit_state": "max",  # the most open breaker of any worker
     "relayd_fanout_reader_lag_seconds": "max",  # the laggiest worker's subscribers see it

@@ -304,6 +304,29 @@ def deliver_row() -> Row:
     )
 
 
+def counters_row() -> Row:
+    """Counters: increments applied, staleness per sink, dead items."""
+    return Row(
+        "Counters ([[counter]])",
+        (
+            timeseries(
+                "Increments applied /s",
+                Query(f"sum by (counter) (rate(relayd_counter_applied_total{{{SEL}}}[{WINDOW}]))", "{{counter}}"),
+                Query(f"sum by (counter) (rate(relayd_counter_dead_total{{{SEL}}}[{WINDOW}]))", "{{counter}} dead"),
+                unit="cps",
+                width=12,
+            ),
+            timeseries(
+                "Staleness per sink",
+                Query(f"max by (counter, sink) (relayd_counter_staleness_seconds{{{SEL}}})", "{{counter}} {{sink}}"),
+                description="Age of the oldest acknowledged increment not yet applied (alert RelaydCountersStale > 12 s).",
+                unit="s",
+                width=12,
+            ),
+        ),
+    )
+
+
 def fanout_row() -> Row:
     """Live fan-out (SSE): subscribers, events out, slow subscribers cut, reader lag, ingest-to-write latency."""
     return Row(
@@ -338,5 +361,5 @@ def fanout_row() -> Row:
 
 #: The rows, top to bottom.  A landed feature appends its row function here.
 ROWS: Tuple[Callable[[], Row], ...] = (
-    ingest_row, latency_row, storage_row, redis_row, workers_row, reply_row, deliver_row, fanout_row,
+    ingest_row, latency_row, storage_row, redis_row, workers_row, reply_row, deliver_row, counters_row, fanout_row,
 )
