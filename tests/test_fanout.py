@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import unittest
 from typing import Any, Dict, List
 
@@ -59,6 +60,25 @@ class FanoutTests(unittest.TestCase):
 
     def start(self, routes: Any = (ROUTE,), **kw: Any) -> RelaydProcess:
         return RelaydProcess(self, routes=list(routes), redis_url=self.redis.url, **kw)
+
+    def stuck_subscriber(self, relayd: RelaydProcess) -> SSEClient:
+        """A subscriber that never reads, whose response has started (peeked, not read).
+
+        A loaded box can make the subscription's first Redis read time out
+        (a 503 problem, which a browser retries); the test retries too.
+        """
+        for _ in range(5):
+            stuck = SSEClient(relayd.ingest_port, "/tracking/red", read=False, rcvbuf=4096)
+            self.addCleanup(stuck.close)
+
+            def answered(sock: socket.socket = stuck.sock) -> bytes:
+                data = sock.recv(4096, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                done = b"retry:" in data or (b"\r\n\r\n" in data and not data.startswith(b"HTTP/1.1 200"))
+                return data if done else b""
+
+            if b"retry:" in wait_for(answered, ARRIVAL, "the stuck subscriber's response"):
+                return stuck
+        raise AssertionError("no subscription for the stuck subscriber in 5 attempts")
 
     def close_all(self, *subs: SSEClient) -> None:
         for sub in subs:
@@ -173,8 +193,7 @@ class FanoutTests(unittest.TestCase):
         assert relayd.proc is not None
         reader = subscribe(relayd, "red")
         self.addCleanup(reader.close)
-        stuck = SSEClient(relayd.ingest_port, "/tracking/red", read=False, rcvbuf=4096)
-        self.addCleanup(stuck.close)
+        self.stuck_subscriber(relayd)  # subscribed, never reads
         wait_for(lambda: metric_values(relayd).get("relayd_fanout_subscribers") == 2, ARRIVAL, "two subscribers")
         blob = "x" * 100_000
         for i in range(20):  # warm up: allocator arenas, buffers
