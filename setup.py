@@ -51,6 +51,9 @@ setup(
             # standardwebhooks: the spec's reference verifier checks our signatures
             # (a hand-written verifier would only agree with our own signer).
             "standardwebhooks>=1.0",
+            # websocket-client: speaks Chromium's DevTools protocol for the fan-out browser
+            # test (a hand-written RFC 6455 client would be ~150 lines of framing to get right)
+            "websocket-client>=1.6",
             # build: the standard PEP 517 front end, so tests build the sdist and the
             # wheel exactly as a packager does (wheel from the sdist).
             "build>=1.0",

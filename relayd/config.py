@@ -21,6 +21,8 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
+from relayd.ingest.paths import TemplateError, path_names
+
 try:  # Python >= 3.11
     import tomllib
 except ImportError:  # pragma: no cover - pypy3 (3.9) keeps working
@@ -64,6 +66,7 @@ DEFAULT_MAX_HEADERS = 64  # header fields per request (browsers send ~15)
 # How long an Idempotency-Key is remembered: Stripe keeps keys 24 h, which
 # covers client retry loops and a day of operator replays.
 DEFAULT_IDEMPOTENCY_WINDOW = 24 * 3600.0
+DEFAULT_HISTORY = 1000  # stream entries kept for resume (MAXLEN ~): minutes of one team's positions
 DEFAULT_LISTEN = "tcp:8080"
 # listen(2) backlog when the endpoint string sets none.  Twisted's default
 # is 50: a burst of 5,000 connects had 1,784 closed unanswered with it, none
@@ -153,6 +156,8 @@ class RouteConfig:
     client_rate_burst: Optional[int] = None
     idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
     reply_timeout: Optional[float] = None  # set: a request/reply route
+    stream: Optional[str] = None  # set: XADD to this stream (fan-out); list "" then means none
+    history: int = DEFAULT_HISTORY
 
 
 @attrs.frozen
@@ -468,7 +473,7 @@ _ROUTE_KEYS = (
     "path", "list", "ack", "schema", "format", "max_body", "max_lines", "max_depth",
     "auth_tokens_file", "webhook_secret_file", "webhook_scheme", "webhook_tolerance",
     "rate_limit", "rate_burst", "client_rate_limit", "client_rate_burst", "idempotency_window",
-    "reply_timeout",
+    "reply_timeout", "stream", "history",
 )
 WEBHOOK_SCHEMES = ("standard", "github")
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour)\s*$")
@@ -491,15 +496,26 @@ def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
     if not isinstance(t, dict):
         raise ConfigError(f"{where}: expected a table")
     _check_keys(t, _ROUTE_KEYS, where)
-    for required in ("path", "list"):
-        if required not in t:
-            raise ConfigError(f"{where}.{required}: missing")
+    if "path" not in t:
+        raise ConfigError(f"{where}.path: missing")
+    if "list" not in t and "stream" not in t:
+        raise ConfigError(f"{where}.list: missing (a route needs a list, a stream, or both)")
     path = _typed(t, "path", str, None, where)
     if not path.startswith("/") or any(c in path for c in "?# \t\r\n"):
         raise ConfigError(f"{where}.path: expected an absolute path like /leads, got {path!r}")
-    list_key = _typed(t, "list", str, None, where)
-    if not list_key:
+    try:
+        path_names(path)
+    except TemplateError as e:
+        raise ConfigError(f"{where}.path: {e}") from None
+    list_key = _typed(t, "list", str, "", where)
+    if "list" in t and not list_key:
         raise ConfigError(f"{where}.list: must not be empty")
+    stream = _typed(t, "stream", str, None, where)
+    if stream is not None and not stream:
+        raise ConfigError(f"{where}.stream: must not be empty")
+    history = _positive(_typed(t, "history", int, DEFAULT_HISTORY, where), f"{where}.history")
+    if "history" in t and stream is None:
+        raise ConfigError(f"{where}.history: only for a route with a stream")
     schema = _typed(t, "schema", str, None, where)
     fmt = _choice(_typed(t, "format", str, "envelope", where), FORMATS, f"{where}.format")
     reply_timeout = parse_duration(t["reply_timeout"], f"{where}.reply_timeout") if "reply_timeout" in t else None
@@ -508,6 +524,8 @@ def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
             raise ConfigError(f'{where}.reply_timeout: a request/reply route needs format = "envelope" (for reply_to)')
         if t.get("ack", "stored") != "stored":
             raise ConfigError(f'{where}.reply_timeout: a request/reply route stores its requests (ack = "stored")')
+        if stream is not None:
+            raise ConfigError(f"{where}.reply_timeout: a request/reply route cannot have a stream")
     return RouteConfig(
         path=path,
         list=list_key,
@@ -539,6 +557,8 @@ def _parse_route(t: Any, index: int, base_dir: str) -> RouteConfig:
             else DEFAULT_IDEMPOTENCY_WINDOW
         ),
         reply_timeout=reply_timeout,
+        stream=stream,
+        history=history,
     )
 
 
@@ -759,6 +779,11 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         if r.path in seen:
             raise ConfigError(f"route[{i}].path: duplicate of route[{seen[r.path]}] ({r.path})")
         seen[r.path] = i
+    redis = _parse_redis(data)
+    for i, r in enumerate(routes):
+        if r.stream is not None and redis.cluster:
+            # One XREAD names every watched stream; Cluster runs it only within one slot (docs/fanout.md).
+            raise ConfigError(f"route[{i}].stream: fan-out needs a single Redis ([redis] url), not a cluster (yet)")
     raw_delivers = data.get("deliver", [])
     if not isinstance(raw_delivers, list):
         raise ConfigError("deliver: expected [[deliver]] tables")
@@ -770,7 +795,7 @@ def config_from_string(text: str, base_dir: str = ".") -> Config:
         names[d.name] = i
     return Config(
         server=_parse_server(data),
-        redis=_parse_redis(data),
+        redis=redis,
         buffer=_parse_buffer(data),
         spool=_parse_spool(data, base_dir),
         routes=routes,

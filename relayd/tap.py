@@ -27,6 +27,7 @@ from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, Re
 from relayd.counters.service import CounterService
 from relayd.deliver.admin import DeliverAdmin
 from relayd.deliver.manager import DeliverManager
+from relayd.fanout.subscribe import Subscriptions
 from relayd.ids import IdGenerator
 from relayd.ingest.app import IngestApp, IngestRoute, IngestService
 from relayd.ingest.http_layer import IngestSite
@@ -175,6 +176,11 @@ def build_service(
         config.buffer.ack_timeout,
         inbox,
     )
+    # Stream routes get this process's subscriptions: hub, XREAD reader, heartbeats.
+    fanout = None
+    if any(r.stream is not None for r in config.routes):
+        fanout = Subscriptions(reactor, config.redis, redis, metrics)
+        app.fanout = fanout
     site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits)
     ingest = IngestService(
         listen_endpoint or serverFromString(reactor, config.server.listen), site, app, shutdown_timeout, reactor
@@ -232,6 +238,9 @@ def build_service(
     for name, child in (
         *children,
         ("ingest", ingest),
+        # Stopped before ingest: subscriptions end cleanly (a final chunk,
+        # browsers reconnect elsewhere) instead of being cut with the sockets.
+        *((("fanout", fanout),) if fanout is not None else ()),
         ("admin", admin),
         ("notify", NotifyService(reactor, ingest.listening, "ready")),
         ("looplag", LoopLagMonitor(reactor, metrics.reactor_lag)),

@@ -70,6 +70,7 @@ class KitAgainstRunningRelaydTests(unittest.TestCase):
                 },
                 {"path": "/fast", "list": "fast", "ack": "accepted", "format": "body"},
                 {"path": "/quote", "list": "quotes", "reply_timeout": "1s"},
+                {"path": "/tracking/{team}", "stream": "tracking:{team}"},
             ],
             redis_url=self.redis.url,
             server={"workers": 2},
@@ -123,7 +124,12 @@ class KitAgainstRunningRelaydTests(unittest.TestCase):
         info = {(labels["route"], labels["ack"], labels["list"]): value for labels, value in s["relayd_route_info"]}
         self.assertEqual(
             info,
-            {("/leads", "stored", "leads"): 1.0, ("/fast", "accepted", "fast"): 1.0, ("/quote", "stored", "quotes"): 1.0},
+            {
+                ("/leads", "stored", "leads"): 1.0,
+                ("/fast", "accepted", "fast"): 1.0,
+                ("/quote", "stored", "quotes"): 1.0,
+                ("/tracking/{team}", "stored", ""): 1.0,  # a stream route without a list
+            },
         )
         self.assertEqual(s["relayd_ready"], [({}, 1.0)])
         self.assertEqual([v for _, v in s["relayd_worker_up"]], [1.0, 1.0])

@@ -25,6 +25,7 @@ from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
 from relayd.ingest.idempotency import RecentKeys, key_digest, parse_key
+from relayd.ingest.paths import BoundedCache, KeyTemplate, PathMatcher, PathTemplate
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
     BadGateway,
@@ -32,6 +33,7 @@ from relayd.ingest.problems import (
     GatewayTimeout,
     LengthRequired,
     MethodNotAllowed,
+    NotAcceptable,
     NotFound,
     NotReady,
     Overloaded,
@@ -46,6 +48,7 @@ from relayd.listener import ListenerService
 from relayd.ops.metrics import Metrics, RouteMetrics
 from relayd.outbox.buffer import NotStored, RingBuffer, Waiter
 from relayd.outbox.dedup import DedupListTarget, encode_bundle
+from relayd.outbox.streams import ListAndStreamTarget, StreamTarget
 from relayd.outbox.targets import ListTarget
 from relayd.reply.inbox import ReplyInbox, ReplyTimeout, ReplyUnusable
 from relayd.reply.protocol import Reply
@@ -55,6 +58,9 @@ RETRY_AFTER_OVERLOAD = 1  # seconds: the forwarder drains a full buffer in well 
 RETRY_AFTER_NOT_READY = 5  # seconds: Redis reconnect backoff is capped at 5 s
 DRAIN_GRACE = 0.25  # seconds idle keep-alives get to send one last request at stop
 ACK_SWEEP_INTERVAL = 0.25  # seconds: granularity of the stored-ack timeout
+#: Targets remembered per template route: a thousand teams' targets stay
+#: built, while a flood of distinct segment values costs at most this many.
+TARGET_CACHE = 10_000
 
 
 class IngestRoute:
@@ -73,8 +79,19 @@ class IngestRoute:
         self.path = config.path
         self.path_bytes = config.path.encode()
         self.reply_timeout = config.reply_timeout
-        self.target = ListTarget(config.list.encode())
-        self.dedup_target = DedupListTarget(config.list.encode(), int(config.idempotency_window * 1000))
+        self.template = PathTemplate(config.path)
+        self._list = KeyTemplate(config.list, self.template.names) if config.list else None
+        self._stream = KeyTemplate(config.stream, self.template.names) if config.stream is not None else None
+        self._history = config.history
+        self._window_ms = int(config.idempotency_window * 1000)
+        #: The stream key template (fan-out subscribers), None for a list-only route.
+        self.has_stream = self._stream is not None
+        self._targets = BoundedCache(self._build_targets, TARGET_CACHE)
+        # A literal route's targets (a template route builds them per request).
+        self.target: Any = None
+        self.dedup_target: Optional[DedupListTarget] = None
+        if not self.template.is_template:
+            self.target, self.dedup_target = self._build_targets(())
         self.recent = RecentKeys(clock.seconds, config.idempotency_window)
         self.stored = config.ack == "stored"
         self.envelope = config.format == "envelope"
@@ -99,6 +116,31 @@ class IngestRoute:
             )
 
 
+    def _build_targets(self, values: Tuple[bytes, ...]) -> Tuple[Any, Optional[DedupListTarget]]:
+        """The (target, idempotent list target or None) for one request's path values."""
+        list_key = self._list.fill(values) if self._list is not None else None
+        dedup = DedupListTarget(list_key, self._window_ms) if list_key is not None else None
+        if self._stream is None:
+            assert list_key is not None and self._list is not None
+            return ListTarget(list_key, label=self._list.template.encode()), dedup
+        assert self._stream is not None
+        stream = StreamTarget(self._stream.fill(values), self._history, label=self._stream.template.encode())
+        if list_key is None:
+            return stream, None
+        return ListAndStreamTarget(list_key, stream), None
+
+    def targets_for(self, values: Tuple[bytes, ...]) -> Tuple[Any, Optional[DedupListTarget]]:
+        """Targets for a request's path values (cached per value, bounded)."""
+        if self.target is not None:
+            return self.target, self.dedup_target
+        return self._targets.get(values)
+
+    def stream_key(self, values: Tuple[bytes, ...]) -> bytes:
+        """The stream a subscriber of these path values reads."""
+        assert self._stream is not None
+        return self._stream.fill(values)
+
+
 class IngestApp:
     """The Klein application for ingest routes; dependencies injected."""
 
@@ -119,14 +161,15 @@ class IngestApp:
         """`inbox` is this process's reply list (needed by request/reply routes)."""
         self._clock = clock
         self._inbox = inbox
-        self._routes: Dict[bytes, IngestRoute] = {r.path_bytes: r for r in routes}
+        self._set_routes(routes)
+        self.fanout: Any = None  # relayd.fanout.subscribe.Subscriptions, set by the composition root
         self._buffer = buffer
         self._can_store = can_store
         self._ids = ids
         self._metrics = metrics
         self._ack_timeout = ack_timeout
         self._pending_acks: Deque[Tuple[float, Waiter, int]] = deque()
-        metrics.watch(metrics.idempotency_keys, lambda: sum(len(r.recent) for r in self._routes.values()))
+        metrics.watch(metrics.idempotency_keys, lambda: sum(len(r.recent) for r in self._all_routes))
         self._sweeper = LoopingCall(self._expire_acks)
         self._sweeper.clock = clock
         self.stopping = False
@@ -137,10 +180,28 @@ class IngestApp:
 
     def body_limit(self, path: bytes) -> int:
         """The body cap for a request path (query ignored)."""
-        route = self._routes.get(path.split(b"?", 1)[0])
+        found = self.lookup(path.split(b"?", 1)[0])
+        if found is not None:
+            return found[0].max_body
+        return max(r.max_body for r in self._all_routes)
+
+    def _set_routes(self, routes: List[IngestRoute]) -> None:
+        self._all_routes = list(routes)
+        # Literal paths: one dict lookup per request (the hot path).
+        self._routes: Dict[bytes, IngestRoute] = {r.path_bytes: r for r in routes if not r.template.is_template}
+        # Template paths: the fallback (relayd/ingest/paths.py).
+        self._templates: PathMatcher[IngestRoute] = PathMatcher(
+            [(r.template, r) for r in routes if r.template.is_template]
+        )
+
+    def lookup(self, path: bytes) -> Optional[Tuple[IngestRoute, Tuple[bytes, ...]]]:
+        """The route of a request path and its ``{name}`` values (``()`` for literal paths)."""
+        route = self._routes.get(path)
         if route is not None:
-            return route.max_body
-        return max(r.max_body for r in self._routes.values())
+            return route, ()
+        if self._templates:
+            return self._templates.match(path)
+        return None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -176,9 +237,13 @@ class IngestApp:
     @_app.route("/", branch=True, strict_slashes=False)
     def ingest(self, request: Request) -> Any:
         """Everything off the hot path: unknown routes, wrong methods."""
-        route = self._routes.get(request.path)
-        if route is None:
+        found = self.lookup(request.path)
+        if found is None:
             raise NotFound(f"no route at {request.path.decode('utf-8', 'replace')}")
+        route, values = found
+        request.path_values = values  # type: ignore[attr-defined]
+        if request.method == b"GET" and route.has_stream:
+            raise NotAcceptable("subscribe with Accept: text/event-stream")
         if request.method != b"POST":
             route.metrics.rejected("method")
             raise MethodNotAllowed(
@@ -190,13 +255,46 @@ class IngestApp:
 
     def replace_routes(self, routes: List[IngestRoute]) -> None:
         """Serve `routes` from the next request on (SIGHUP); requests in flight keep theirs."""
-        self._routes = {r.path_bytes: r for r in routes}
+        self._set_routes(routes)
 
     def route_for(self, request: Request) -> Optional[IngestRoute]:
         """The route of a POST to a configured path (the hot path), else None."""
         if request.method == b"POST":
-            return self._routes.get(request.path)
+            route = self._routes.get(request.path)
+            if route is not None:
+                request.path_values = ()  # type: ignore[attr-defined]
+                return route
+            if self._templates:
+                found = self._templates.match(request.path)
+                if found is not None:
+                    request.path_values = found[1]  # type: ignore[attr-defined]
+                    return found[0]
         return None
+
+    def subscriber_for(self, request: Request) -> bool:
+        """Is this a Server-Sent Events subscription (GET, Accept: text/event-stream)?"""
+        if request.method != b"GET" or self.fanout is None:
+            return False
+        accept = request.requestHeaders.getRawHeaders(b"accept")
+        return accept is not None and any(b"text/event-stream" in a for a in accept)
+
+    def subscribe(self, request: Request) -> None:
+        """Serve one SSE subscription (relayd/fanout/); problems answered here."""
+        try:
+            found = self.lookup(request.path)
+            if found is None or not found[0].has_stream:
+                raise NotFound(f"no stream route at {request.path.decode('utf-8', 'replace')}")
+            route, values = found
+            if route.tokens is not None:  # the route's auth applies to subscribers
+                auth = request.requestHeaders.getRawHeaders(b"authorization")
+                route.tokens.check(auth[0] if auth else None)
+            if route.tokens is None:
+                # Anyone may read a route without tokens, from any page
+                # (EventSource sends no credentials cross-origin).
+                request.setHeader(b"Access-Control-Allow-Origin", b"*")
+            self.fanout.subscribe(request, route.stream_key(values))
+        except Problem as p:
+            _finish(request, write_problem(request, p))
 
     def post(self, request: Request, route: IngestRoute) -> Any:
         """Accept one POST: the response body, or the `Waiter` whose Deferred
@@ -311,9 +409,11 @@ class IngestApp:
         count = len(items)
         if route.reply_timeout is not None:
             return self._request_reply(request, route, items, ids[0], started)
-        target: Any = route.target
+        target, dedup_target = route.targets_for(getattr(request, "path_values", ()))
         if digest is not None:
-            target = route.dedup_target
+            if dedup_target is None:
+                raise BadRequest("Idempotency-Key is not supported on stream routes (yet)")
+            target = dedup_target
             items = [encode_bundle(digest, ids[0].encode(), items)]
         if stored:
             size = 0
@@ -386,7 +486,7 @@ class IngestApp:
             raise NotReady("neither Redis nor the disk spool can take messages now", retry_after=RETRY_AFTER_NOT_READY)
         waiter = ReplyWaiter(self._inbox, request_id)
         reply = self._inbox.wait(request_id, max(0.0, route.reply_timeout - (self._clock.seconds() - started)))
-        if not self._buffer.offer(route.target, items, waiter):
+        if not self._buffer.offer(route.targets_for(getattr(request, "path_values", ()))[0], items, waiter):
             self._inbox.forget(request_id)
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
         route.metrics.ingested.inc(1)

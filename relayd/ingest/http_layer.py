@@ -103,6 +103,15 @@ class IngestRequest(Request):
         site = self.channel.site
         route = site.app.route_for(self)
         if route is None:
+            if site.app.subscriber_for(self):
+                # Server-Sent Events (relayd/fanout/): a response that lasts;
+                # no idle timeout (the head/body deadlines ended with the
+                # request), still one of the site's counted connections.
+                self.site = site
+                self.setHeader(b"Date", site.date_header())
+                self.channel.setTimeout(None)
+                site.app.subscribe(self)
+                return
             super().process()
             return
         self.site = site

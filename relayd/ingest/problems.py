@@ -72,6 +72,7 @@ TooManyConnections = _problem(
 )
 NotFound = _problem("NotFound", 404, "Not found", "not-found", "not_found")
 MethodNotAllowed = _problem("MethodNotAllowed", 405, "Method not allowed", "method-not-allowed", "method")
+NotAcceptable = _problem("NotAcceptable", 406, "Not acceptable", "not-acceptable", "not_acceptable")
 LengthRequired = _problem("LengthRequired", 411, "Length required", "length-required", "length_required")
 PayloadTooLarge = _problem("PayloadTooLarge", 413, "Payload too large", "payload-too-large", "too_large")
 UnsupportedMediaType = _problem(

@@ -249,6 +249,28 @@ class Metrics:
             registry=r,
         )
         self._counters: Dict[str, CounterMetrics] = {}
+        # Fan-out (relayd/fanout/): live SSE subscribers of stream routes.
+        self.fanout_subscribers = Gauge("relayd_fanout_subscribers", "Live SSE subscribers.", registry=r)
+        self.fanout_events_sent = Counter(
+            "relayd_fanout_events_sent", "Events written to subscribers (one per subscriber).", registry=r
+        )
+        self.fanout_cut = Counter(
+            "relayd_fanout_subscribers_cut",
+            "Subscribers disconnected, by reason (slow: their write queue passed its bound).",
+            ["reason"],
+            registry=r,
+        )
+        self.fanout_reader_lag = Gauge(
+            "relayd_fanout_reader_lag_seconds",
+            "Now minus the time of the newest stream entry the reader read (0 when caught up).",
+            registry=r,
+        )
+        self.fanout_latency = Histogram(
+            "relayd_fanout_latency_seconds",
+            "Message ingest (envelope ts) to its event written to the subscribers.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def route(self, path: str) -> RouteMetrics:
         """The pre-bound series of one route."""

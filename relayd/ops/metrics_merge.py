@@ -32,6 +32,7 @@ GAUGE_RULES: Dict[str, str] = {
     "relayd_counter_staleness_seconds": "max",  # the oldest unapplied increment of any worker
     "relayd_deliver_queue_lag_seconds": "max",  # every worker reads the same list
     "relayd_deliver_circuit_state": "max",  # the most open breaker of any worker
+    "relayd_fanout_reader_lag_seconds": "max",  # the laggiest worker's subscribers see it
     "relayd_ready": "min",  # ready only if every worker is
     "relayd_route_info": "max",  # every worker has the same routes: 1, not N
 }

@@ -56,6 +56,14 @@ class ListTarget:
 
     KIND: ClassVar[int] = 0
     key: bytes
+    #: The configured name for metrics (``leads:{team}`` of a template
+    #: route: one series per route, not per team); not part of equality.
+    label: bytes = attrs.field(default=b"", eq=False, hash=False)
+
+    @property
+    def metric_label(self) -> bytes:
+        """The configured name, else the key."""
+        return self.label or self.key
 
     def commands(self, items: Sequence[bytes]) -> List[Tuple[bytes, ...]]:
         """One multi-value LPUSH: about one round trip whatever the count."""
@@ -80,11 +88,14 @@ class ListTarget:
 
 
 from relayd.outbox.dedup import DedupListTarget  # noqa: E402 - after the Protocol it implements
+from relayd.outbox.streams import ListAndStreamTarget, StreamTarget  # noqa: E402
 
 #: kind -> constructor from a spool header.  A new target kind registers here.
 _DECODERS: Dict[int, Callable[[bytes], Target]] = {
     ListTarget.KIND: ListTarget.from_spool_header,
     DedupListTarget.KIND: DedupListTarget.from_spool_header,
+    StreamTarget.KIND: StreamTarget.from_spool_header,
+    ListAndStreamTarget.KIND: ListAndStreamTarget.from_spool_header,
 }
 
 

@@ -81,7 +81,10 @@ class RedisWriter:
             if dropped:
                 metrics.duplicates.labels(where=source).inc(dropped)
         # "forwarded" counts every message that reached Redis, by any path.
-        metrics.forwarded_to(target.key).inc(target.pushed(items, outcomes))
+        # Stream targets filled from path templates label by their configured
+        # name: one series per route, not per team.
+        label = getattr(target, "metric_label", None) or target.key
+        metrics.forwarded_to(label).inc(target.pushed(items, outcomes))
         return outcomes
 
     def write_groups(

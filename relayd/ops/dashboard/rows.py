@@ -327,7 +327,39 @@ def counters_row() -> Row:
     )
 
 
+def fanout_row() -> Row:
+    """Live fan-out (SSE): subscribers, events out, slow subscribers cut, reader lag, ingest-to-write latency."""
+    return Row(
+        "Live fan-out (SSE)",
+        (
+            timeseries(
+                "Subscribers and events /s",
+                Query(f"sum(relayd_fanout_subscribers{{{SEL}}})", "subscribers"),
+                Query(f"sum(rate(relayd_fanout_events_sent_total{{{SEL}}}[{WINDOW}]))", "events /s"),
+                description="Live SSE subscribers, and events written to them (one per subscriber).",
+                width=8,
+            ),
+            timeseries(
+                "Slow subscribers cut /min, reader lag",
+                Query(
+                    f'sum(rate(relayd_fanout_subscribers_cut_total{{{SEL},reason="slow"}}[{WINDOW}])) * 60', "cut /min"
+                ),
+                Query(f"max(relayd_fanout_reader_lag_seconds{{{SEL}}})", "reader lag (s)"),
+                description="Cut: write queue over its bound (they resume with Last-Event-ID). Lag: age of the newest entry read.",
+                width=8,
+            ),
+            timeseries(
+                "Ingest to subscriber p50 / p99",
+                Query(_quantile(0.5, "relayd_fanout_latency_seconds"), "p50"),
+                Query(_quantile(0.99, "relayd_fanout_latency_seconds"), "p99"),
+                unit="s",
+                width=8,
+            ),
+        ),
+    )
+
+
 #: The rows, top to bottom.  A landed feature appends its row function here.
 ROWS: Tuple[Callable[[], Row], ...] = (
-    ingest_row, latency_row, storage_row, redis_row, workers_row, reply_row, deliver_row, counters_row,
+    ingest_row, latency_row, storage_row, redis_row, workers_row, reply_row, deliver_row, counters_row, fanout_row,
 )
