@@ -66,8 +66,8 @@ class StreamReader(Service):
         self._main = main
         self._hub = hub
         self._metrics = metrics
-        self._reading: Optional[Deferred] = None
-        self._idle: Optional[Deferred] = None  # fired by wake() when there was nothing to read
+        self._reading: Optional[Deferred[Any]] = None
+        self._idle: Optional[Deferred[None]] = None  # fired by wake() when there was nothing to read
         self._client_id: Optional[bytes] = None
         self._blocked = False  # an XREAD with a known client id is outstanding
         self._generation = 0  # XREADs issued (tells a retry whether its XREAD is still the one out)
@@ -86,7 +86,7 @@ class StreamReader(Service):
         self._redis.on_ready(self._kick)
         self._redis.startService()
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[Any]:
         """Stop reading and close the connection."""
         super().stopService()
         self.wake()

@@ -98,14 +98,15 @@ class Subscriptions(MultiService):
         self._tick = (self._tick + 1) % HEARTBEAT_SLICES
         self.hub.broadcast(HEARTBEAT, self._tick, HEARTBEAT_SLICES)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[Any]:
         """End every subscription cleanly (browsers reconnect elsewhere), stop reading."""
         if self._heartbeat.running:
             self._heartbeat.stop()
         for sub in list(self.hub.subscribers()):
             sub.close()
             self.hub.remove(sub)
-        return super().stopService()
+        stopped: Deferred[Any] = super().stopService()
+        return stopped
 
     def subscribe(self, request: Any, stream: bytes) -> None:
         """Serve one subscription of `stream` (problems are answered as such)."""
