@@ -59,14 +59,12 @@ import socket
 from typing import Any, Callable, List, Optional
 
 import ujson
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from relayd.config import CounterConfig
 from relayd.counters.aggregate import Dead, aggregate
+from relayd.counters.cycle import CycleService
 from relayd.counters.keys import CounterKeys
 from relayd.counters.redis_sink import HashSink
 from relayd.counters.summary import Summary
@@ -92,7 +90,7 @@ def process_id(worker_index: Optional[int]) -> bytes:
     return f"{socket.gethostname()}:{worker_index or 0}".encode()
 
 
-class Aggregator(Service):
+class Aggregator(CycleService):
     """Counts one counter's list in this process (see the module docstring)."""
 
     _log = Logger()
@@ -115,8 +113,7 @@ class Aggregator(Service):
         self._metrics = metrics
         self._pg = config.postgres is not None
         self._on_pending = on_pending
-        self._loop: Optional[Deferred[None]] = None
-        self._sleep: Optional[Deferred[None]] = None
+        CycleService.__init__(self)
         self._last_lease = -LEASE_RENEW
         self._held = False
         self._failing = False
@@ -139,33 +136,6 @@ class Aggregator(Service):
         return max(0.0, self._reactor.seconds() - oldest) if oldest is not None else 0.0
 
     # -- service -------------------------------------------------------------
-
-    def startService(self) -> None:
-        """Start the loop."""
-        super().startService()
-        self._loop = Deferred.fromCoroutine(self._run())
-
-    def stopService(self) -> Deferred[None]:
-        """Stop after the cycle in progress (a batch is never left half done)."""
-        super().stopService()
-        if self._sleep is not None:
-            self._sleep.cancel()
-        loop, self._loop = self._loop, None
-        return loop if loop is not None else Deferred.fromCoroutine(self._noop())
-
-    async def _noop(self) -> None:
-        return None
-
-    async def _pause(self, seconds: float) -> None:
-        if not self.running:
-            return
-        self._sleep = deferLater(self._reactor, max(0.0, seconds), lambda: None)
-        try:
-            await self._sleep
-        except CancelledError:
-            pass
-        finally:
-            self._sleep = None
 
     async def _run(self) -> None:
         while self.running:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from relayd.counters.aggregate import batch_digest
+from relayd.counters.cycle import CycleService
 from relayd.counters.summary import Summary
 from relayd.counters.work_queue import WorkQueue
 
@@ -33,7 +32,7 @@ RETRY_MAX = 5.0
 PRUNE_EVERY = 3600.0
 
 
-class PgFlusher(Service):
+class PgFlusher(CycleService):
     """Moves summaries from Redis to PostgreSQL (see the module docstring)."""
 
     _log = Logger()
@@ -45,8 +44,7 @@ class PgFlusher(Service):
         self._sink = sink
         self._interval = interval
         self._metrics = metrics
-        self._loop: Optional[Deferred[None]] = None
-        self._sleep: Optional[Deferred[None]] = None
+        CycleService.__init__(self)
         self._kicked = False
         self._failures = 0
         self._last_prune = 0.0
@@ -56,42 +54,18 @@ class PgFlusher(Service):
     def kick(self) -> None:
         """A summary was queued: flush now rather than at the next tick."""
         self._kicked = True
-        if self._sleep is not None and self._failures == 0:
-            self._sleep.cancel()
+        if self._failures == 0:
+            self._wake()
 
-    def startService(self) -> None:
-        """Start the loop."""
-        super().startService()
-        self._loop = Deferred.fromCoroutine(self._run())
-
-    def stopService(self) -> Deferred[Any]:
+    def stopService(self) -> Deferred[None]:
         """Stop after the round in progress; close the pool."""
-        super().stopService()
-        if self._sleep is not None:
-            self._sleep.cancel()
-        loop, self._loop = self._loop, None
+        stopped = super().stopService()
 
         def close(result: Any) -> Any:
             self._sink.close()
             return result
 
-        if loop is None:
-            loop = Deferred.fromCoroutine(self._nothing())
-        return loop.addBoth(close)
-
-    async def _nothing(self) -> None:
-        return None
-
-    async def _pause(self, seconds: float) -> None:
-        if not self.running:
-            return
-        self._sleep = deferLater(self._reactor, seconds, lambda: None)
-        try:
-            await self._sleep
-        except CancelledError:
-            pass
-        finally:
-            self._sleep = None
+        return stopped.addBoth(close)
 
     async def _run(self) -> None:
         while self.running:
