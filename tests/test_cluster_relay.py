@@ -163,6 +163,12 @@ class ClusterIngestTests(ClusterRelayTestCase):
             self, routes=[{"path": "/quote", "list": name, "reply_timeout": "5s"}], redis_url=None,
             redis={"cluster": self.cluster.seeds[:1], "reply_timeout": REPLY_TIMEOUT}, server={"workers": 2},
         )  # fmt: skip
+        # /readyz does not wait for the reply readers; each registers its list once it reads.
+        wait_for(
+            lambda: self.cluster.command_for("relayd:reply-lists", "ZCARD", "relayd:reply-lists") == 2,
+            10.0,
+            "both reply readers to start",
+        )
         stop = threading.Event()
         reply_lists: set[str] = set()
 

@@ -76,6 +76,17 @@ class ReplyProtocolTests(unittest.TestCase):
 class RequestReplyTests(unittest.TestCase):
     """The whole path: HTTP -> relayd -> Redis -> worker -> reply list -> the right HTTP request."""
 
+    def relayd(self, redis: RedisServer, route: Dict[str, Any] = ROUTE, workers: int = 1) -> RelaydProcess:
+        """A relayd whose reply readers are all reading.
+
+        /readyz does not wait for them (the contract's readiness is "can store"),
+        and a reply route answers 503 until its reader is connected; each reader
+        registers its list when it starts, so wait for every worker's entry.
+        """
+        relayd = RelaydProcess(self, routes=[route], redis_url=redis.url, server={"workers": workers})
+        wait_for(lambda: redis.command("ZCARD", "relayd:reply-lists") == workers, 10.0, "the reply readers to start")
+        return relayd
+
     def worker(self, redis: RedisServer, *args: str) -> subprocess.Popen:
         """Start examples/reply_worker.py; stopped at cleanup."""
         proc = subprocess.Popen(
@@ -89,7 +100,7 @@ class RequestReplyTests(unittest.TestCase):
         """workers = 2 and an echo worker: 1,000 requests from 100 concurrent clients each get the
         reply to their own body, whichever relayd process holds them; no reply crosses."""
         redis = RedisServer(self)
-        relayd = RelaydProcess(self, routes=[ROUTE], redis_url=redis.url, server={"workers": 2})
+        relayd = self.relayd(redis, workers=2)
         self.worker(redis)
         bad: List[Any] = []
 
@@ -113,7 +124,7 @@ class RequestReplyTests(unittest.TestCase):
         """A worker slower than reply_timeout: 504 problem; its late reply is counted and dropped,
         and the next request (answered in time) still works."""
         redis = RedisServer(self)
-        relayd = RelaydProcess(self, routes=[{**ROUTE, "reply_timeout": "1s"}], redis_url=redis.url)
+        relayd = self.relayd(redis, {**ROUTE, "reply_timeout": "1s"})
         slow = self.worker(redis, "--mode", "slow", "--delay", "1.5")
         status, headers, body = ask(relayd.ingest_port, {"n": 1})
         self.assertEqual((status, headers["content-type"]), (504, "application/problem+json"))
@@ -132,7 +143,7 @@ class RequestReplyTests(unittest.TestCase):
         """A worker that vanishes mid-request: 504, nothing left waiting.  A malformed reply:
         counted, 502 for the request it names."""
         redis = RedisServer(self)
-        relayd = RelaydProcess(self, routes=[{**ROUTE, "reply_timeout": "1s"}], redis_url=redis.url)
+        relayd = self.relayd(redis, {**ROUTE, "reply_timeout": "1s"})
         self.worker(redis, "--mode", "vanish")
         self.assertEqual(ask(relayd.ingest_port, {"n": 1})[0], 504)
         self.assertEqual(metric_values(relayd).get("relayd_reply_waiting"), 0.0)
@@ -152,7 +163,7 @@ class RequestReplyTests(unittest.TestCase):
     def test_client_disconnect_frees_the_waiter(self) -> None:
         """A client that leaves while waiting frees its entry at once, not at the timeout."""
         redis = RedisServer(self)
-        relayd = RelaydProcess(self, routes=[{**ROUTE, "reply_timeout": "30s"}], redis_url=redis.url)
+        relayd = self.relayd(redis, {**ROUTE, "reply_timeout": "30s"})
         s = socket.create_connection(("127.0.0.1", relayd.ingest_port))
         body = b'{"n": 1}'
         s.sendall(b"POST /quote HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -164,7 +175,7 @@ class RequestReplyTests(unittest.TestCase):
         """Redis down: reply routes answer 503 at once (nothing spooled); Redis back: the reader
         reconnects and requests are answered again."""
         redis = RedisServer(self)
-        relayd = RelaydProcess(self, routes=[ROUTE], redis_url=redis.url)
+        relayd = self.relayd(redis)
         self.worker(redis)
         self.assertEqual(ask(relayd.ingest_port, {"n": 1})[0], 200)
         redis.stop()
