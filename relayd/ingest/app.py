@@ -24,7 +24,7 @@ from relayd.codec import EncodeError, encode_envelopes
 from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
-from relayd.ingest.idempotency import RecentKeys, key_digest, parse_key
+from relayd.ingest.idempotency import RecentKeys, key_digester, parse_key
 from relayd.ingest.paths import BoundedCache, KeyTemplate, PathMatcher, PathTemplate
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -93,6 +93,8 @@ class IngestRoute:
         if not self.template.is_template:
             self.target, self.dedup_target = self._build_targets(())
         self.recent = RecentKeys(clock.seconds, config.idempotency_window)
+        #: Idempotency-Key -> its route-scoped digest (`key_digest` with this route hashed once).
+        self.key_digest = key_digester(self.path_bytes)
         self.stored = config.ack == "stored"
         self.envelope = config.format == "envelope"
         self.max_body = config.max_body
@@ -356,7 +358,7 @@ class IngestApp:
         digest = None
         idem = headers.getRawHeaders(b"idempotency-key")
         if idem is not None:
-            digest = key_digest(route.path_bytes, parse_key(idem[0]))
+            digest = route.key_digest(parse_key(idem[0]))
             first_id = route.recent.get(digest)
             if first_id is not None:
                 self._metrics.duplicates.labels(where="memory").inc()
