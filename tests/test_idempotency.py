@@ -94,7 +94,8 @@ class HeaderRulesTests(unittest.TestCase):
         [command] = target.commands([encode_bundle(d, i, items) for d, i, items in requests])
         self.assertEqual(command[:2], (b"EVALSHA", DedupListTarget.script.sha))
         keys = [b"orders"] + [target.marker(d) for d, _, _ in requests]
-        args = [b"5000"] + [a for _, i, items in requests for a in (i, b"%d" % len(items), *items)]
+        counts = b"" if all(len(items) == 1 for _, _, items in requests) else b",".join(b"%d" % len(m) for _, _, m in requests)
+        args = [b"5000", counts] + [a for _, i, items in requests for a in (i, *items)]
         self.assertEqual(command[2:], (b"%d" % len(keys), *keys, *args))
 
     @given(st.binary(max_size=64), st.binary(min_size=1, max_size=255))

@@ -41,25 +41,31 @@ _U32 = struct.Struct("<I")
 _U32_PAIR = struct.Struct("<II")  # message count + the first message's length
 _HEADER = struct.Struct("<Q")  # window in ms
 
-#: KEYS: the list, then one marker per bundle.  ARGV: the window (ms), then
-#: per bundle its first id, its message count and its messages.  Returns an
-#: empty array when every bundle was stored (the common case: nothing to
-#: parse), else one entry per bundle: '' if stored, else the first copy's id.
-#: LPUSH at most 1000 values per call: Lua's unpack has a C-stack limit of
-#: ~8000 arguments.  Run by EVALSHA (`Script`): a batch does not carry the
-#: script text, and Redis does not hash it per call.
+#: KEYS: the list, then one marker per bundle.  ARGV: the window (ms), the
+#: bundles' message counts (empty when every bundle holds one message, the
+#: hot path: one POST, one message; else "n1,n2,.."), then per bundle its
+#: first id and its messages.  Returns an empty array when every bundle was
+#: stored (the common case: nothing to parse), else one entry per bundle: ''
+#: if stored, else the first copy's id.  LPUSH at most 1000 values per call:
+#: Lua's unpack has a C-stack limit of ~8000 arguments.  Run by EVALSHA
+#: (`Script`): a batch does not carry the script text, and Redis does not
+#: hash it per call.
 _SCRIPT = Script(
     """
 local window = ARGV[1]
-local pos = 2
+local counts = {}
+if ARGV[2] ~= '' then
+  for c in string.gmatch(ARGV[2], '%d+') do counts[#counts + 1] = tonumber(c) end
+end
+local pos = 3
 local out = {}
 local dup = false
 local push = {}
 local np = 0
 for i = 2, #KEYS do
-  local n = tonumber(ARGV[pos + 1])
+  local n = counts[i - 1] or 1
   if redis.call('SET', KEYS[i], ARGV[pos], 'NX', 'PX', window) then
-    for j = pos + 2, pos + 1 + n do
+    for j = pos + 1, pos + n do
       np = np + 1
       push[np] = ARGV[j]
     end
@@ -68,7 +74,7 @@ for i = 2, #KEYS do
     dup = true
     out[i - 1] = redis.call('GET', KEYS[i]) or ''
   end
-  pos = pos + 2 + n
+  pos = pos + 1 + n
 end
 for k = 1, np, 1000 do
   redis.call('LPUSH', KEYS[1], unpack(push, k, math.min(k + 999, np)))
@@ -159,7 +165,8 @@ class DedupListTarget:
         """
         prefix = self.marker(b"")
         keys = [self.key]
-        argv: List[bytes] = [b"%d" % self.window_ms]
+        argv: List[bytes] = [b"%d" % self.window_ms, b""]
+        counts: Optional[List[int]] = None  # stays None while every bundle holds one message
         for bundle in items:
             try:
                 dlen = bundle[0]
@@ -171,14 +178,21 @@ class DedupListTarget:
             if count == 1 and first_len == len(bundle) - pos - ilen - 8:
                 keys.append(prefix + bundle[1 : 1 + dlen])
                 argv.append(bundle[pos : pos + ilen])
-                argv.append(b"1")
                 argv.append(bundle[pos + ilen + 8 :])
             else:
                 digest, first_id, messages = decode_bundle(bundle)
                 keys.append(prefix + digest)
                 argv.append(first_id)
-                argv.append(b"%d" % len(messages))
                 argv.extend(messages)
+                count = len(messages)
+                if counts is None:
+                    counts = [1] * (len(keys) - 2)
+                counts.append(count)
+                continue
+            if counts is not None:
+                counts.append(1)
+        if counts is not None:
+            argv[1] = b",".join(b"%d" % c for c in counts)
         return [_SCRIPT.command(keys, argv)]
 
     def outcomes(self, replies: Sequence[object]) -> Optional[List[Optional[bytes]]]:
