@@ -79,6 +79,39 @@ class HeaderRulesTests(unittest.TestCase):
             recent.put(k, k)
         self.assertEqual((len(recent), recent.get(b"x")), (2, None))
 
+    @given(
+        max_keys=st.integers(1, 8),
+        ops=st.lists(st.tuples(st.sampled_from(["put", "get", "wait"]), st.integers(0, 11)), max_size=60),
+    )
+    def test_recent_keys_never_answer_late_and_remember_recent_ones(self, max_keys: int, ops: List[Tuple[str, int]]) -> None:
+        """Against a model of when each key was first put: a key is never answered a window or more after its
+        first put (a late answer would drop a legitimate retry); one put less than half a window ago, with
+        fewer than max_keys // 2 new keys since, is answered; at most max_keys are held."""
+        now = [0.0]
+        window = 10.0
+        recent = RecentKeys(lambda: now[0], window=window, max_keys=max_keys)
+        first_put: Dict[bytes, float] = {}
+        new_keys: List[bytes] = []  # keys in the order they were first put
+        for op, n in ops:
+            key = b"k%d" % n
+            if op == "wait":
+                now[0] += n * 0.75
+            elif op == "put":
+                if key not in first_put or now[0] >= first_put[key] + window:
+                    if recent.get(key) is None:
+                        first_put[key] = now[0]
+                        new_keys.append(key)
+                        recent.put(key, b"id-%s" % key)
+            else:
+                answer = recent.get(key)
+                if answer is not None:
+                    self.assertLess(now[0], first_put[key] + window, "answered past the window")
+                    self.assertEqual(answer, b"id-%s" % key)
+                elif key in first_put and now[0] < first_put[key] + window / 2:
+                    since = len(new_keys) - 1 - max(i for i, k in enumerate(new_keys) if k == key)
+                    self.assertGreaterEqual(since, max(1, max_keys // 2), "forgotten while recent")
+            self.assertLessEqual(len(recent), max(max_keys, 1))
+
     @given(st.binary(max_size=64), st.binary(max_size=40), st.lists(st.binary(max_size=50), max_size=20))
     def test_bundle_round_trip(self, digest: bytes, first_id: bytes, items: List[bytes]) -> None:
         """A bundle decodes to what was encoded, whatever the bytes."""

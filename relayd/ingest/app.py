@@ -457,9 +457,12 @@ class IngestApp:
     ) -> bytes:
         if digest is not None:
             first_id = waiter.duplicate_of if waiter is not None else None
-            route.recent.put(digest, first_id or ids[0].encode())
             if first_id is not None:
+                # Not remembered here: this process does not know when the
+                # first copy's marker expires, and memory must never answer
+                # "duplicate" after Redis forgot it.
                 return self._duplicate(request, route, first_id, started)
+            route.recent.put(digest, ids[0].encode())
         request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
         route.metrics.latency.observe(self._clock.seconds() - started)
         if batch:

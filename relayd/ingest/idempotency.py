@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-from collections import OrderedDict
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 from relayd.ingest.problems import BadRequest
 
@@ -62,37 +61,62 @@ def key_digester(route: bytes) -> Callable[[bytes], bytes]:
 
 
 class RecentKeys:
-    """An LRU of digest -> (first message id, expiry), bounded in count and by the window."""
+    """Recently stored digests -> first message id, in two generations: bounded in count and by the window.
+
+    Each generation is a plain dict with the time it started; new keys go
+    to the current one, and when it holds half of `max_keys`, or is half a
+    window old, it becomes the previous one and the previous one is dropped
+    whole.  So a key is remembered for at least half a window (unless
+    `max_keys` newer ones came since) and never past its window: a
+    generation is dropped once its *start* is a window old.  Forgetting
+    early only costs a Redis round trip (Redis decides); answering late
+    would be wrong.  Cheaper than an LRU (`OrderedDict` with an expiry tuple
+    per key) on the hot path of unique keys: a miss is two dict lookups and
+    a put one insert, with no per-key tuple or linked-list node to
+    allocate, touch and free.  A hit does not refresh a key: repeats are
+    retries, they come soon after the first.
+    """
 
     def __init__(self, seconds: Callable[[], float], window: float, max_keys: int = RECENT_KEYS) -> None:
         self._seconds = seconds
         self._window = window
-        self._max = max_keys
-        self._keys: OrderedDict[bytes, Tuple[bytes, float]] = OrderedDict()
+        self._cap = max(1, max_keys // 2)  # keys per generation
+        self._keep_previous = max_keys >= 2
+        self._current: Dict[bytes, bytes] = {}
+        self._previous: Dict[bytes, bytes] = {}
+        self._current_start = self._previous_start = seconds()
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._current) + len(self._previous)
 
     def get(self, digest: bytes) -> Optional[bytes]:
         """The first id stored under `digest`, if this process saw it within the window."""
-        hit = self._keys.get(digest)
-        if hit is None:
+        first_id = self._current.get(digest)
+        if first_id is not None:
+            if self._seconds() >= self._current_start + self._window:
+                self._current, self._previous = {}, {}  # both generations are a window old
+                return None
+            return first_id
+        first_id = self._previous.get(digest)
+        if first_id is not None and self._seconds() >= self._previous_start + self._window:
+            self._previous = {}
             return None
-        first_id, expires = hit
-        if self._seconds() >= expires:
-            del self._keys[digest]
-            return None
-        self._keys.move_to_end(digest)
         return first_id
 
     def put(self, digest: bytes, first_id: bytes) -> None:
         """Remember that `digest` is stored as `first_id` (never extends an earlier expiry)."""
-        keys = self._keys
-        hit = keys.get(digest)
-        if hit is not None:
-            keys[digest] = (first_id, hit[1])
-            keys.move_to_end(digest)
+        current = self._current
+        if digest in current:
+            current[digest] = first_id
             return
-        keys[digest] = (first_id, self._seconds() + self._window)
-        if len(keys) > self._max:
-            keys.popitem(last=False)
+        previous = self._previous
+        if digest in previous:
+            previous[digest] = first_id
+            return
+        now = self._seconds()
+        if len(current) >= self._cap or now - self._current_start >= self._window / 2:
+            self._previous = current if self._keep_previous else {}
+            self._previous_start = self._current_start
+            self._current = current = {}
+            self._current_start = now
+        current[digest] = first_id
