@@ -336,10 +336,9 @@ class IngestApp:
         if isinstance(result, Waiter):
             # Acks are JSON written with their type; a reply brings its own headers.
             ctype = JSON_CONTENT_TYPE if route.reply_timeout is None else None
-            gone = request.notifyFinish()  # fires with an error if the client leaves
-            gone.addErrback(_client_gone, result)
+            request.gone_waiter = result  # type: ignore[attr-defined]  # IngestRequest.connectionLost frees it if the client leaves
             result.deferred.addCallbacks(
-                _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, gone, ctype), errbackArgs=(request, gone)
+                _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, ctype), errbackArgs=(request,)
             )
         else:
             _finish(request, result, JSON_CONTENT_TYPE)
@@ -580,15 +579,6 @@ def _not_stored_problem(failure: Any) -> Any:
     return failure
 
 
-def _client_gone(failure: Any, waiter: Waiter) -> None:
-    """The client left while its stored ack was pending: free its waiter.
-
-    Consumes the ``notifyFinish`` error (a client leaving is no error of
-    ours: it must not be logged as unhandled).
-    """
-    waiter.client_gone()
-
-
 class ReplyWaiter(Waiter):
     """A request/reply request: stored like any message, then waiting for its reply."""
 
@@ -620,8 +610,8 @@ def _finish(request: Any, body: bytes, content_type: Optional[bytes] = None) -> 
     request.respond(body, content_type)  # IngestRequest: one buffer, Content-Length computed
 
 
-def _finish_unless_gone(body: bytes, request: Request, gone: Deferred, content_type: Optional[bytes]) -> None:
-    if not gone.called:
+def _finish_unless_gone(body: bytes, request: Any, content_type: Optional[bytes]) -> None:
+    if not request.gone:
         _finish(request, body, content_type)
 
 
@@ -632,8 +622,8 @@ def _klein_ack(body: bytes, request: Request) -> bytes:
     return body
 
 
-def _fail_unless_gone(failure: Any, request: Request, gone: Deferred) -> None:
-    if gone.called:
+def _fail_unless_gone(failure: Any, request: Any) -> None:
+    if request.gone:
         return None
     if failure.check(Problem):
         _finish(request, write_problem(request, failure.value))
