@@ -18,6 +18,7 @@ from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from relayd.codec import EncodeError, encode_envelopes
@@ -254,9 +255,8 @@ class IngestApp:
         if not isinstance(result, Waiter):
             return _klein_ack(result, request)
         if route.reply_timeout is not None:
-            return result.deferred  # the reply brings its own headers
-        acked: Deferred[Any] = result.deferred  # fires with the ack body (`_acknowledge` is chained on)
-        return acked.addCallback(_klein_ack, request)
+            return result.deferred.addBoth(self._request_done)  # the reply brings its own headers
+        return result.deferred.addBoth(self._settled_klein, request, result)
 
     def replace_routes(self, routes: List[IngestRoute]) -> None:
         """Serve `routes` from the next request on (SIGHUP); requests in flight keep theirs."""
@@ -318,8 +318,7 @@ class IngestApp:
             route.metrics.rejected(p.reason)
             raise
         if isinstance(result, Waiter):
-            self.active += 1
-            result.deferred.addBoth(self._request_done)
+            self.active += 1  # until `_request_done`, called by whoever answers
         return result
 
     def serve(self, request: Request, route: IngestRoute) -> None:
@@ -334,12 +333,14 @@ class IngestApp:
             _finish(request, write_problem(request, p))
             return
         if isinstance(result, Waiter):
-            # Acks are JSON written with their type; a reply brings its own headers.
-            ctype = JSON_CONTENT_TYPE if route.reply_timeout is None else None
             request.gone_waiter = result  # type: ignore[attr-defined]  # IngestRequest.connectionLost frees it if the client leaves
-            result.deferred.addCallbacks(
-                _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, ctype), errbackArgs=(request,)
-            )
+            if route.reply_timeout is None:
+                result.deferred.addBoth(self._settled, request, result)  # one callback per stored request
+            else:  # the reply chain (`_request_reply`) gives the body and its headers
+                result.deferred.addBoth(self._request_done)
+                result.deferred.addCallbacks(
+                    _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, None), errbackArgs=(request,)
+                )
         else:
             _finish(request, result, JSON_CONTENT_TYPE)
 
@@ -434,12 +435,7 @@ class IngestApp:
                 raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
             route.metrics.ingested.inc(count)
             self._pending_acks.append((started + self._ack_timeout, waiter, count))
-            d = waiter.deferred
-            d.addCallbacks(
-                self._acknowledge,
-                _not_stored_problem,
-                callbackArgs=(request, route, ids, started, batch, waiter, digest),
-            )
+            waiter.context = (route, ids, started, batch, digest)  # read by `_settled` / `_settled_klein`
             return waiter
         if not self._buffer.offer(target, items, None):
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
@@ -447,6 +443,39 @@ class IngestApp:
         if digest is not None:
             route.recent.put(digest, ids[0].encode())
         return self._acknowledge(None, request, route, ids, started, batch)
+
+    def _settled(self, outcome: Any, request: Any, waiter: Waiter) -> Any:
+        """A stored-ack request's outcome: its ack or its problem, answered unless the client left.
+
+        The one callback on a stored request's `Waiter` (the hot path): the
+        ack's side effects (latency, the idempotency memory) happen even when
+        the client is gone.  A failure that is not a problem stays a failure
+        (logged as unhandled: a bug, not a client's fault).
+        """
+        self._request_done(None)
+        if isinstance(outcome, Failure):
+            problem = _outcome_problem(outcome.value)
+            if problem is None:
+                return outcome
+            if not request.gone:
+                _finish(request, write_problem(request, problem))
+            return None
+        route, ids, started, batch, digest = waiter.context
+        body = self._acknowledge(None, request, route, ids, started, batch, waiter, digest)
+        if not request.gone:
+            _finish(request, body, JSON_CONTENT_TYPE)
+        return None
+
+    def _settled_klein(self, outcome: Any, request: Request, waiter: Waiter) -> Any:
+        """`_settled` for a request answered through Klein: the body, or the problem raised."""
+        self._request_done(None)
+        if isinstance(outcome, Failure):
+            problem = _outcome_problem(outcome.value)
+            if problem is None:
+                return outcome
+            raise problem
+        route, ids, started, batch, digest = waiter.context
+        return _klein_ack(self._acknowledge(None, request, route, ids, started, batch, waiter, digest), request)
 
     def _acknowledge(
         self,
@@ -569,14 +598,25 @@ def _ack_level(raw: bytes, route_stored: bool) -> bool:
     raise BadRequest('Relayd-Ack must be "stored" or "accepted"')
 
 
-def _not_stored_problem(failure: Any) -> Any:
-    """The forwarder's `NotStored` becomes a 503 problem (other failures pass)."""
-    error = failure.value
+def _outcome_problem(error: Optional[BaseException]) -> Optional[Problem]:
+    """The problem answering a stored request that failed: the forwarder's
+    `NotStored` becomes a 503 (store-failed if something may be stored), a
+    `Problem` (the ack timeout) is itself; None for anything else."""
     if isinstance(error, NotStored):
         if error.maybe_stored:
-            raise StoreFailed(error.reason, retry_after=error.retry_after)
-        raise NotReady(f"{error.reason}; nothing was stored", retry_after=error.retry_after)
-    return failure
+            return StoreFailed(error.reason, retry_after=error.retry_after)
+        return NotReady(f"{error.reason}; nothing was stored", retry_after=error.retry_after)
+    if isinstance(error, Problem):
+        return error
+    return None
+
+
+def _not_stored_problem(failure: Any) -> Any:
+    """`_outcome_problem` as an errback (the reply chain): raise the problem, or pass the failure."""
+    problem = _outcome_problem(failure.value)
+    if problem is None:
+        return failure
+    raise problem
 
 
 class ReplyWaiter(Waiter):
