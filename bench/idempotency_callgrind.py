@@ -7,8 +7,8 @@ POSTs, with a unique Idempotency-Key per request or none), but relayd and redis-
 ``valgrind --tool=callgrind`` and the figure is the instructions each executed per request
 (counters zeroed before a round, dumped after it).  Throughput on a 2-core box shared with other
 test runs swings 2x between rounds; instruction counts do not.  They miss what instructions do
-not show (cache misses, system-call latency), so they are a proxy: on a quiet box the 0.74-0.77x
-throughput ratio of the code before the cost work (7ac7263) vs its 0.70-0.74x instruction ratio.
+not show (cache misses, system-call latency), so they are a proxy: the code before the cost work
+(7ac7263) had a keyed/plain throughput ratio of 0.74-0.77x on a quiet box, 0.70-0.74x here.
 
 Under valgrind relayd serves ~50-100 requests/s, so each round has ~1,000 requests.
 Needs valgrind (Debian package ``valgrind``); bench-only, not needed by the tests.
