@@ -18,12 +18,27 @@ same sums) from the same items.
 - A message id that occurs twice in one batch is counted once (the
   outbox is at-least-once); ids across batches are deduplicated by the
   hash sink.
+- Two parsers, one result.  `aggregate_packed` first tries the *lean*
+  parser: one compiled regular expression over the whole packed batch
+  (TAKE's reply) that accepts only envelopes of the exact shape ingest
+  writes for a flat body ``{"<key>":"<string>","<value>":<integer>}`` (either
+  order), then checks in C-level bulk operations that the matches tile the
+  batch exactly (every match is one length-prefixed item, nothing in
+  between), that no id repeats and that no sum leaves the range.  Items
+  that shape covers parse to exactly what ``ujson.loads`` gives (no
+  escapes, no control characters, integers without exponent), so the sums
+  are the same; anything else (a misfit, a nested pointer, an escaped key,
+  a repeated id, non-UTF-8) makes the whole batch take the general parser
+  (`aggregate`: ``ujson.loads`` per item, every misfit dead-lettered with
+  its reason).  The lean path costs ~0.6 us an item against ~3 us.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+import re
+from collections import Counter
+from typing import Any, Dict, List, NamedTuple, Optional, Pattern, Sequence, Set, Tuple
 
 import attrs
 import ujson
@@ -103,27 +118,59 @@ class Dead:
         ).encode("utf-8")
 
 
-@attrs.frozen
 class Batch:
-    """The aggregate of one processing list's items."""
+    """The aggregate of one processing list's items.
 
-    id: str  # batch_digest(items)
-    sums: Dict[str, int]  # key -> sum of the counted messages' values
-    counted: Tuple[Counted, ...]  # every counted message (dedupe and PG adjust)
-    dead: Tuple[Dead, ...]
-    min_ts: Optional[float]  # ts of the oldest item (counted or dead), for staleness
-    size: int  # items in the batch
+    The counted messages are kept as columns (ids, keys, values, ts), the
+    shape the lean parser produces without a Python object per message;
+    `counted` builds `Counted` tuples on demand (duplicates, exclusions:
+    rare paths).
+    """
+
+    __slots__ = ("id", "sums", "dead", "min_ts", "size", "ids", "_keys", "_values", "tss", "_counted")
+
+    def __init__(
+        self,
+        id: str,
+        sums: Dict[str, int],
+        dead: Tuple[Dead, ...],
+        min_ts: Optional[float],
+        size: int,
+        ids: Sequence[bytes],
+        keys: Sequence[Any],
+        values: Sequence[int],
+        tss: Sequence[float],
+    ) -> None:
+        self.id = id  # batch_digest(items)
+        self.sums = sums  # key -> sum of the counted messages' values (zeros dropped)
+        self.dead = dead
+        self.min_ts = min_ts  # ts of the oldest item (counted or dead), for staleness
+        self.size = size  # items in the batch
+        self.ids = ids  # counted message ids (ASCII bytes), one per distinct id, batch order
+        self._keys = keys  # their keys (str, or UTF-8 bytes from the lean parser)
+        self._values = values
+        self.tss = tss  # their ts (0.0 when the envelope had none)
+        self._counted: Optional[Tuple[Counted, ...]] = None
+
+    @property
+    def counted(self) -> Tuple[Counted, ...]:
+        """Every counted message (built on first use)."""
+        if self._counted is None:
+            self._counted = tuple(
+                Counted(i.decode("ascii", "replace"), k.decode("utf-8") if isinstance(k, bytes) else k, v, t)
+                for i, k, v, t in zip(self.ids, self._keys, self._values, self.tss)
+            )
+        return self._counted
 
     def without(self, duplicate_ids: Sequence[str]) -> Dict[str, int]:
         """The sums once the messages with `duplicate_ids` are taken out (zeros dropped)."""
-        if not duplicate_ids:
-            return dict(self.sums)
-        dups = set(duplicate_ids)
         sums = dict(self.sums)
-        for c in self.counted:
-            if c.id in dups:
-                sums[c.key] -= c.value
-                dups.discard(c.id)  # a batch counts an id once
+        if duplicate_ids:
+            dups = set(duplicate_ids)
+            for c in self.counted:
+                if c.id in dups:
+                    sums[c.key] -= c.value
+                    dups.discard(c.id)  # a batch counts an id once
         return {k: v for k, v in sums.items() if v != 0}
 
 
@@ -170,13 +217,111 @@ def _key_text(value: Any) -> Optional[str]:
 def aggregate(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:
     """Sum the envelopes in `items` per key; dead-letter what does not fit.
 
+    The same as `aggregate_packed` of ``pack(items)`` (lean parser first).
+    """
+    return aggregate_packed(pack(items), key_pointer, value_pointer)
+
+
+def aggregate_packed(packed: bytes, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:
+    """`aggregate` of TAKE's packed reply: the lean parser, else the general one."""
+    batch = _aggregate_lean(packed, key_pointer, value_pointer)
+    if batch is None:
+        batch = aggregate_items(split_packed(packed), key_pointer, value_pointer)
+    return batch
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_STRING = rb'"[^"\\\x00-\x1f]*"'
+_ENVELOPE_HEAD = (
+    rb'([0-9]+):(\{"id":"([0-9A-Za-z_\-]{1,64})","ts":(-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,17})?),'
+    rb'"route":' + _STRING + rb',"content_type":(?:' + _STRING + rb'|null),"body":\{'
+)
+_KEY_FIELD = rb'"%s":"([^"\\\x00-\x1f]*)"'
+#: Integers of up to 15 digits: below 2**53 however signed.
+_VALUE_FIELD = rb'"%s":(-?(?:0|[1-9][0-9]{0,14}))'
+
+
+def _lean_patterns(key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Tuple[Pattern[bytes], ...]:
+    """The envelope patterns for one-level pointers with plain names (key first, value first)."""
+    if len(key_pointer) != 1 or len(value_pointer) != 1 or key_pointer == value_pointer:
+        return ()
+    k, v = key_pointer[0], value_pointer[0]
+    if not (_SAFE_NAME.fullmatch(k) and _SAFE_NAME.fullmatch(v)):
+        return ()
+    kf, vf = _KEY_FIELD % re.escape(k).encode(), _VALUE_FIELD % re.escape(v).encode()
+    # groups: 1 length prefix, 2 envelope, 3 id, 4 ts, then key and value in body order
+    return (
+        re.compile(_ENVELOPE_HEAD + kf + b"," + vf + rb"\}\})"),
+        re.compile(_ENVELOPE_HEAD + vf + b"," + kf + rb"\}\})"),
+    )
+
+
+_PATTERNS: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], Tuple[Pattern[bytes], ...]] = {}
+
+
+def _aggregate_lean(packed: bytes, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Optional[Batch]:
+    """The lean parser (module docstring); None when the batch needs the general one."""
+    if not packed:
+        return None
+    patterns = _PATTERNS.get((key_pointer, value_pointer))
+    if patterns is None:
+        patterns = _PATTERNS[(key_pointer, value_pointer)] = _lean_patterns(key_pointer, value_pointer)
+    if not packed.isascii():
+        try:
+            packed.decode("utf-8")  # ujson refuses invalid UTF-8: let the general parser say so
+        except UnicodeDecodeError:
+            return None
+    for order, pattern in enumerate(patterns):
+        rows = pattern.findall(packed)
+        if not rows:
+            continue
+        prefixes, envelopes, ids, tss, first, second = zip(*rows)
+        # The matches tile the batch: each is one whole length-prefixed item, nothing in between.
+        if list(map(len, envelopes)) != list(map(int, prefixes)):
+            continue
+        if sum(map(len, prefixes)) + len(rows) + sum(map(len, envelopes)) != len(packed):
+            continue
+        if len(set(ids)) != len(ids):
+            return None  # a message twice in the batch: the general parser counts it once
+        keys, raw_values = (first, second) if order == 0 else (second, first)
+        values = list(map(int, raw_values))
+        if raw_values.count(b"1") == len(raw_values):
+            by_key: Dict[bytes, int] = Counter(keys)
+        else:
+            by_key = {}
+            get = by_key.get
+            for key, value in zip(keys, values):
+                by_key[key] = get(key, 0) + value
+        if max(by_key.values()) >= MAX_MAGNITUDE or min(by_key.values()) <= -MAX_MAGNITUDE:
+            return None  # a batch sum out of range: the general parser dead-letters the overflow
+        times = list(map(float, tss))
+        return Batch(
+            id=hashlib.sha1(packed).hexdigest(),
+            sums={k.decode("utf-8"): v for k, v in by_key.items() if v != 0},
+            dead=(),
+            min_ts=min(times),
+            size=len(rows),
+            ids=ids,
+            keys=keys,
+            values=values,
+            tss=times,
+        )
+    return None
+
+
+def aggregate_items(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:
+    """The general parser: ``ujson.loads`` per item.
+
     An item is counted when it is a relayd envelope (``id``, ``ts`` and
     ``body``) whose body has a string (or integer) at `key_pointer` and an
     integer ``|v| < 2**53`` at `value_pointer`.  Anything else is `Dead`
     with a reason; it never stops the batch.
     """
     sums: Dict[str, int] = {}
-    counted: List[Counted] = []
+    ids: List[bytes] = []
+    keys: List[str] = []
+    values: List[int] = []
+    tss: List[float] = []
     dead: List[Dead] = []
     seen: Set[str] = set()
     min_ts: Optional[float] = None
@@ -215,12 +360,18 @@ def aggregate(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_pointe
             continue
         seen.add(message_id)
         sums[key] = total
-        counted.append(Counted(message_id, key, value, float(ts)))
+        ids.append(message_id.encode("ascii", "replace"))
+        keys.append(key)
+        values.append(value)
+        tss.append(float(ts))
     return Batch(
         id=batch_digest(items),
-        sums=sums,
-        counted=tuple(counted),
+        sums={k: v for k, v in sums.items() if v != 0},
         dead=tuple(dead),
         min_ts=min_ts,
         size=len(items),
+        ids=ids,
+        keys=keys,
+        values=values,
+        tss=tss,
     )

@@ -56,14 +56,14 @@ other: its P is counted (through the same steps) and its Q moved over.
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Optional
 
 import ujson
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relayd.config import CounterConfig
-from relayd.counters.aggregate import Dead, aggregate
+from relayd.counters.aggregate import Dead, aggregate_packed
 from relayd.counters.cycle import CycleService
 from relayd.counters.keys import CounterKeys
 from relayd.counters.redis_sink import HashSink
@@ -179,11 +179,11 @@ class Aggregator(CycleService):
 
     async def count_batch(self, proc: Optional[bytes], max_items: int) -> int:
         """Steps 1-5 for process `proc`'s processing list (None: this process)."""
-        items: List[bytes] = await self.queue.take(self._redis, max_items, proc)
-        if not items:
+        packed: bytes = await self.queue.take_packed(self._redis, max_items, proc)
+        if not packed:
             await self._sample_list()
             return 0
-        batch = aggregate(items, self._config.key, self._config.value)
+        batch = aggregate_packed(packed, self._config.key, self._config.value)
         if batch.min_ts is not None:
             self._batch_ts = batch.min_ts if self._batch_ts is None else min(self._batch_ts, batch.min_ts)
         applied = await self._sink.apply(self._redis, batch)
@@ -207,14 +207,14 @@ class Aggregator(CycleService):
                     self._on_pending()
             m = self._metrics
             if m is not None:
-                m.applied.inc(len(batch.counted) - len(applied.duplicates) - sum(
-                    1 for c in batch.counted if c.key in set(applied.excluded)
-                ))
+                excluded_keys = set(applied.excluded)
+                left_out = sum(1 for c in batch.counted if c.key in excluded_keys) if excluded_keys else 0
+                m.applied.inc(len(batch.ids) - len(applied.duplicates) - left_out)
                 m.duplicates.inc(len(applied.duplicates))
                 m.dead.inc(len(dead))
                 m.batches.inc()
         self.cycles += 1
-        return len(items)
+        return batch.size
 
     async def _sample_list(self) -> None:
         """Remember the ts of the list's oldest item (the staleness gauge's other half)."""

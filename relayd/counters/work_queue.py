@@ -40,11 +40,14 @@ class WorkQueue:
     def __init__(self, keys: CounterKeys) -> None:
         self.keys = keys
 
+    def take_packed(self, redis: Any, max_items: int, proc: bytes | None = None) -> Any:
+        """Fires with the batch as TAKE packs it (``len:item`` each; ``b""``: nothing to count)."""
+        keys = [self.keys.list, self.keys.processing(proc), self.keys.batch_id(proc)]
+        return _TAKE(redis, keys, [b"%d" % max_items]).addCallback(lambda packed: packed or b"")
+
     def take(self, redis: Any, max_items: int, proc: bytes | None = None) -> Any:
         """Fires with the batch's items (``[]`` when there is nothing to count)."""
-        keys = [self.keys.list, self.keys.processing(proc), self.keys.batch_id(proc)]
-        d = _TAKE(redis, keys, [b"%d" % max_items])
-        return d.addCallback(lambda packed: split_packed(packed or b""))
+        return self.take_packed(redis, max_items, proc).addCallback(split_packed)
 
     def complete(self, redis: Any, batch_id: str, summary: bytes, proc: bytes | None = None) -> Any:
         """Fires with 1 (done), 0 (already done) or -1 (another batch is there)."""
