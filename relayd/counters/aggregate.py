@@ -127,7 +127,7 @@ class Batch:
     rare paths).
     """
 
-    __slots__ = ("id", "sums", "dead", "min_ts", "size", "ids", "_keys", "_values", "tss", "_counted")
+    __slots__ = ("id", "sums", "dead", "min_ts", "size", "ids", "_keys", "_values", "_tss", "ts_range", "_counted")
 
     def __init__(
         self,
@@ -139,7 +139,8 @@ class Batch:
         ids: Sequence[bytes],
         keys: Sequence[Any],
         values: Sequence[int],
-        tss: Sequence[float],
+        tss: Sequence[Any],
+        ts_range: Optional[Tuple[float, float]] = None,
     ) -> None:
         self.id = id  # batch_digest(items)
         self.sums = sums  # key -> sum of the counted messages' values (zeros dropped)
@@ -149,8 +150,17 @@ class Batch:
         self.ids = ids  # counted message ids (ASCII bytes), one per distinct id, batch order
         self._keys = keys  # their keys (str, or UTF-8 bytes from the lean parser)
         self._values = values
-        self.tss = tss  # their ts (0.0 when the envelope had none)
+        self._tss = tss  # their ts: floats (0.0 when the envelope had none), or the lean parser's digits
+        #: (lowest, highest) ts of the counted messages; None when there are none.
+        self.ts_range = ts_range if ts_range is not None else ((min(tss), max(tss)) if tss else None)
         self._counted: Optional[Tuple[Counted, ...]] = None
+
+    @property
+    def tss(self) -> Sequence[float]:
+        """The counted messages' ts as floats (converted on first use)."""
+        if self._tss and not isinstance(self._tss[0], float):
+            self._tss = list(map(float, self._tss))
+        return self._tss
 
     @property
     def counted(self) -> Tuple[Counted, ...]:
@@ -294,19 +304,42 @@ def _aggregate_lean(packed: bytes, key_pointer: Tuple[str, ...], value_pointer: 
                 by_key[key] = get(key, 0) + value
         if max(by_key.values()) >= MAX_MAGNITUDE or min(by_key.values()) <= -MAX_MAGNITUDE:
             return None  # a batch sum out of range: the general parser dead-letters the overflow
-        times = list(map(float, tss))
+        low, high = _ts_range(tss)
         return Batch(
             id=hashlib.sha1(packed).hexdigest(),
             sums={k.decode("utf-8"): v for k, v in by_key.items() if v != 0},
             dead=(),
-            min_ts=min(times),
+            min_ts=low,
             size=len(rows),
             ids=ids,
             keys=keys,
             values=values,
-            tss=times,
+            tss=tss,
+            ts_range=(low, high),
         )
     return None
+
+
+def _ts_range(tss: Sequence[bytes]) -> Tuple[float, float]:
+    """(min, max) of JSON numbers given as digits, without a float per item when it can.
+
+    Ingest writes every ts as ``%.6f``: when all have the same length, the
+    point at the same place and no sign, the text order is the numeric
+    order and two conversions do.  Anything else converts each.
+    """
+    width = len(tss[0])
+    dot = tss[0].find(b".")
+    joined = b"".join(tss)
+    if (
+        dot > 0
+        and len(joined) == width * len(tss)
+        and b"-" not in joined
+        and joined[dot::width].count(b".") == len(tss)
+        and joined.count(b".") == len(tss)
+    ):
+        return float(min(tss)), float(max(tss))
+    times = list(map(float, tss))
+    return min(times), max(times)
 
 
 def aggregate_items(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:

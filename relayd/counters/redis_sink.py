@@ -51,9 +51,9 @@ class Applied:
 
 def _buckets(batch: Batch, dedupe_window: int) -> Dict[int, Sequence[bytes]]:
     """The batch's message ids per seen-set bucket (ts minute)."""
-    if dedupe_window <= 0 or not batch.ids:
+    if dedupe_window <= 0 or not batch.ids or batch.ts_range is None:
         return {}
-    low, high = int(min(batch.tss) // SEEN_BUCKET_SECONDS), int(max(batch.tss) // SEEN_BUCKET_SECONDS)
+    low, high = (int(t // SEEN_BUCKET_SECONDS) for t in batch.ts_range)
     if low == high:
         return {low: batch.ids}  # the usual batch: a few seconds of traffic, one minute
     out: Dict[int, List[bytes]] = {}
