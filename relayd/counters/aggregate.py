@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from operator import add, sub
 from typing import Any, Dict, List, NamedTuple, Optional, Pattern, Sequence, Set, Tuple
 
 import attrs
@@ -241,32 +242,39 @@ def aggregate_packed(packed: bytes, key_pointer: Tuple[str, ...], value_pointer:
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
-_STRING = rb'"[^"\\\x00-\x1f]*"'
+# Possessive repeats (*+): nothing here ever needs to backtrack into a string.
+_STRING = rb'"[^"\\\x00-\x1f]*+"'
 _ENVELOPE_HEAD = (
-    rb'([0-9]+):(\{"id":"([0-9A-Za-z_\-]{1,64})","ts":(-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,17})?),'
-    rb'"route":' + _STRING + rb',"content_type":(?:' + _STRING + rb'|null),"body":\{'
+    rb'([0-9]++):\{"id":"([0-9A-Za-z_\-]{1,64}+)","ts":(-?(?:0|[1-9][0-9]{0,17}+)(?:\.[0-9]{1,17}+)?),'
+    rb'("route":' + _STRING + rb',"content_type":(?:' + _STRING + rb'|null)),"body":\{'
 )
-_KEY_FIELD = rb'"%s":"([^"\\\x00-\x1f]*)"'
+_KEY_FIELD = rb'"%s":"([^"\\\x00-\x1f]*+)"'
 #: Integers of up to 15 digits: below 2**53 however signed.
-_VALUE_FIELD = rb'"%s":(-?(?:0|[1-9][0-9]{0,14}))'
+_VALUE_FIELD = rb'"%s":(-?(?:0|[1-9][0-9]{0,14}+))'
 
 
-def _lean_patterns(key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Tuple[Pattern[bytes], ...]:
-    """The envelope patterns for one-level pointers with plain names (key first, value first)."""
+def _lean_patterns(key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Tuple[Tuple[Pattern[bytes], int], ...]:
+    """(pattern, fixed length) for one-level pointers with plain names, key first and value first.
+
+    Groups: 1 length prefix, 2 id, 3 ts, 4 the route and content type,
+    then the key and the value in body order; an envelope's length is the
+    fixed length plus the lengths of groups 2-6.
+    """
     if len(key_pointer) != 1 or len(value_pointer) != 1 or key_pointer == value_pointer:
         return ()
     k, v = key_pointer[0], value_pointer[0]
     if not (_SAFE_NAME.fullmatch(k) and _SAFE_NAME.fullmatch(v)):
         return ()
     kf, vf = _KEY_FIELD % re.escape(k).encode(), _VALUE_FIELD % re.escape(v).encode()
-    # groups: 1 length prefix, 2 envelope, 3 id, 4 ts, then key and value in body order
+    fixed_key_first = len('{"id":"","ts":,,"body":{"%s":"","%s":}}' % (k, v))
+    fixed_value_first = len('{"id":"","ts":,,"body":{"%s":,"%s":""}}' % (v, k))
     return (
-        re.compile(_ENVELOPE_HEAD + kf + b"," + vf + rb"\}\})"),
-        re.compile(_ENVELOPE_HEAD + vf + b"," + kf + rb"\}\})"),
+        (re.compile(_ENVELOPE_HEAD + kf + b"," + vf + rb"\}\}"), fixed_key_first),
+        (re.compile(_ENVELOPE_HEAD + vf + b"," + kf + rb"\}\}"), fixed_value_first),
     )
 
 
-_PATTERNS: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], Tuple[Pattern[bytes], ...]] = {}
+_PATTERNS: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], Tuple[Tuple[Pattern[bytes], int], ...]] = {}
 
 
 def _aggregate_lean(packed: bytes, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Optional[Batch]:
@@ -281,15 +289,18 @@ def _aggregate_lean(packed: bytes, key_pointer: Tuple[str, ...], value_pointer: 
             packed.decode("utf-8")  # ujson refuses invalid UTF-8: let the general parser say so
         except UnicodeDecodeError:
             return None
-    for order, pattern in enumerate(patterns):
+    for order, (pattern, fixed) in enumerate(patterns):
         rows = pattern.findall(packed)
         if not rows:
             continue
-        prefixes, envelopes, ids, tss, first, second = zip(*rows)
+        prefixes, ids, tss, heads, first, second = columns = tuple(zip(*rows))
         # The matches tile the batch: each is one whole length-prefixed item, nothing in between.
-        if list(map(len, envelopes)) != list(map(int, prefixes)):
+        lengths = list(map(len, ids))
+        for column in columns[2:]:
+            lengths = list(map(add, lengths, map(len, column)))
+        if list(map(sub, map(int, prefixes), lengths)) != [fixed] * len(rows):
             continue
-        if sum(map(len, prefixes)) + len(rows) + sum(map(len, envelopes)) != len(packed):
+        if sum(map(len, prefixes)) + len(rows) + sum(lengths) + fixed * len(rows) != len(packed):
             continue
         if len(set(ids)) != len(ids):
             return None  # a message twice in the batch: the general parser counts it once
