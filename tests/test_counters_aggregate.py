@@ -21,8 +21,9 @@ from relayd.counters.aggregate import (
     aggregate,
     aggregate_items,
     batch_digest,
-    pack,
+    frame,
     parse_pointer,
+    parse_take_reply,
     resolve,
 )
 from relayd.counters.redis_sink import apply_args, parse_marker
@@ -91,13 +92,25 @@ class AggregateTests(unittest.TestCase):
 
     @given(st.lists(st.binary(max_size=20), max_size=10), st.lists(st.binary(max_size=20), max_size=10))
     def test_digest_separates_batches(self, a, b) -> None:  # type: ignore[no-untyped-def]
-        """Different item lists have different digests (length prefixes: no concatenation collisions)."""
+        """Different item lists have different fence digests and batch ids (lengths: no concatenation collisions)."""
         if a != b:
             self.assertNotEqual(batch_digest(a), batch_digest(b))
+            self.assertNotEqual(frame(a).id, frame(b).id)
 
     def test_digest_matches_lua_definition(self) -> None:
-        """The digest is SHA-1 over ``len:item`` (what the Lua fence computes)."""
+        """The fence digest is SHA-1 over ``len:item`` (what TRIM_TAIL computes)."""
         self.assertEqual(batch_digest([b"ab", b"c"]), hashlib.sha1(b"2:ab1:c").hexdigest())
+
+    @given(st.lists(st.binary(max_size=30), min_size=1, max_size=10))
+    def test_frame_round_trip(self, items) -> None:  # type: ignore[no-untyped-def]
+        """A framed TAKE reply parses back to the same id and items; the id is SHA-1 of ``<lens>\\n<items>``."""
+        f = frame(items)
+        self.assertEqual(f.id, hashlib.sha1(b",".join(b"%d" % len(i) for i in items) + b"\n" + b"".join(items)).hexdigest())
+        back = parse_take_reply(f.id.encode() + b"\n" + b",".join(b"%d" % n for n in f.lengths) + b"\n" + f.body)
+        self.assertEqual((back.id, back.items()), (f.id, list(items)))  # type: ignore[union-attr]
+        self.assertIsNone(parse_take_reply(b""))
+        with self.assertRaises(ValueError):
+            parse_take_reply(f.id.encode() + b"\n" + b",".join(b"%d" % n for n in f.lengths) + b"\n" + f.body + b"x")
 
     def test_duplicates_adjust_sums(self) -> None:
         """`Batch.without` takes duplicate messages' values out and drops zero sums."""
@@ -162,7 +175,7 @@ def lean_shaped_items(draw):  # type: ignore[no-untyped-def]
     """Items mostly of the shape the lean parser takes, with the variations it must refuse or get right."""
     items = []
     for i in range(draw(st.integers(1, 30))):
-        kind = draw(st.sampled_from(["plain", "plain", "plain", "reversed", "escaped", "unicode", "extra", "big", "repeat", "glued", "float", "zero"]))
+        kind = draw(st.sampled_from(["plain", "plain", "plain", "reversed", "escaped", "unicode", "extra", "big", "repeat", "glued", "halves", "float", "zero"]))
         key = draw(st.sampled_from(["a", "b", "00000000-0000-4000-8000-000000000001"]))
         value = draw(st.integers(-5, 5))
         ts = draw(st.sampled_from([1.0, 59.999999, 60.0, 1_800_000_000.123456]))
@@ -179,9 +192,13 @@ def lean_shaped_items(draw):  # type: ignore[no-untyped-def]
         elif kind == "repeat" and items:
             items.append(items[draw(st.integers(0, len(items) - 1))])
         elif kind == "glued" and items:
-            # one list item holding two envelopes behind a fake length prefix: never two messages
-            second = env(1000 + i, {"key": key, "value": 1}, ts)
-            items.append(items[-1] + b"%d:" % len(second) + second)
+            # one list item holding two envelopes back to back: never two messages
+            items.append(items[-1] + env(1000 + i, {"key": key, "value": 1}, ts))
+        elif kind == "halves":
+            # one envelope cut across two list items: never one message
+            whole = env(i, {"key": key, "value": value}, ts)
+            cut = draw(st.integers(1, len(whole) - 1))
+            items.extend([whole[:cut], whole[cut:]])
         elif kind == "float":
             items.append(env(i, {"key": key, "value": 1.0}, ts))
         elif kind == "zero":
@@ -198,7 +215,7 @@ class LeanParserTests(unittest.TestCase):
     def test_lean_equals_general(self, items) -> None:  # type: ignore[no-untyped-def]
         """Whenever the lean parser takes a batch, every field of its result equals the general parser's."""
         general = aggregate_items(items, KEY, VALUE)
-        lean = _aggregate_lean(pack(items), KEY, VALUE)
+        lean = _aggregate_lean(frame(items), KEY, VALUE)
         if lean is None:
             return
         self.assertEqual(lean.id, general.id)
@@ -209,15 +226,18 @@ class LeanParserTests(unittest.TestCase):
     def test_lean_takes_the_common_batch(self) -> None:
         """A batch as ingest writes it (either body order) is parsed lean; a misfit, a glued item or a repeat sends it to the general parser."""
         plain = [env(i, {"key": "k%d" % (i % 3), "value": 1}) for i in range(50)]
-        self.assertIsNotNone(_aggregate_lean(pack(plain), KEY, VALUE))
-        self.assertIsNotNone(_aggregate_lean(pack([env(i, {"value": 2, "key": "k"}) for i in range(5)]), KEY, VALUE))
-        glued = plain[:-2] + [plain[-2] + b"%d:" % len(plain[-1]) + plain[-1]]
-        self.assertIsNone(_aggregate_lean(pack(glued), KEY, VALUE))
+        self.assertIsNotNone(_aggregate_lean(frame(plain), KEY, VALUE))
+        self.assertIsNotNone(_aggregate_lean(frame([env(i, {"value": 2, "key": "k"}) for i in range(5)]), KEY, VALUE))
+        glued = plain[:-2] + [plain[-2] + plain[-1]]
+        self.assertIsNone(_aggregate_lean(frame(glued), KEY, VALUE))
         self.assertEqual(aggregate(glued, KEY, VALUE).size, 49)
         self.assertEqual(len(aggregate(glued, KEY, VALUE).dead), 1)
-        self.assertIsNone(_aggregate_lean(pack(plain + [plain[0]]), KEY, VALUE))
-        self.assertIsNone(_aggregate_lean(pack(plain + [b"junk"]), KEY, VALUE))
-        self.assertIsNone(_aggregate_lean(pack(plain), ("a", "b"), VALUE))
+        self.assertIsNone(_aggregate_lean(frame(plain + [plain[0]]), KEY, VALUE))
+        halves = plain[:-1] + [plain[-1][:50], plain[-1][50:]]
+        self.assertIsNone(_aggregate_lean(frame(halves), KEY, VALUE))
+        self.assertEqual(len(aggregate(halves, KEY, VALUE).dead), 2)
+        self.assertIsNone(_aggregate_lean(frame(plain + [b"junk"]), KEY, VALUE))
+        self.assertIsNone(_aggregate_lean(frame(plain), ("a", "b"), VALUE))
 
 
 BASE = '[[route]]\npath = "/increments"\nlist = "increments"\n'

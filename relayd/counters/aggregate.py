@@ -5,26 +5,27 @@ about a batch is computed here from the bytes of its items, so a process
 that recovers a crashed batch recomputes *the same* batch (same digest,
 same sums) from the same items.
 
-- The batch id is the SHA-1 of the items, length-prefixed, in the order
-  the processing list holds them (`batch_digest`).  Redis computes the same
-  digest in Lua to fence the "complete" step (work_queue.py), and the hash
-  sink records it as the applied-batch marker.  Distinct batches have
-  distinct items (message ids are unique), hence distinct ids.
-- Values are integers with ``|v| < 2**53``: Redis' Lua computes with
-  doubles, which are exact below 2**53, so the Lua apply can adjust sums
-  for duplicates exactly; per-key sums are kept in that range too (a
-  message that would push its key's batch sum out of it is dead-lettered).
+- The batch id is the SHA-1 of the batch *framed* as TAKE returns it
+  (``<len 1>,...,<len n>\n<item 1>...<item n>``, `frame`), in the order
+  the processing list holds the items.  TAKE computes it in Lua, stores it
+  next to the processing list (the "complete" step fences on it) and
+  returns it with the batch; the hash sink records it as the applied-batch
+  marker.  Distinct batches have distinct items (message ids are unique),
+  hence distinct ids.
+- Values are integers with ``|v| < 2**53`` and so are per-key sums within
+  a batch (a message that would push its key's batch sum out of that range
+  is dead-lettered): exact as doubles anywhere (Lua, JSON readers).
   Increments of 9e15 are not a counting use case; the bound is documented.
 - A message id that occurs twice in one batch is counted once (the
   outbox is at-least-once); ids across batches are deduplicated by the
   hash sink.
-- Two parsers, one result.  `aggregate_packed` first tries the *lean*
-  parser: one compiled regular expression over the whole packed batch
+- Two parsers, one result.  `aggregate_framed` first tries the *lean*
+  parser: one compiled regular expression over the concatenated items
   (TAKE's reply) that accepts only envelopes of the exact shape ingest
   writes for a flat body ``{"<key>":"<string>","<value>":<integer>}`` (either
   order), then checks in C-level bulk operations that the matches tile the
-  batch exactly (every match is one length-prefixed item, nothing in
-  between), that no id repeats and that no sum leaves the range.  Items
+  batch exactly (match i has exactly item i's length, as many matches as
+  items), that no id repeats and that no sum leaves the range.  Items
   that shape covers parse to exactly what ``ujson.loads`` gives (no
   escapes, no control characters, integers without exponent), so the sums
   are the same; anything else (a misfit, a nested pointer, an escaped key,
@@ -38,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from itertools import accumulate
 from operator import add, sub
 from typing import Any, Dict, List, NamedTuple, Optional, Pattern, Sequence, Set, Tuple
 
@@ -143,7 +145,7 @@ class Batch:
         tss: Sequence[Any],
         ts_range: Optional[Tuple[float, float]] = None,
     ) -> None:
-        self.id = id  # batch_digest(items)
+        self.id = id  # the batch id (TAKE's, or frame(items).id)
         self.sums = sums  # key -> sum of the counted messages' values (zeros dropped)
         self.dead = dead
         self.min_ts = min_ts  # ts of the oldest item (counted or dead), for staleness
@@ -185,31 +187,48 @@ class Batch:
         return {k: v for k, v in sums.items() if v != 0}
 
 
+class Framed(NamedTuple):
+    """A batch as TAKE returns it: its id, the items' lengths, the items concatenated."""
+
+    id: str
+    lengths: List[int]
+    body: bytes
+
+    def items(self) -> List[bytes]:
+        """The items, cut out of `body` by `lengths`."""
+        ends = list(accumulate(self.lengths))
+        return [self.body[end - n : end] for n, end in zip(self.lengths, ends)]
+
+
+def frame(items: Sequence[bytes]) -> Framed:
+    """Frame `items` the way TAKE does (id = SHA-1 of ``<lens>\\n<items>``)."""
+    header = b",".join([b"%d" % len(item) for item in items])
+    body = b"".join(items)
+    return Framed(hashlib.sha1(header + b"\n" + body).hexdigest(), [len(item) for item in items], body)
+
+
+def parse_take_reply(reply: bytes) -> Optional[Framed]:
+    """``<id>\\n<lens>\\n<items>`` -> `Framed` (None for ``b""``: nothing taken).
+
+    Raises ValueError when the reply is malformed (lengths that do not add
+    up to the body): never guess at a batch's boundaries.
+    """
+    if not reply:
+        return None
+    batch_id, header, body = reply.split(b"\n", 2)
+    lengths = list(map(int, header.split(b",")))
+    if sum(lengths) != len(body) or min(lengths) < 0:
+        raise ValueError("malformed TAKE reply: item lengths do not add up")
+    return Framed(batch_id.decode("ascii"), lengths, body)
+
+
 def pack(items: Sequence[bytes]) -> bytes:
-    """``len:item`` for each item, concatenated (the digest's input; TAKE's reply)."""
+    """``len:item`` for each item, concatenated (the fence digest's input)."""
     return b"".join(b"%d:%s" % (len(item), item) for item in items)
 
 
-def split_packed(packed: bytes) -> List[bytes]:
-    """Inverse of `pack`; raises ValueError on a malformed string."""
-    items = []
-    pos, end = 0, len(packed)
-    find = packed.find
-    while pos < end:
-        colon = find(b":", pos)
-        if colon < 0:
-            raise ValueError("malformed packed items")
-        start = colon + 1
-        stop = start + int(packed[pos:colon])
-        if stop > end:
-            raise ValueError("truncated packed items")
-        items.append(packed[start:stop])
-        pos = stop
-    return items
-
-
 def batch_digest(items: Sequence[bytes]) -> str:
-    """SHA-1 hex of ``len:item`` for each item; the Lua fence computes the same."""
+    """SHA-1 hex of ``len:item`` for each item; the Lua fence (TRIM_TAIL) computes the same."""
     h = hashlib.sha1()
     for item in items:
         h.update(b"%d:" % len(item))
@@ -228,16 +247,16 @@ def _key_text(value: Any) -> Optional[str]:
 def aggregate(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:
     """Sum the envelopes in `items` per key; dead-letter what does not fit.
 
-    The same as `aggregate_packed` of ``pack(items)`` (lean parser first).
+    The same as `aggregate_framed` of ``frame(items)`` (lean parser first).
     """
-    return aggregate_packed(pack(items), key_pointer, value_pointer)
+    return aggregate_framed(frame(items), key_pointer, value_pointer)
 
 
-def aggregate_packed(packed: bytes, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:
-    """`aggregate` of TAKE's packed reply: the lean parser, else the general one."""
-    batch = _aggregate_lean(packed, key_pointer, value_pointer)
+def aggregate_framed(framed: Framed, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:
+    """`aggregate` of TAKE's framed batch: the lean parser, else the general one."""
+    batch = _aggregate_lean(framed, key_pointer, value_pointer)
     if batch is None:
-        batch = aggregate_items(split_packed(packed), key_pointer, value_pointer)
+        batch = aggregate_items(framed.items(), key_pointer, value_pointer, framed.id)
     return batch
 
 
@@ -245,7 +264,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 # Possessive repeats (*+): nothing here ever needs to backtrack into a string.
 _STRING = rb'"[^"\\\x00-\x1f]*+"'
 _ENVELOPE_HEAD = (
-    rb'([0-9]++):\{"id":"([0-9A-Za-z_\-]{1,64}+)","ts":(-?(?:0|[1-9][0-9]{0,17}+)(?:\.[0-9]{1,17}+)?),'
+    rb'\{"id":"([0-9A-Za-z_\-]{1,64}+)","ts":(-?(?:0|[1-9][0-9]{0,17}+)(?:\.[0-9]{1,17}+)?),'
     rb'("route":' + _STRING + rb',"content_type":(?:' + _STRING + rb'|null)),"body":\{'
 )
 _KEY_FIELD = rb'"%s":"([^"\\\x00-\x1f]*+)"'
@@ -256,9 +275,9 @@ _VALUE_FIELD = rb'"%s":(-?(?:0|[1-9][0-9]{0,14}+))'
 def _lean_patterns(key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Tuple[Tuple[Pattern[bytes], int], ...]:
     """(pattern, fixed length) for one-level pointers with plain names, key first and value first.
 
-    Groups: 1 length prefix, 2 id, 3 ts, 4 the route and content type,
-    then the key and the value in body order; an envelope's length is the
-    fixed length plus the lengths of groups 2-6.
+    Groups: 1 id, 2 ts, 3 the route and content type, then the key and
+    the value in body order; an envelope's length is the fixed length plus
+    the lengths of the groups.
     """
     if len(key_pointer) != 1 or len(value_pointer) != 1 or key_pointer == value_pointer:
         return ()
@@ -277,30 +296,30 @@ def _lean_patterns(key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...])
 _PATTERNS: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], Tuple[Tuple[Pattern[bytes], int], ...]] = {}
 
 
-def _aggregate_lean(packed: bytes, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Optional[Batch]:
+def _aggregate_lean(framed: Framed, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Optional[Batch]:
     """The lean parser (module docstring); None when the batch needs the general one."""
-    if not packed:
+    body = framed.body
+    if not body:
         return None
     patterns = _PATTERNS.get((key_pointer, value_pointer))
     if patterns is None:
         patterns = _PATTERNS[(key_pointer, value_pointer)] = _lean_patterns(key_pointer, value_pointer)
-    if not packed.isascii():
+    if not body.isascii():
         try:
-            packed.decode("utf-8")  # ujson refuses invalid UTF-8: let the general parser say so
+            body.decode("utf-8")  # ujson refuses invalid UTF-8: let the general parser say so
         except UnicodeDecodeError:
             return None
     for order, (pattern, fixed) in enumerate(patterns):
-        rows = pattern.findall(packed)
-        if not rows:
+        rows = pattern.findall(body)
+        if len(rows) != len(framed.lengths):
             continue
-        prefixes, ids, tss, heads, first, second = columns = tuple(zip(*rows))
-        # The matches tile the batch: each is one whole length-prefixed item, nothing in between.
+        ids, tss, heads, first, second = columns = tuple(zip(*rows))
+        # The matches tile the batch: as many as items, match i exactly item i's length
+        # (the lengths add up to the body, so nothing is left in between).
         lengths = list(map(len, ids))
-        for column in columns[2:]:
+        for column in columns[1:]:
             lengths = list(map(add, lengths, map(len, column)))
-        if list(map(sub, map(int, prefixes), lengths)) != [fixed] * len(rows):
-            continue
-        if sum(map(len, prefixes)) + len(rows) + sum(lengths) + fixed * len(rows) != len(packed):
+        if list(map(sub, framed.lengths, lengths)) != [fixed] * len(rows):
             continue
         if len(set(ids)) != len(ids):
             return None  # a message twice in the batch: the general parser counts it once
@@ -317,7 +336,7 @@ def _aggregate_lean(packed: bytes, key_pointer: Tuple[str, ...], value_pointer: 
             return None  # a batch sum out of range: the general parser dead-letters the overflow
         low, high = _ts_range(tss)
         return Batch(
-            id=hashlib.sha1(packed).hexdigest(),
+            id=framed.id,
             sums={k.decode("utf-8"): v for k, v in by_key.items() if v != 0},
             dead=(),
             min_ts=low,
@@ -353,8 +372,13 @@ def _ts_range(tss: Sequence[bytes]) -> Tuple[float, float]:
     return min(times), max(times)
 
 
-def aggregate_items(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:
-    """The general parser: ``ujson.loads`` per item.
+def aggregate_items(
+    items: Sequence[bytes],
+    key_pointer: Tuple[str, ...],
+    value_pointer: Tuple[str, ...],
+    batch_id: Optional[str] = None,
+) -> Batch:
+    """The general parser: ``ujson.loads`` per item (`batch_id` default: ``frame(items).id``).
 
     An item is counted when it is a relayd envelope (``id``, ``ts`` and
     ``body``) whose body has a string (or integer) at `key_pointer` and an
@@ -409,7 +433,7 @@ def aggregate_items(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_
         values.append(value)
         tss.append(float(ts))
     return Batch(
-        id=batch_digest(items),
+        id=batch_id if batch_id is not None else frame(items).id,
         sums={k: v for k, v in sums.items() if v != 0},
         dead=tuple(dead),
         min_ts=min_ts,
