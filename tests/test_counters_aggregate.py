@@ -103,14 +103,16 @@ class AggregateTests(unittest.TestCase):
 
     @given(st.lists(st.binary(max_size=30), min_size=1, max_size=10))
     def test_frame_round_trip(self, items) -> None:  # type: ignore[no-untyped-def]
-        """A framed TAKE reply parses back to the same id and items; the id is SHA-1 of ``<lens>\\n<items>``."""
+        """A TAKE reply parses back to the same id and items; the id is SHA-1 of ``<lengths>\\n<SHA-1 hex of the items>``."""
         f = frame(items)
-        self.assertEqual(f.id, hashlib.sha1(b",".join(b"%d" % len(i) for i in items) + b"\n" + b"".join(items)).hexdigest())
-        back = parse_take_reply(f.id.encode() + b"\n" + b",".join(b"%d" % n for n in f.lengths) + b"\n" + f.body)
+        lengths = b",".join(b"%d" % len(i) for i in items)
+        inner = hashlib.sha1(b"".join(items)).hexdigest().encode()
+        self.assertEqual(f.id, hashlib.sha1(lengths + b"\n" + inner).hexdigest())
+        back = parse_take_reply([f.id.encode(), lengths, f.body])
         self.assertEqual((back.id, back.items()), (f.id, list(items)))  # type: ignore[union-attr]
-        self.assertIsNone(parse_take_reply(b""))
+        self.assertIsNone(parse_take_reply([]))
         with self.assertRaises(ValueError):
-            parse_take_reply(f.id.encode() + b"\n" + b",".join(b"%d" % n for n in f.lengths) + b"\n" + f.body + b"x")
+            parse_take_reply([f.id.encode(), lengths, f.body + b"x"])
 
     def test_duplicates_adjust_sums(self) -> None:
         """`Batch.without` takes duplicate messages' values out and drops zero sums."""

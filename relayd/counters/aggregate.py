@@ -5,12 +5,11 @@ about a batch is computed here from the bytes of its items, so a process
 that recovers a crashed batch recomputes *the same* batch (same digest,
 same sums) from the same items.
 
-- The batch id is the SHA-1 of the batch *framed* as TAKE returns it
-  (``<len 1>,...,<len n>\n<item 1>...<item n>``, `frame`), in the order
-  the processing list holds the items.  TAKE computes it in Lua, stores it
-  next to the processing list (the "complete" step fences on it) and
-  returns it with the batch; the hash sink records it as the applied-batch
-  marker.  Distinct batches have distinct items (message ids are unique),
+- The batch id is the SHA-1 of ``<len 1>,...,<len n>\n<SHA-1 of the items
+  concatenated>`` (`frame`), items in the order the processing list holds
+  them.  TAKE computes it in Lua, stores it next to the processing list
+  (the "complete" step fences on it) and returns it with the batch; the
+  hash sink records it as the applied-batch marker.  Distinct batches have distinct items (message ids are unique),
   hence distinct ids.
 - Values are integers with ``|v| < 2**53`` and so are per-key sums within
   a batch (a message that would push its key's batch sum out of that range
@@ -201,21 +200,22 @@ class Framed(NamedTuple):
 
 
 def frame(items: Sequence[bytes]) -> Framed:
-    """Frame `items` the way TAKE does (id = SHA-1 of ``<lens>\\n<items>``)."""
+    """Frame `items` the way TAKE does (id = SHA-1 of ``<lengths>\\n<SHA-1 hex of the items>``)."""
     header = b",".join([b"%d" % len(item) for item in items])
     body = b"".join(items)
-    return Framed(hashlib.sha1(header + b"\n" + body).hexdigest(), [len(item) for item in items], body)
+    inner = hashlib.sha1(body).hexdigest().encode("ascii")
+    return Framed(hashlib.sha1(header + b"\n" + inner).hexdigest(), [len(item) for item in items], body)
 
 
-def parse_take_reply(reply: bytes) -> Optional[Framed]:
-    """``<id>\\n<lens>\\n<items>`` -> `Framed` (None for ``b""``: nothing taken).
+def parse_take_reply(reply: Sequence[bytes]) -> Optional[Framed]:
+    """TAKE's ``[id, lengths, items]`` -> `Framed` (None for ``[]``: nothing taken).
 
     Raises ValueError when the reply is malformed (lengths that do not add
-    up to the body): never guess at a batch's boundaries.
+    up to the items): never guess at a batch's boundaries.
     """
     if not reply:
         return None
-    batch_id, header, body = reply.split(b"\n", 2)
+    batch_id, header, body = reply
     lengths = list(map(int, header.split(b",")))
     if sum(lengths) != len(body) or min(lengths) < 0:
         raise ValueError("malformed TAKE reply: item lengths do not add up")

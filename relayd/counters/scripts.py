@@ -13,39 +13,40 @@ from __future__ import annotations
 #: and nothing new is taken, so a batch never changes once it may have been
 #: applied.  ARGV[1] = 0 only returns it (recovery).
 #:
-#: The reply is ONE bulk string (txredisapi parses a multi-bulk reply of
-#: 10k items in quadratic time, one bulk string in linear time), *framed*::
-#:
-#:     <batch id>\n<len 1>,<len 2>,...,<len n>\n<item 1><item 2>...<item n>
-#:
-#: (`aggregate.parse_take_reply` reads it).  Both concatenations are one
-#: C-level ``table.concat``: building a ``len:item`` string per item in Lua
-#: cost Redis ~1.3 us an item, this ~0.2.  The batch id is the SHA-1 of
-#: ``<lens>\n<items>`` (lengths make it injective), stored next to the
-#: processing list (KEYS[3]) in the same step and returned from there on
+#: The reply is {id, lengths, items}: the batch id, the items' lengths
+#: joined by commas, and the items concatenated (`aggregate.Framed`); three
+#: bulk strings, not one per item (txredisapi parses a multi-bulk reply of
+#: 10k items in quadratic time).  The batch id is SHA-1 of
+#: ``<lengths>\n<SHA-1 hex of the items>`` (the lengths make it injective;
+#: hashing the hash spares Redis a copy of the whole batch), stored next to
+#: the processing list (KEYS[3]) in the same step and returned from there by
 #: every later TAKE of the same batch, so the id a batch was applied under
-#: never changes, even across an upgrade that changed the framing; COMPLETE
-#: fences on it.
+#: never changes, even across an upgrade that changed its definition;
+#: COMPLETE fences on it.  Cost: Redis spends ~1.5 us an item here, most of
+#: it in Lua's table.concat of the items (measured; a ``len:item`` string per
+#: item built in Lua cost as much again).
 TAKE = r"""
 local function frame(items)
   local lens = {}
   for i = 1, #items do lens[i] = #items[i] end
-  return table.concat(lens, ',') .. '\n' .. table.concat(items)
+  local lengths, body = table.concat(lens, ','), table.concat(items)
+  return lengths, body, redis.sha1hex(lengths .. '\n' .. redis.sha1hex(body))
 end
 local existing = redis.call('LRANGE', KEYS[2], 0, -1)
 if #existing > 0 then
-  local framed = frame(existing)
-  local id = redis.call('GET', KEYS[3])
-  if not id then
-    id = redis.sha1hex(framed)
+  local lengths, body, id = frame(existing)
+  local stored = redis.call('GET', KEYS[3])
+  if stored then
+    id = stored
+  else
     redis.call('SET', KEYS[3], id)
   end
-  return id .. '\n' .. framed
+  return {id, lengths, body}
 end
 local n = tonumber(ARGV[1])
-if n <= 0 then return '' end
+if n <= 0 then return {} end
 local items = redis.call('LRANGE', KEYS[1], -n, -1)
-if #items == 0 then return '' end
+if #items == 0 then return {} end
 if redis.call('LLEN', KEYS[1]) == #items then
   redis.call('RENAME', KEYS[1], KEYS[2])  -- all of it: O(1), same slot
 else
@@ -54,10 +55,9 @@ else
     redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, #items)))
   end
 end
-local framed = frame(items)
-local id = redis.sha1hex(framed)
+local lengths, body, id = frame(items)
 redis.call('SET', KEYS[3], id)
-return id .. '\n' .. framed
+return {id, lengths, body}
 """
 
 #: DIGEST (Lua helper, inlined): the fence digest of a list's entries, the

@@ -43,7 +43,7 @@ class WorkQueue:
     def take_framed(self, redis: Any, max_items: int, proc: bytes | None = None) -> Any:
         """Fires with the batch as a `Framed` (id, lengths, items), or None when there is nothing to count."""
         keys = [self.keys.list, self.keys.processing(proc), self.keys.batch_id(proc)]
-        return _TAKE(redis, keys, [b"%d" % max_items]).addCallback(lambda reply: parse_take_reply(reply or b""))
+        return _TAKE(redis, keys, [b"%d" % max_items]).addCallback(lambda reply: parse_take_reply(reply or []))
 
     def take(self, redis: Any, max_items: int, proc: bytes | None = None) -> Any:
         """Fires with the batch's items (``[]`` when there is nothing to count)."""
