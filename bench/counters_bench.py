@@ -16,8 +16,8 @@ Usage: python bench/counters_bench.py [--seconds S] [--keys K] [--items N] [--js
 3. PostgreSQL: one flush (`PostgresSink._apply`: COPY + one upsert) of K
    distinct keys into a private server (initdb on a free port), first as
    inserts, then as updates, alternating with the previous design (unnest of
-   array parameters, 10k keys a statement) on fresh tables; wall seconds and
-   the server backend's CPU seconds.
+   array parameters, 10k keys a statement) on fresh tables; wall seconds,
+   the server backend's CPU seconds and the client's (relayd's thread).
 
 All on one shared machine: figures are noisy; compare ratios within a run.
 """
@@ -259,7 +259,7 @@ def pg_flush(cleanup: _Cleanup, keys: int, rounds: int = 2) -> Dict[str, Any]:
                 conn.commit()
                 sink._schema_ready = True
                 for phase in ("insert", "update"):
-                    c0, t0 = cpu_seconds(backend), time.perf_counter()
+                    c0, t0, p0 = cpu_seconds(backend), time.perf_counter(), time.process_time()
                     with conn.transaction():
                         with conn.cursor() as cur:
                             if design == "copy":
@@ -268,6 +268,7 @@ def pg_flush(cleanup: _Cleanup, keys: int, rounds: int = 2) -> Dict[str, Any]:
                                 _unnest_apply(cur, table, "hits", sorted_keys, ones)
                     samples.setdefault(f"{design}_{phase}_seconds", []).append(round(time.perf_counter() - t0, 3))
                     samples.setdefault(f"{design}_{phase}_pg_cpu_seconds", []).append(round(cpu_seconds(backend) - c0, 2))
+                    samples.setdefault(f"{design}_{phase}_client_cpu_seconds", []).append(round(time.process_time() - p0, 3))
                 total = conn.execute(f"SELECT sum(value) FROM {table}").fetchone()[0]  # type: ignore[index]
                 assert total == 2 * keys, (design, total)
     out.update(samples)
