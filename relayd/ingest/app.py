@@ -251,7 +251,12 @@ class IngestApp:
                 headers=((b"Allow", b"POST"),),
             )
         result = self.post(request, route)
-        return result.deferred if isinstance(result, Waiter) else result
+        if not isinstance(result, Waiter):
+            return _klein_ack(result, request)
+        if route.reply_timeout is not None:
+            return result.deferred  # the reply brings its own headers
+        acked: Deferred[Any] = result.deferred  # fires with the ack body (`_acknowledge` is chained on)
+        return acked.addCallback(_klein_ack, request)
 
     def replace_routes(self, routes: List[IngestRoute]) -> None:
         """Serve `routes` from the next request on (SIGHUP); requests in flight keep theirs."""
@@ -329,13 +334,14 @@ class IngestApp:
             _finish(request, write_problem(request, p))
             return
         if isinstance(result, Waiter):
-            gone = request.notifyFinish()  # fires with an error if the client leaves
-            gone.addErrback(_client_gone, result)
+            # Acks are JSON written with their type; a reply brings its own headers.
+            ctype = JSON_CONTENT_TYPE if route.reply_timeout is None else None
+            request.gone_waiter = result  # type: ignore[attr-defined]  # IngestRequest.connectionLost frees it if the client leaves
             result.deferred.addCallbacks(
-                _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, gone), errbackArgs=(request, gone)
+                _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, ctype), errbackArgs=(request,)
             )
         else:
-            _finish(request, result)
+            _finish(request, result, JSON_CONTENT_TYPE)
 
     def _accept(self, request: Request, route: IngestRoute, started: float) -> Any:
         headers = request.requestHeaders
@@ -458,14 +464,10 @@ class IngestApp:
             route.recent.put(digest, first_id or ids[0].encode())
             if first_id is not None:
                 return self._duplicate(request, route, first_id, started)
-        request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
         route.metrics.latency.observe(self._clock.seconds() - started)
         if batch:
-            body = b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())
-        else:
-            body = b'{"status":"OK","id":"%s"}' % ids[0].encode()
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        return body
+            return b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())
+        return b'{"status":"OK","id":"%s"}' % ids[0].encode()
 
     # -- request/reply ---------------------------------------------------------
 
@@ -506,11 +508,8 @@ class IngestApp:
 
     def _duplicate(self, request: Request, route: IngestRoute, first_id: bytes, started: float) -> bytes:
         """The answer to a repeated Idempotency-Key: 2xx with the first request's id."""
-        request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
         route.metrics.latency.observe(self._clock.seconds() - started)
-        body = b'{"status":"OK","id":"%s","duplicate":true}' % first_id
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        return body
+        return b'{"status":"OK","id":"%s","duplicate":true}' % first_id
 
     def _expire_acks(self) -> None:
         """Answer 503 to stored-ack requests that waited past the ack timeout.
@@ -580,15 +579,6 @@ def _not_stored_problem(failure: Any) -> Any:
     return failure
 
 
-def _client_gone(failure: Any, waiter: Waiter) -> None:
-    """The client left while its stored ack was pending: free its waiter.
-
-    Consumes the ``notifyFinish`` error (a client leaving is no error of
-    ours: it must not be logged as unhandled).
-    """
-    waiter.client_gone()
-
-
 class ReplyWaiter(Waiter):
     """A request/reply request: stored like any message, then waiting for its reply."""
 
@@ -616,18 +606,24 @@ def _reply_problem(failure: Any, waiter: ReplyWaiter) -> Any:
     return _not_stored_problem(failure)
 
 
-def _finish(request: Request, body: bytes) -> None:
-    request.write(body)
-    request.finish()
+def _finish(request: Any, body: bytes, content_type: Optional[bytes] = None) -> None:
+    request.respond(body, content_type)  # IngestRequest: one buffer, Content-Length computed
 
 
-def _finish_unless_gone(body: bytes, request: Request, gone: Deferred) -> None:
-    if not gone.called:
-        _finish(request, body)
+def _finish_unless_gone(body: bytes, request: Any, content_type: Optional[bytes]) -> None:
+    if not request.gone:
+        _finish(request, body, content_type)
 
 
-def _fail_unless_gone(failure: Any, request: Request, gone: Deferred) -> None:
-    if gone.called:
+def _klein_ack(body: bytes, request: Request) -> bytes:
+    """An ack answered through Klein (not the hot path): its headers the usual way."""
+    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+def _fail_unless_gone(failure: Any, request: Any) -> None:
+    if request.gone:
         return None
     if failure.check(Problem):
         _finish(request, write_problem(request, failure.value))
