@@ -24,8 +24,9 @@ class Script:
         self.source = source.encode("utf-8")
         self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
 
-    def command(self, keys: Sequence[bytes], args: Sequence[bytes] = ()) -> Tuple[bytes, ...]:
-        """The ``EVALSHA`` command as a tuple, for callers that hand commands around (the outbox writer)."""
+    def command(self, keys: Sequence[bytes], args: Sequence[Any] = ()) -> Tuple[Any, ...]:
+        """The ``EVALSHA`` command as a tuple (numkeys as bytes: the encoder's one-join path), for callers
+        that hand commands around (the outbox writer)."""
         return (b"EVALSHA", self.sha, b"%d" % len(keys), *keys, *args)
 
     def execute(self, redis: Any, command: Sequence[Any]) -> Deferred[Any]:
@@ -44,6 +45,6 @@ class Script:
 
     def run(self, redis: Any, keys: Sequence[bytes], args: Sequence[Any] = ()) -> Deferred[Any]:
         """EVALSHA on `redis` (anything with ``execute(*args)``), or EVAL after NOSCRIPT."""
-        return self.execute(redis, (b"EVALSHA", self.sha, len(keys), *keys, *args))
+        return self.execute(redis, self.command(keys, args))
 
     __call__ = run
