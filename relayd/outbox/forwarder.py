@@ -439,9 +439,10 @@ class Forwarder(Service):
         if self._failures_in_row == 0:
             self._log.warn("redis push failed ({kind}): {error}; will retry", kind=kind, error=failure.getErrorMessage())
         self._failures_in_row += 1
-        if self._append(entries):
+        if not self._failed and self._append(entries):
             # This target's share goes through the spool; its later messages
             # follow it there (backlog), the other targets stay direct.
+            # (Not while earlier failures wait for a requeue: they go first.)
             self._settle()
             return
         self._failed.append((seq, entries))
