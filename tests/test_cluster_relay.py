@@ -24,7 +24,7 @@ from typing import Any, Callable
 from relayd.redis.keys import key_slot
 from tests.cluster_harness import REDIS_CLI, RedisCluster, keys_on_each_primary
 from tests.fault_tools import LoadGenerator, metric_values
-from tests.harness import Oracle, RedisServer, RelaydProcess, RespClient, json_body, ndjson, wait_for
+from tests.harness import Oracle, RedisServer, RelaydProcess, RespClient, decode_item, json_body, ndjson, wait_for
 
 #: Messages per second each load generator offers (one per route).
 LOAD_RATE = 100.0
@@ -361,6 +361,18 @@ class ClusterFaultTests(ClusterRelayTestCase):
         self.assertEqual(max(spill_modes), 0.0, "global spill mode started")
         for name, oracle in oracles.items():
             self.wait_arrival(oracle, name)
+            # FIFO per list: relayd's ids sort by arrival, so the first copy of
+            # each message must come in id order, across the detour too.
+            firsts: list[str] = []
+            seen: set[str] = set()
+            for item in self.cluster.items(name):
+                envelope, _body = decode_item(item)
+                assert envelope is not None
+                if envelope["id"] not in seen:
+                    seen.add(envelope["id"])
+                    firsts.append(envelope["id"])
+            out_of_order = [(a, b) for a, b in zip(firsts, firsts[1:]) if b < a]
+            self.assertEqual(out_of_order[:3], [], f"{name}: {len(out_of_order)} messages ahead of older ones")
             oracle.assert_ok(self, self.cluster, name, max_duplicates=MAX_DUPLICATES)
         print(f"\none primary frozen {resumed_at - paused_at:.1f}s (noticed after {noticed_at - paused_at:.1f}s): "
               f"healthy lists grew by {grew} meanwhile; {acked_frozen} frozen-list requests acked from the spool")  # fmt: skip
