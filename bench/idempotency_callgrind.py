@@ -17,75 +17,19 @@ Needs valgrind (Debian package ``valgrind``); bench-only, not needed by the test
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.callgrind_tools import Callgrind, wrk  # noqa: E402
 from tests.harness import free_port, wait_for  # noqa: E402
 
 MODES = (("plain", "bench/post.lua"), ("keyed", "bench/post_idem.lua"))
-VALGRIND = ["valgrind", "--tool=callgrind"]
-
-
-def wrk(script: str, port: int, duration: int) -> int:
-    """Requests wrk completed in `duration` seconds."""
-    out = subprocess.run(
-        ["wrk", "-t1", "-c50", f"-d{duration}s", "-s", script, f"http://127.0.0.1:{port}/leads"],
-        capture_output=True, text=True, cwd=ROOT, check=True,
-    ).stdout
-    m = re.search(r'"requests":(\d+)', out)
-    assert m is not None, out
-    return int(m.group(1))
-
-
-class Callgrind:
-    """A process under callgrind whose counters can be zeroed and read."""
-
-    def __init__(self, name: str, argv: List[str], workdir: str, env: Dict[str, str]) -> None:
-        self.name = name
-        self.out = os.path.join(workdir, f"{name}.cg")
-        self.proc = subprocess.Popen(
-            [*VALGRIND, f"--callgrind-out-file={self.out}", *argv], cwd=workdir, env=env,
-            stdout=open(os.path.join(workdir, f"{name}.log"), "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-        )  # fmt: skip
-
-    def _control(self, *args: str) -> None:
-        subprocess.run(["callgrind_control", *args, str(self.proc.pid)], capture_output=True, check=False)
-
-    def zero(self) -> None:
-        """Start counting from now."""
-        self._control("-z")
-
-    def instructions(self, label: str) -> int:
-        """Instructions executed since `zero` (dumps a profile file and reads its summary)."""
-        before = set(glob.glob(self.out + "*"))
-        self._control("-d", label)
-        wait_for(lambda: bool(set(glob.glob(self.out + "*")) - before), 120, f"{self.name} callgrind dump")
-        path = sorted(set(glob.glob(self.out + "*")) - before)[-1]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith(("summary:", "totals:")):
-                        return int(line.split()[1])
-            time.sleep(0.2)  # the dump is still being written
-        raise RuntimeError(f"no summary in {path}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def main() -> None:
