@@ -44,6 +44,9 @@ RELAYD_START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 #: Per-request socket timeout of the HTTP client, seconds.
 HTTP_TIMEOUT = 30.0
+#: ``RELAYD_TEST_KEEP=1`` keeps relayd's and redis-server's temp dirs (config,
+#: logs, spool) after each test, to read what a daemon did in a failed run.
+KEEP_TEMP = os.environ.get("RELAYD_TEST_KEEP") == "1"
 
 Headers = dict[str, str]
 Response = tuple[int, Headers, bytes]
@@ -73,6 +76,14 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
             raise TimeoutExpired(f"timed out after {timeout:.1f}s waiting for {what}{suffix}")
         time.sleep(interval)
         interval = min(interval * 1.5, 0.2)
+
+
+def remove_later(test: unittest.TestCase, path: str) -> None:
+    """Delete the temp dir `path` at the test's cleanup (kept, and named on stderr, with RELAYD_TEST_KEEP=1)."""
+    if KEEP_TEMP:
+        test.addCleanup(lambda: print(f"\n[kept {path} for {test.id()}]", file=sys.stderr))
+    else:
+        test.addCleanup(shutil.rmtree, path, True)
 
 
 def free_port() -> int:
@@ -199,7 +210,7 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="relayd-redis-")
         self.proc: subprocess.Popen | None = None
         self._paused = False
-        test.addCleanup(shutil.rmtree, self.dir, True)
+        remove_later(test, self.dir)
         test.addCleanup(self._cleanup)
         self.start()
 
@@ -426,7 +437,7 @@ class RelaydProcess:
     ) -> None:
         self.dir = tempfile.mkdtemp(prefix="relayd-")
         self.counters = list(counters)
-        test.addCleanup(shutil.rmtree, self.dir, True)
+        remove_later(test, self.dir)
         test.addCleanup(self._cleanup)
         self.ingest_port = ingest_port or free_port()
         self.admin_port = admin_port or free_port()
