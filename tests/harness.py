@@ -56,11 +56,19 @@ class TimeoutExpired(AssertionError):
     """A polled condition did not become true before its deadline."""
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.01,
+    explain: Callable[[], str] | None = None,
+) -> Any:
     """Poll `condition` until it returns a truthy value; return that value.
 
     Exceptions from `condition` count as "not yet".  Raises `TimeoutExpired`
-    naming `what` (and the last exception, if any) after `timeout` seconds.
+    naming `what` (and the last exception, if any) after `timeout` seconds,
+    followed by ``explain()`` when given (e.g. relayd's metrics and log tail,
+    so a failure in CI says what the daemon was doing).
     """
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -73,6 +81,11 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
             last_error = e
         if time.monotonic() >= deadline:
             suffix = f" (last error: {last_error!r})" if last_error else ""
+            if explain is not None:
+                try:
+                    suffix += f"\n{explain()}"
+                except Exception as e:  # noqa: BLE001 - the explanation must not hide the timeout
+                    suffix += f"\n(explain failed: {e!r})"
             raise TimeoutExpired(f"timed out after {timeout:.1f}s waiting for {what}{suffix}")
         time.sleep(interval)
         interval = min(interval * 1.5, 0.2)
