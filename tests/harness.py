@@ -35,11 +35,13 @@ from typing import (
 #: The checkout this file lives in (``tests/..``): relayd and its plugin.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: Seconds redis-server gets to answer PING after start (it needs ~10 ms).
-REDIS_START_TIMEOUT = 10.0
+#: Seconds redis-server gets to answer PING after start (it needs ~10 ms; a loaded box is slower).
+REDIS_START_TIMEOUT = 30.0
 #: Seconds relayd gets to report ready: Python + Twisted imports take ~1 s on
 #: a quiet machine; shared CI cores can be several times slower.
 RELAYD_START_TIMEOUT = 30.0
+#: Starts with freshly chosen ports when a daemon finds its port taken (auto-chosen ports only).
+PORT_ATTEMPTS = 3
 #: Seconds a process gets to exit after SIGTERM before the fixture SIGKILLs it.
 STOP_TIMEOUT = 30.0
 #: Per-request socket timeout of the HTTP client, seconds.
@@ -54,6 +56,10 @@ Response = tuple[int, Headers, bytes]
 
 class TimeoutExpired(AssertionError):
     """A polled condition did not become true before its deadline."""
+
+
+class _PortTaken(AssertionError):
+    """A daemon could not bind a port `free_port` chose: another process took it meanwhile."""
 
 
 def wait_for(
@@ -99,11 +105,75 @@ def remove_later(test: unittest.TestCase, path: str) -> None:
         test.addCleanup(shutil.rmtree, path, True)
 
 
+class _PortLedger:
+    """The ports `free_port` handed out in this test run, so none is handed out twice.
+
+    Linux picks a port for ``bind(port 0)`` at a random offset each time, so
+    two calls can return the same just-released port (about 1 in 14,000 per
+    pair); a relayd whose admin port equals its Redis's port (or another
+    test's daemon still running) fails to start, or worse, the harness talks
+    to the wrong process.  With a few ports per test over hundreds of tests,
+    that was a percent-level chance per CI run.
+    """
+
+    def __init__(self) -> None:
+        self.used: set[int] = set()
+        self.lock = threading.Lock()
+
+
+_PORTS = _PortLedger()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago and was not handed out before in this run."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with _PORTS.lock:
+            if port not in _PORTS.used:
+                _PORTS.used.add(port)
+                return port
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on TCP `port` (any address), from /proc/net/tcp{,6}."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    # local_address is ADDR:PORT in hex; state 0A is LISTEN
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:
+            pass
+    return inodes
+
+
+def process_listens(pid: int, port: int) -> bool:
+    """True if process `pid` holds a socket listening on TCP `port` (Linux /proc).
+
+    `port_accepts` or an HTTP answer only proves that *something* listens
+    there; on a shared machine that can be another test's daemon.
+    """
+    inodes = listening_inodes(port)
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
 
 
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
@@ -225,7 +295,14 @@ class RedisServer:
         self._paused = False
         remove_later(test, self.dir)
         test.addCleanup(self._cleanup)
-        self.start()
+        for attempt in range(PORT_ATTEMPTS if port is None else 1):
+            try:
+                self.start()
+                return
+            except _PortTaken:
+                if port is not None or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()  # another process took ours between free_port and bind
 
     @property
     def url(self) -> str:
@@ -261,16 +338,24 @@ class RedisServer:
         )
         self._paused = False
 
+        proc = self.proc
+
         def pong() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"redis-server exited {self.proc.returncode}:\n{self.log_text()[-2000:]}")
+            if proc.poll() is not None:
+                return True  # exited: judged below
             with self.client(timeout=1.0) as c:
-                return c.command("PING") == "PONG"
+                # Our server, not another one on this port (which would answer PING as well).
+                return f"process_id:{proc.pid}\r\n" in c.command("INFO", "server").decode()
 
         try:
             wait_for(pong, REDIS_START_TIMEOUT, f"redis-server on port {self.port} to answer PING")
         except AssertionError as e:
             raise AssertionError(f"{e}\n{self.log_text()[-2000:]}") from None
+        if proc.poll() is not None:
+            self._log.close()
+            if "Address already in use" in self.log_text():
+                raise _PortTaken(self.port)
+            raise AssertionError(f"redis-server exited {proc.returncode}:\n{self.log_text()[-2000:]}")
 
     def client(self, timeout: float = 10.0) -> RespClient:
         """A new connection to this server (close it, or use ``with``)."""
@@ -479,7 +564,32 @@ class RelaydProcess:
             config_text = to_toml(tables, routes, self.counters) + extra_toml
         self.extra_toml = extra_toml
         self.config_path = self.write_file("relayd.conf", config_text)
-        self.start(wait_ready=wait_ready)
+        # Ports this harness chose (and wrote into a config it generated) can be chosen again.
+        listen, admin = f"tcp:{self.ingest_port}:interface=127.0.0.1", f"tcp:{self.admin_port}:interface=127.0.0.1"
+        server_table = self.tables["server"] if hasattr(self, "tables") else {}  # only a generated config
+        movable = (
+            wait_ready
+            and ingest_port is None
+            and admin_port is None
+            and server_table.get("listen") == listen
+            and server_table.get("admin") == admin
+        )
+        for attempt in range(PORT_ATTEMPTS if movable else 1):
+            try:
+                self.start(wait_ready=wait_ready)
+                return
+            except _PortTaken:
+                if not movable or attempt == PORT_ATTEMPTS - 1:
+                    raise
+            # Another process took a port between free_port() and relayd's bind: new ports, same test.
+            for name in ("stdout.log", "stderr.log"):
+                path = os.path.join(self.dir, name)
+                if os.path.exists(path):
+                    os.rename(path, f"{path}.port-taken-{attempt}")
+            self.ingest_port, self.admin_port = free_port(), free_port()
+            self.tables["server"]["listen"] = f"tcp:{self.ingest_port}:interface=127.0.0.1"
+            self.tables["server"]["admin"] = f"tcp:{self.admin_port}:interface=127.0.0.1"
+            self.write_file("relayd.conf", to_toml(self.tables, routes, self.counters) + extra_toml)
 
     def write_file(self, name: str, content: Any) -> str:
         """Write a file into the temp dir (dicts/lists as JSON); return its path."""
@@ -527,18 +637,24 @@ class RelaydProcess:
     def wait_ready(self, timeout: float = RELAYD_START_TIMEOUT) -> None:
         """Wait for ``GET /readyz`` == 200; raise with the log's tail if not."""
 
+        proc = self.proc
+        assert proc is not None
+
         def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise _Exited(self.proc.returncode)
-            return self.get_admin("/readyz", timeout=2.0)[0] == 200
+            if proc.poll() is not None:
+                return True  # exited: judged below
+            # This relayd's answer: on a shared machine another daemon can sit on a port we chose.
+            return self.get_admin("/readyz", timeout=5.0)[0] == 200 and process_listens(proc.pid, self.admin_port)
 
         try:
             wait_for(ready, timeout, f"relayd (admin port {self.admin_port}) to answer /readyz 200")
-        except _Exited as e:
-            raise AssertionError(f"relayd exited with {e.args[0]} before ready; log tail:\n{self.log_tail()}") from None
         except TimeoutExpired as e:
             raise AssertionError(f"{e}; log tail:\n{self.log_tail()}") from None
+        if proc.poll() is not None:
+            message = f"relayd exited with {proc.returncode} before ready; log tail:\n{self.log_tail()}"
+            if "Address already in use" in self.log_text():
+                raise _PortTaken(message)
+            raise AssertionError(message)
 
     def alive(self) -> bool:
         """True while the process runs."""
@@ -698,10 +814,6 @@ class RelaydProcess:
             at = text.find(marker)
             if at != -1:
                 raise AssertionError(f"relayd logged {marker!r}:\n{text[max(0, at - 500) : at + 3000]}")
-
-
-class _Exited(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------
