@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import (
@@ -134,6 +135,16 @@ def free_port() -> int:
             if port not in _PORTS.used:
                 _PORTS.used.add(port)
                 return port
+
+
+def _redis_answers(url: str) -> bool:
+    """True if the Redis at ``redis://host:port/...`` answers PING now (not down, not SIGSTOPped)."""
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        with RespClient(parsed.hostname or "127.0.0.1", parsed.port or 6379, timeout=1.0) as c:
+            return c.command("PING") == "PONG"
+    except (OSError, RedisError, ConnectionError):
+        return False
 
 
 def listening_inodes(port: int) -> set[str]:
@@ -577,6 +588,8 @@ class RelaydProcess:
         for attempt in range(PORT_ATTEMPTS if movable else 1):
             try:
                 self.start(wait_ready=wait_ready)
+                if wait_ready and redis_url and _redis_answers(redis_url):
+                    self.wait_redis()
                 return
             except _PortTaken:
                 if not movable or attempt == PORT_ATTEMPTS - 1:
@@ -655,6 +668,22 @@ class RelaydProcess:
             if "Address already in use" in self.log_text():
                 raise _PortTaken(message)
             raise AssertionError(message)
+
+    def wait_redis(self, timeout: float = RELAYD_START_TIMEOUT) -> None:
+        """Wait until relayd's Redis connection is up (``relayd_redis_up 1``; the minimum over workers).
+
+        /readyz means "can store", which the spool alone satisfies: right
+        after it, a stored POST may be answered from the spool and reach
+        Redis only when the connection comes up, and subscriptions and reply
+        routes answer 503.  The constructor calls this when the test's Redis
+        answers PING, so a test starts with messages flowing straight to Redis.
+        """
+
+        def up() -> bool:
+            status, _headers, body = self.get_admin("/metrics", timeout=5.0)
+            return status == 200 and any(line == "relayd_redis_up 1.0" for line in body.decode().splitlines())
+
+        wait_for(up, timeout, "relayd's Redis connection (relayd_redis_up 1)", explain=lambda: self.log_tail())
 
     def alive(self) -> bool:
         """True while the process runs."""
