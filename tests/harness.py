@@ -321,7 +321,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING (the constructor already did: this is for after `stop`)."""
+        if self.proc is not None and self.proc.poll() is None:
+            # A second redis-server on our port would exit at once while PING was answered by the
+            # first, which no cleanup then stopped (a leaked process per call).
+            raise AssertionError(f"redis-server on port {self.port} is already running")
         self._log = open(os.path.join(self.dir, "redis.log"), "ab")  # noqa: SIM115 - lives as long as the child
         self.proc = subprocess.Popen(
             [
