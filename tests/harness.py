@@ -599,6 +599,7 @@ class RelaydProcess:
                 if not movable or attempt == PORT_ATTEMPTS - 1:
                     raise
             # Another process took a port between free_port() and relayd's bind: new ports, same test.
+            self._close_files()
             for name in ("stdout.log", "stderr.log"):
                 path = os.path.join(self.dir, name)
                 if os.path.exists(path):
