@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import (
@@ -35,15 +36,20 @@ from typing import (
 #: The checkout this file lives in (``tests/..``): relayd and its plugin.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: Seconds redis-server gets to answer PING after start (it needs ~10 ms).
-REDIS_START_TIMEOUT = 10.0
+#: Seconds redis-server gets to answer PING after start (it needs ~10 ms; a loaded box is slower).
+REDIS_START_TIMEOUT = 30.0
 #: Seconds relayd gets to report ready: Python + Twisted imports take ~1 s on
 #: a quiet machine; shared CI cores can be several times slower.
 RELAYD_START_TIMEOUT = 30.0
+#: Starts with freshly chosen ports when a daemon finds its port taken (auto-chosen ports only).
+PORT_ATTEMPTS = 3
 #: Seconds a process gets to exit after SIGTERM before the fixture SIGKILLs it.
 STOP_TIMEOUT = 30.0
 #: Per-request socket timeout of the HTTP client, seconds.
 HTTP_TIMEOUT = 30.0
+#: ``RELAYD_TEST_KEEP=1`` keeps relayd's and redis-server's temp dirs (config,
+#: logs, spool) after each test, to read what a daemon did in a failed run.
+KEEP_TEMP = os.environ.get("RELAYD_TEST_KEEP") == "1"
 
 Headers = dict[str, str]
 Response = tuple[int, Headers, bytes]
@@ -53,11 +59,23 @@ class TimeoutExpired(AssertionError):
     """A polled condition did not become true before its deadline."""
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+class _PortTaken(AssertionError):
+    """A daemon could not bind a port `free_port` chose: another process took it meanwhile."""
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.01,
+    explain: Callable[[], str] | None = None,
+) -> Any:
     """Poll `condition` until it returns a truthy value; return that value.
 
     Exceptions from `condition` count as "not yet".  Raises `TimeoutExpired`
-    naming `what` (and the last exception, if any) after `timeout` seconds.
+    naming `what` (and the last exception, if any) after `timeout` seconds,
+    followed by ``explain()`` when given (e.g. relayd's metrics and log tail,
+    so a failure in CI says what the daemon was doing).
     """
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -70,16 +88,103 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
             last_error = e
         if time.monotonic() >= deadline:
             suffix = f" (last error: {last_error!r})" if last_error else ""
+            if explain is not None:
+                try:
+                    suffix += f"\n{explain()}"
+                except Exception as e:  # noqa: BLE001 - the explanation must not hide the timeout
+                    suffix += f"\n(explain failed: {e!r})"
             raise TimeoutExpired(f"timed out after {timeout:.1f}s waiting for {what}{suffix}")
         time.sleep(interval)
         interval = min(interval * 1.5, 0.2)
 
 
+def remove_later(test: unittest.TestCase, path: str) -> None:
+    """Delete the temp dir `path` at the test's cleanup (kept, and named on stderr, with RELAYD_TEST_KEEP=1)."""
+    if KEEP_TEMP:
+        test.addCleanup(lambda: print(f"\n[kept {path} for {test.id()}]", file=sys.stderr))
+    else:
+        test.addCleanup(shutil.rmtree, path, True)
+
+
+class _PortLedger:
+    """The ports `free_port` handed out in this test run, so none is handed out twice.
+
+    Linux picks a port for ``bind(port 0)`` at a random offset each time, so
+    two calls can return the same just-released port (about 1 in 14,000 per
+    pair); a relayd whose admin port equals its Redis's port (or another
+    test's daemon still running) fails to start, or worse, the harness talks
+    to the wrong process.  With a few ports per test over hundreds of tests,
+    that was a percent-level chance per CI run.
+    """
+
+    def __init__(self) -> None:
+        self.used: set[int] = set()
+        self.lock = threading.Lock()
+
+
+_PORTS = _PortLedger()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago and was not handed out before in this run."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with _PORTS.lock:
+            if port not in _PORTS.used:
+                _PORTS.used.add(port)
+                return port
+
+
+def _redis_answers(url: str) -> bool:
+    """True if the Redis at ``redis://host:port/...`` answers PING now (not down, not SIGSTOPped)."""
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        with RespClient(parsed.hostname or "127.0.0.1", parsed.port or 6379, timeout=1.0) as c:
+            return c.command("PING") == "PONG"
+    except (OSError, RedisError, ConnectionError):
+        return False
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on TCP `port` (any address), from /proc/net/tcp{,6}."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    # local_address is ADDR:PORT in hex; state 0A is LISTEN
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:
+            pass
+    return inodes
+
+
+def process_listens(pid: int, port: int) -> bool:
+    """True if process `pid` holds a socket listening on TCP `port` (Linux /proc).
+
+    `port_accepts` or an HTTP answer only proves that *something* listens
+    there; on a shared machine that can be another test's daemon.
+    """
+    inodes = listening_inodes(port)
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
 
 
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
@@ -199,9 +304,16 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="relayd-redis-")
         self.proc: subprocess.Popen | None = None
         self._paused = False
-        test.addCleanup(shutil.rmtree, self.dir, True)
+        remove_later(test, self.dir)
         test.addCleanup(self._cleanup)
-        self.start()
+        for attempt in range(PORT_ATTEMPTS if port is None else 1):
+            try:
+                self.start()
+                return
+            except _PortTaken:
+                if port is not None or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()  # another process took ours between free_port and bind
 
     @property
     def url(self) -> str:
@@ -209,7 +321,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING (the constructor already did: this is for after `stop`)."""
+        if self.proc is not None and self.proc.poll() is None:
+            # A second redis-server on our port would exit at once while PING was answered by the
+            # first, which no cleanup then stopped (a leaked process per call).
+            raise AssertionError(f"redis-server on port {self.port} is already running")
         self._log = open(os.path.join(self.dir, "redis.log"), "ab")  # noqa: SIM115 - lives as long as the child
         self.proc = subprocess.Popen(
             [
@@ -237,16 +353,24 @@ class RedisServer:
         )
         self._paused = False
 
+        proc = self.proc
+
         def pong() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"redis-server exited {self.proc.returncode}:\n{self.log_text()[-2000:]}")
+            if proc.poll() is not None:
+                return True  # exited: judged below
             with self.client(timeout=1.0) as c:
-                return c.command("PING") == "PONG"
+                # Our server, not another one on this port (which would answer PING as well).
+                return f"process_id:{proc.pid}\r\n" in c.command("INFO", "server").decode()
 
         try:
             wait_for(pong, REDIS_START_TIMEOUT, f"redis-server on port {self.port} to answer PING")
         except AssertionError as e:
             raise AssertionError(f"{e}\n{self.log_text()[-2000:]}") from None
+        if proc.poll() is not None:
+            self._log.close()
+            if "Address already in use" in self.log_text():
+                raise _PortTaken(self.port)
+            raise AssertionError(f"redis-server exited {proc.returncode}:\n{self.log_text()[-2000:]}")
 
     def client(self, timeout: float = 10.0) -> RespClient:
         """A new connection to this server (close it, or use ``with``)."""
@@ -426,7 +550,7 @@ class RelaydProcess:
     ) -> None:
         self.dir = tempfile.mkdtemp(prefix="relayd-")
         self.counters = list(counters)
-        test.addCleanup(shutil.rmtree, self.dir, True)
+        remove_later(test, self.dir)
         test.addCleanup(self._cleanup)
         self.ingest_port = ingest_port or free_port()
         self.admin_port = admin_port or free_port()
@@ -455,7 +579,35 @@ class RelaydProcess:
             config_text = to_toml(tables, routes, self.counters) + extra_toml
         self.extra_toml = extra_toml
         self.config_path = self.write_file("relayd.conf", config_text)
-        self.start(wait_ready=wait_ready)
+        # Ports this harness chose (and wrote into a config it generated) can be chosen again.
+        listen, admin = f"tcp:{self.ingest_port}:interface=127.0.0.1", f"tcp:{self.admin_port}:interface=127.0.0.1"
+        server_table = self.tables["server"] if hasattr(self, "tables") else {}  # only a generated config
+        movable = (
+            wait_ready
+            and ingest_port is None
+            and admin_port is None
+            and server_table.get("listen") == listen
+            and server_table.get("admin") == admin
+        )
+        for attempt in range(PORT_ATTEMPTS if movable else 1):
+            try:
+                self.start(wait_ready=wait_ready)
+                if wait_ready and redis_url and _redis_answers(redis_url):
+                    self.wait_redis()
+                return
+            except _PortTaken:
+                if not movable or attempt == PORT_ATTEMPTS - 1:
+                    raise
+            # Another process took a port between free_port() and relayd's bind: new ports, same test.
+            self._close_files()
+            for name in ("stdout.log", "stderr.log"):
+                path = os.path.join(self.dir, name)
+                if os.path.exists(path):
+                    os.rename(path, f"{path}.port-taken-{attempt}")
+            self.ingest_port, self.admin_port = free_port(), free_port()
+            self.tables["server"]["listen"] = f"tcp:{self.ingest_port}:interface=127.0.0.1"
+            self.tables["server"]["admin"] = f"tcp:{self.admin_port}:interface=127.0.0.1"
+            self.write_file("relayd.conf", to_toml(self.tables, routes, self.counters) + extra_toml)
 
     def write_file(self, name: str, content: Any) -> str:
         """Write a file into the temp dir (dicts/lists as JSON); return its path."""
@@ -503,18 +655,40 @@ class RelaydProcess:
     def wait_ready(self, timeout: float = RELAYD_START_TIMEOUT) -> None:
         """Wait for ``GET /readyz`` == 200; raise with the log's tail if not."""
 
+        proc = self.proc
+        assert proc is not None
+
         def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise _Exited(self.proc.returncode)
-            return self.get_admin("/readyz", timeout=2.0)[0] == 200
+            if proc.poll() is not None:
+                return True  # exited: judged below
+            # This relayd's answer: on a shared machine another daemon can sit on a port we chose.
+            return self.get_admin("/readyz", timeout=5.0)[0] == 200 and process_listens(proc.pid, self.admin_port)
 
         try:
             wait_for(ready, timeout, f"relayd (admin port {self.admin_port}) to answer /readyz 200")
-        except _Exited as e:
-            raise AssertionError(f"relayd exited with {e.args[0]} before ready; log tail:\n{self.log_tail()}") from None
         except TimeoutExpired as e:
             raise AssertionError(f"{e}; log tail:\n{self.log_tail()}") from None
+        if proc.poll() is not None:
+            message = f"relayd exited with {proc.returncode} before ready; log tail:\n{self.log_tail()}"
+            if "Address already in use" in self.log_text():
+                raise _PortTaken(message)
+            raise AssertionError(message)
+
+    def wait_redis(self, timeout: float = RELAYD_START_TIMEOUT) -> None:
+        """Wait until relayd's Redis connection is up (``relayd_redis_up 1``; the minimum over workers).
+
+        /readyz means "can store", which the spool alone satisfies: right
+        after it, a stored POST may be answered from the spool and reach
+        Redis only when the connection comes up, and subscriptions and reply
+        routes answer 503.  The constructor calls this when the test's Redis
+        answers PING, so a test starts with messages flowing straight to Redis.
+        """
+
+        def up() -> bool:
+            status, _headers, body = self.get_admin("/metrics", timeout=5.0)
+            return status == 200 and any(line == "relayd_redis_up 1.0" for line in body.decode().splitlines())
+
+        wait_for(up, timeout, "relayd's Redis connection (relayd_redis_up 1)", explain=lambda: self.log_tail())
 
     def alive(self) -> bool:
         """True while the process runs."""
@@ -674,10 +848,6 @@ class RelaydProcess:
             at = text.find(marker)
             if at != -1:
                 raise AssertionError(f"relayd logged {marker!r}:\n{text[max(0, at - 500) : at + 3000]}")
-
-
-class _Exited(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------

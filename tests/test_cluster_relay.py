@@ -169,7 +169,7 @@ class ClusterIngestTests(ClusterRelayTestCase):
         # /readyz does not wait for the reply readers; each registers its list once it reads.
         wait_for(
             lambda: self.cluster.command_for("relayd:reply-lists", "ZCARD", "relayd:reply-lists") == 2,
-            10.0,
+            30.0,
             "both reply readers to start",
         )
         stop = threading.Event()

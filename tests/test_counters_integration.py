@@ -273,16 +273,20 @@ class OracleTests(CountersTestCase):
         seen_redis: Dict[str, float] = {}
         seen_pg: Dict[str, float] = {}
         stop = threading.Event()
+        # The poller sees a key up to one of its own cycles late (a psql run per cycle takes a
+        # while on a loaded box): that is measurement error, added to the bound below.
+        cycle = {"longest": 0.0}
 
         def poll() -> None:
             while not stop.is_set():
-                now = time.monotonic()
+                started = now = time.monotonic()
                 for k in self.redis_totals(self.redis):
                     seen_redis.setdefault(k, now)
                 now = time.monotonic()
                 for k in self.pg.totals("hits") if self.pg_ready() else {}:
                     seen_pg.setdefault(k, now)
                 time.sleep(0.05)
+                cycle["longest"] = max(cycle["longest"], time.monotonic() - started)
 
         poller = threading.Thread(target=poll)
         poller.start()
@@ -302,8 +306,8 @@ class OracleTests(CountersTestCase):
         bound = 2.0 + 1.0
         lag_redis = max(seen_redis[k] - t for k, t in acked_at.items())
         lag_pg = max(seen_pg[k] - t for k, t in acked_at.items())
-        self.assertLessEqual(lag_redis, bound, f"hash lag {lag_redis:.2f}s")
-        self.assertLessEqual(lag_pg, bound, f"table lag {lag_pg:.2f}s")
+        self.assertLessEqual(lag_redis, bound + cycle["longest"], f"hash lag {lag_redis:.2f}s (poll cycle <= {cycle['longest']:.2f}s)")
+        self.assertLessEqual(lag_pg, bound + cycle["longest"], f"table lag {lag_pg:.2f}s (poll cycle <= {cycle['longest']:.2f}s)")
 
     def pg_ready(self) -> bool:
         """The counters table exists (relayd creates it at its first flush)."""

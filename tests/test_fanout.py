@@ -26,16 +26,46 @@ def post(relayd: RelaydProcess, team: str, body: Dict[str, Any], keep_alive: boo
     return json.loads(raw)["id"]
 
 
+def diagnose(relayd: RelaydProcess) -> Any:
+    """For `wait_for`'s `explain`: relayd's fan-out and Redis metrics and its log tail."""
+
+    def explain() -> str:
+        values = metric_values(relayd)
+        keep = ("fanout", "redis_up", "redis_errors", "spill_mode", "spool_messages", "reactor_lag")
+        shown = {k: v for k, v in values.items() if any(w in k for w in keep)}
+        return f"metrics {shown}; log tail:\n{relayd.log_tail(3000)}"
+
+    return explain
+
+
 def bodies(sub: SSEClient) -> List[Dict[str, Any]]:
     """The message bodies a subscriber received, in order."""
     return [json.loads(d)["body"] for d in sub.data()]
 
 
+#: Attempts `subscribe` makes when relayd answers 503 (its Redis read timed out on a loaded box).
+SUBSCRIBE_ATTEMPTS = 5
+
+
 def subscribe(relayd: RelaydProcess, team: str, **kw: Any) -> SSEClient:
-    """A subscriber of one team whose response has started (so it is registered)."""
-    sub = SSEClient(relayd.ingest_port, f"/tracking/{team}", **kw)
-    wait_for(lambda: sub.retry is not None or (sub.status is not None and sub.status != 200), ARRIVAL, "the SSE response")
-    return sub
+    """A subscriber of one team whose 200 response has started (so it is registered).
+
+    A subscription's first Redis read can time out on a loaded box: relayd
+    answers 503 with Retry-After (the contract's "not ready"), and a client
+    subscribes again, so this does too (at most SUBSCRIBE_ATTEMPTS times).
+    Any other status fails here, where it happened, not later as "events
+    did not arrive".
+    """
+    for _ in range(SUBSCRIBE_ATTEMPTS):
+        sub = SSEClient(relayd.ingest_port, f"/tracking/{team}", **kw)
+        started = lambda s=sub: s.retry is not None or (s.status is not None and s.status != 200)  # noqa: E731
+        wait_for(started, ARRIVAL, "the SSE response")
+        if sub.status == 200:
+            return sub
+        sub.close()
+        if sub.status != 503:
+            break
+    raise AssertionError(f"subscribing to {team}: {sub.status} {sub.body[:300]!r}; log tail:\n{relayd.log_tail()}")
 
 
 def xread_clients(redis: RedisServer) -> int:
@@ -59,7 +89,15 @@ class FanoutTests(unittest.TestCase):
         self.redis = RedisServer(self)
 
     def start(self, routes: Any = (ROUTE,), **kw: Any) -> RelaydProcess:
-        return RelaydProcess(self, routes=list(routes), redis_url=self.redis.url, **kw)
+        """A relayd that is ready *and* connected to Redis.
+
+        /readyz means "can store", which the spool alone satisfies, so it can
+        answer 200 before the Redis connection is up; a subscription needs
+        that connection (503 without it), so wait for ``relayd_redis_up``.
+        """
+        relayd = RelaydProcess(self, routes=list(routes), redis_url=self.redis.url, **kw)
+        wait_for(lambda: metric_values(relayd).get("relayd_redis_up") == 1.0, ARRIVAL, "relayd connected to Redis")
+        return relayd
 
     def stuck_subscriber(self, relayd: RelaydProcess) -> SSEClient:
         """A subscriber that never reads, whose response has started (peeked, not read).
@@ -96,7 +134,7 @@ class FanoutTests(unittest.TestCase):
             sent[team].append(post(relayd, team, {"team": team, "seq": i}))
         for team, subs in (("red", red), ("blue", blue)):
             for sub in subs:
-                wait_for(lambda s=sub, n=len(sent[team]): len(s.events) >= n, ARRIVAL, f"{team} events")
+                wait_for(lambda s=sub, n=len(sent[team]): len(s.events) >= n, ARRIVAL, f"{team} events", explain=diagnose(relayd))
                 envelopes = [json.loads(d) for d in sub.data()]
                 self.assertEqual([e["id"] for e in envelopes], sent[team])
                 self.assertTrue(all(e["body"]["team"] == team for e in envelopes))
@@ -153,7 +191,7 @@ class FanoutTests(unittest.TestCase):
         relayd = self.start([{**ROUTE, "history": 5000}])
         first = subscribe(relayd, "red")
         ids = [post(relayd, "red", {"seq": i}) for i in range(10)]
-        wait_for(lambda: len(first.events) == 10, ARRIVAL, "10 events")
+        wait_for(lambda: len(first.events) == 10, ARRIVAL, "10 events", explain=diagnose(relayd))
         k = 4
         last_id = first.ids()[k]
         first.close()
@@ -161,14 +199,14 @@ class FanoutTests(unittest.TestCase):
         again = subscribe(relayd, "red", last_event_id=last_id)
         self.addCleanup(again.close)
         ids += [post(relayd, "red", {"seq": i}) for i in range(1200, 1230)]
-        wait_for(lambda: len(again.events) >= 1230 - k - 1, ARRIVAL, "replay and live events")
+        wait_for(lambda: len(again.events) >= 1230 - k - 1, ARRIVAL, "replay and live events", explain=diagnose(relayd))
         self.assertEqual([b["seq"] for b in bodies(again)], list(range(k + 1, 1230)))
         self.assertEqual(len(set(again.ids())), len(again.ids()))
         # The query-string form, and an id older than the history (starts at the oldest held).
         oldest = self.redis.command("XRANGE", "tracking:red", "-", "+", "COUNT", 1)[0][0].decode()
         query = SSEClient(relayd.ingest_port, "/tracking/red?last_event_id=1-0")
         self.addCleanup(query.close)
-        wait_for(lambda: len(query.events) > 0, ARRIVAL, "replay from the oldest entry")
+        wait_for(lambda: len(query.events) > 0, ARRIVAL, "replay from the oldest entry", explain=diagnose(relayd))
         self.assertEqual(query.ids()[0], oldest)
 
     def test_resume_seam_under_concurrent_posts(self) -> None:
@@ -184,7 +222,7 @@ class FanoutTests(unittest.TestCase):
         total = len(ids)
         for n, sub in enumerate(subs):
             start = n * 5 + 1
-            wait_for(lambda s=sub, n=total - start: len(s.events) >= n, ARRIVAL, "all events")
+            wait_for(lambda s=sub, n=total - start: len(s.events) >= n, ARRIVAL, "all events", explain=diagnose(relayd))
             self.assertEqual([b["seq"] for b in bodies(sub)], list(range(start, total)))
 
     def test_slow_subscriber_is_cut_and_memory_stays_bounded(self) -> None:
@@ -198,13 +236,13 @@ class FanoutTests(unittest.TestCase):
         blob = "x" * 100_000
         for i in range(20):  # warm up: allocator arenas, buffers
             post(relayd, "red", {"seq": i, "pad": blob})
-        wait_for(lambda: len(reader.events) == 20, ARRIVAL, "warm-up events")
+        wait_for(lambda: len(reader.events) == 20, ARRIVAL, "warm-up events", explain=diagnose(relayd))
         before = rss_kib(relayd.proc.pid)
         count = 400  # 40 MB of events: buffered for the stuck one, RSS would grow by that much
         for i in range(20, count):
             post(relayd, "red", {"seq": i, "pad": blob})
         try:
-            wait_for(lambda: len(reader.events) == count, ARRIVAL * 2, "every event at the reading subscriber")
+            wait_for(lambda: len(reader.events) == count, ARRIVAL * 2, "every event at the reading subscriber", explain=diagnose(relayd))
         except AssertionError:
             raise AssertionError(f"{len(reader.events)} events; {metric_values(relayd)}; {relayd.log_tail()}") from None
         self.assertEqual([b["seq"] for b in bodies(reader)], list(range(count)))
@@ -221,7 +259,7 @@ class FanoutTests(unittest.TestCase):
         self.addCleanup(self.close_all, *subs)
         for i in range(10):
             post(relayd, "red", {"seq": i})
-        wait_for(lambda: all(len(s.events) == 10 for s in subs), ARRIVAL, "events before the restart")
+        wait_for(lambda: all(len(s.events) == 10 for s in subs), ARRIVAL, "events before the restart", explain=diagnose(relayd))
         self.redis.stop()
         for i in range(10, 20):
             post(relayd, "red", {"seq": i})  # stored ack: fsynced in the spool
@@ -229,7 +267,7 @@ class FanoutTests(unittest.TestCase):
         for i in range(20, 30):
             post(relayd, "red", {"seq": i})
         for sub in subs:
-            wait_for(lambda s=sub: len(s.events) >= 30, ARRIVAL * 2, "events after the restart")
+            wait_for(lambda s=sub: len(s.events) >= 30, ARRIVAL * 2, "events after the restart", explain=diagnose(relayd))
             self.assertEqual([b["seq"] for b in bodies(sub)], list(range(30)))
         self.assertTrue(all(not s.closed for s in subs), "subscriptions stay open across a Redis restart")
 
@@ -258,7 +296,7 @@ class FanoutTests(unittest.TestCase):
             sent[team].append(post(relayd, team, {"team": team, "seq": i}, keep_alive=False))
         for team, group in subs.items():
             for sub in group:
-                wait_for(lambda s=sub: len(s.events) >= 40, ARRIVAL, f"{team} events")
+                wait_for(lambda s=sub: len(s.events) >= 40, ARRIVAL, f"{team} events", explain=diagnose(relayd))
                 self.assertEqual([json.loads(d)["id"] for d in sub.data()], sent[team])
         self.assertEqual(relayd.terminate(), 0, relayd.log_tail())
         for group in subs.values():

@@ -11,11 +11,15 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
+from relayd.config import RedisConfig
 from relayd.fanout.events import encode_event, envelope_ts, format_id, parse_id
 from relayd.fanout.hub import Hub
+from relayd.fanout.reader import StreamReader
 from relayd.fanout.sse import Subscriber
 from relayd.ops.metrics import Metrics
 from relayd.outbox.streams import ListAndStreamTarget, StreamTarget
@@ -208,6 +212,54 @@ class HeartbeatTests(unittest.TestCase):
         for _, request, _ in made:
             self.assertEqual(request.channel.transport.value(), b": ping\n\n")
         subs._heartbeat.stop()
+
+
+class ScriptedRedis:
+    """The reader's connection as a test double: ready, and each command's Deferred kept to fire by hand."""
+
+    def __init__(self) -> None:
+        self.ready = True
+        self.sent: list = []  # type: ignore[type-arg]  # (args, Deferred)
+        self._listeners: list = []  # type: ignore[type-arg]
+
+    def on_ready(self, listener: Any) -> None:
+        self._listeners.append(listener)
+
+    def startService(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def stopService(self) -> Deferred[None]:
+        return succeed(None)
+
+    def execute(self, *args: bytes) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.sent.append((args, d))
+        return d
+
+
+class ReaderTests(unittest.TestCase):
+    """The XREAD loop against a scripted connection."""
+
+    def test_connection_lost_with_client_id_and_xread_out_leaves_no_unhandled_error(self) -> None:
+        """Was a bug (seen as 'Unhandled error in Deferred' when a worker stopped under load): CLIENT ID and
+        the XREAD go out pipelined; when the connection is lost both fail, the loop stops at CLIENT ID's
+        failure, and the XREAD's failure was left for the garbage collector to report."""
+        clock = Clock()
+        metrics = Metrics()
+        hub = Hub(clock, metrics)
+        conn = ScriptedRedis()
+        reader = StreamReader(clock, RedisConfig(), SimpleNamespace(ready=True), hub, metrics, client=conn)
+        sub, _request, _cut = subscriber()
+        hub.add(sub, (0, 0))
+        reader.startService()
+        self.assertEqual([args[0] for args, _ in conn.sent], [b"CLIENT", b"XREAD"])
+        (_, id_d), (_, read_d) = conn.sent
+        conn.ready = False
+        id_d.errback(ConnectionError("Lost connection"))
+        read_d.errback(ConnectionError("Lost connection"))
+        self.assertNotIsInstance(read_d.result, Failure, "the XREAD's failure is nobody's")
+        self.assertNotIsInstance(id_d.result, Failure)
 
 
 class DirectWriteTests(unittest.TestCase):

@@ -13,6 +13,7 @@ from tests.harness import (
     decode_item,
     free_port,
     port_accepts,
+    process_listens,
     to_toml,
     wait_for,
 )
@@ -91,6 +92,21 @@ class RedisServerLifecycleTests(unittest.TestCase):
     def test_free_port_is_bindable(self) -> None:
         """free_port() returns a port nothing listens on."""
         self.assertFalse(port_accepts(free_port()))
+
+    def test_free_port_never_repeats(self) -> None:
+        """free_port() hands out no port twice in a run (Linux may return a just-released port again)."""
+        ports = [free_port() for _ in range(300)]
+        self.assertEqual(len(set(ports)), len(ports))
+
+    def test_process_listens_tells_whose_port_it_is(self) -> None:
+        """process_listens() is true for the redis-server that listens on its port, false for another
+        process and for a port with no listener: readiness checks cannot be fooled by another daemon."""
+        redis = RedisServer(self)
+        other = RedisServer(self)
+        assert redis.proc is not None and other.proc is not None
+        self.assertTrue(process_listens(redis.proc.pid, redis.port))
+        self.assertFalse(process_listens(other.proc.pid, redis.port))
+        self.assertFalse(process_listens(redis.proc.pid, free_port()))
 
     def test_wait_for_deadline(self) -> None:
         """wait_for returns the first truthy value and raises after its deadline otherwise."""

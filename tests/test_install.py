@@ -421,8 +421,7 @@ class DistributionTests(unittest.TestCase):
         self.assertIn("up to date", checked.stdout)
 
         # /etc/relayd: the config (0640, group relayd) and the schemas.
-        redis = RedisServer(self)
-        redis.start()
+        redis = RedisServer(self)  # started (and waited for) by the constructor
 
         def install(path: str, mode: int) -> None:  # install -m MODE -g relayd
             os.chown(path, 0, gid)

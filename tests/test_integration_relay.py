@@ -393,7 +393,7 @@ class ApiContractTests(RelayTestCase):
             return total
 
         try:
-            wait_for(lambda: ingested() >= expected, 5.0, "the ingested counter to reach 12")
+            wait_for(lambda: ingested() >= expected, 30.0, "the ingested counter to reach 12")
         except AssertionError as e:
             raise AssertionError(f"{e}; last value {ingested()}") from None
         self.assertEqual(ingested(), expected)

@@ -55,8 +55,7 @@ class KitAgainstRunningRelaydTests(unittest.TestCase):
     """Scrape a live relayd (2 workers, every feature configured) and hold the kit against it."""
 
     def setUp(self) -> None:
-        self.redis = RedisServer(self)
-        self.redis.start()
+        self.redis = RedisServer(self)  # started (and waited for) by the constructor
         self.relayd = RelaydProcess(
             self,
             routes=[

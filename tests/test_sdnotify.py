@@ -153,7 +153,7 @@ class NotifyIntegrationTests(unittest.TestCase):
         before = [m for m in ns.poll() if m["_at"] < ready["_at"]]
         self.assertFalse(any("READY" in m for m in before))
         ns.wait("WATCHDOG")
-        wait_for(lambda: sum(1 for m in ns.poll() if "WATCHDOG" in m) >= 2, 5.0, "a second watchdog ping")
+        wait_for(lambda: sum(1 for m in ns.poll() if "WATCHDOG" in m) >= 2, 30.0, "a second watchdog ping")
         self.assertEqual(relayd.terminate(), 0, relayd.log_tail())
         ns.wait("STOPPING")
 

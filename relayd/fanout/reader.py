@@ -59,10 +59,17 @@ class StreamReader(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, redis_config: RedisConfig, main: Any, hub: Hub, metrics: Metrics) -> None:
-        """`main` is the process's main Redis client (for CLIENT UNBLOCK)."""
+    def __init__(
+        self, reactor: Any, redis_config: RedisConfig, main: Any, hub: Hub, metrics: Metrics, client: Any = None
+    ) -> None:
+        """`main` is the process's main Redis client (for CLIENT UNBLOCK); `client`, the reader's
+        own connection, is made from `redis_config` unless given (tests pass a double)."""
         self._reactor = reactor
-        self._redis = RedisClient(reactor, attrs.evolve(redis_config, reply_timeout=BLOCK_MS / 1000 + 2.0))
+        self._redis = (
+            client
+            if client is not None
+            else RedisClient(reactor, attrs.evolve(redis_config, reply_timeout=BLOCK_MS / 1000 + 2.0))
+        )
         self._main = main
         self._hub = hub
         self._metrics = metrics
