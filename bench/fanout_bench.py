@@ -67,7 +67,21 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
-def run_row(teams: int, subs: int, rate: int, duration: float, stream: bool) -> dict:
+def commandstats(r: RespClient) -> dict:
+    """``INFO commandstats`` as {command: {calls, usec_per_call}} for the commands fan-out uses."""
+    stats = {}
+    for line in r.command("INFO", "commandstats").decode().splitlines():
+        if not line.startswith("cmdstat_"):
+            continue
+        name, rest = line[len("cmdstat_"):].split(":", 1)
+        fields = dict(kv.split("=", 1) for kv in rest.split(","))
+        if int(fields["calls"]) >= 10:
+            stats[name] = {"calls": int(fields["calls"]), "usec_per_call": float(fields["usec_per_call"]),
+                           "usec": int(fields["usec"])}
+    return stats
+
+
+def run_row(teams: int, subs: int, rate: int, duration: float, stream: bool, profile: str = "") -> dict:
     work = tempfile.mkdtemp(prefix="fanout-bench-")
     procs = []
     try:
@@ -95,7 +109,9 @@ def run_row(teams: int, subs: int, rate: int, duration: float, stream: bool) -> 
             f.write(to_toml(tables, [route]))
         env = dict(os.environ, PYTHONPATH=ROOT)
         relayd = subprocess.Popen(
-            ["taskset", "-c", "0", *twistd_command(), "-n", "--pidfile=", "relayd", "--config", conf],
+            ["taskset", "-c", "0", *twistd_command(), "-n", "--pidfile=",
+             *(["--profile", profile, "--profiler", "cprofile", "--savestats"] if profile else []),
+             "relayd", "--config", conf],
             cwd=work, env=env, stdout=open(os.path.join(work, "relayd.log"), "wb"), stderr=subprocess.STDOUT,
         )
         procs.append(relayd)
@@ -129,6 +145,7 @@ def run_row(teams: int, subs: int, rate: int, duration: float, stream: bool) -> 
             result["redis_used_memory_mib"] = round(int(dict(
                 line.split(":", 1) for line in r.command("INFO", "memory").decode().splitlines() if ":" in line
             )["used_memory"]) / 2**20, 1)
+            result["redis_commandstats"] = commandstats(r)
         return result
     finally:
         for p in reversed(procs):
@@ -146,12 +163,16 @@ def main() -> None:
     parser.add_argument("--subs", type=int, default=10)
     parser.add_argument("--rates", default="200,400,800")
     parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--no-reference", action="store_true", help="skip the list-only reference rows (profiling runs)")
+    parser.add_argument("--profile", default="", help="cProfile relayd of the stream rows into this file (pstats)")
     args = parser.parse_args()
+    args.profile = os.path.abspath(args.profile) if args.profile else ""
     rows = []
     for rate in (int(r) for r in args.rates.split(",")):
-        rows.append(run_row(args.teams, args.subs, rate, args.duration, stream=False))
-        print(json.dumps(rows[-1]), flush=True)
-        rows.append(run_row(args.teams, args.subs, rate, args.duration, stream=True))
+        if not args.no_reference:
+            rows.append(run_row(args.teams, args.subs, rate, args.duration, stream=False))
+            print(json.dumps(rows[-1]), flush=True)
+        rows.append(run_row(args.teams, args.subs, rate, args.duration, stream=True, profile=args.profile))
         print(json.dumps(rows[-1]), flush=True)
     print()
     print("| route | teams x subs | POSTs/s | events/s out | p50 / p99 / max ack->sub (ms) | relayd CPU | relayd peak RSS | generator CPU | events recv/expected |")

@@ -167,7 +167,7 @@ class StreamTargetTests(unittest.TestCase):
             self.assertEqual(decode_payload(encode_payload(target, item)), (target, item))
 
     def test_commands(self) -> None:
-        """One XADD MAXLEN ~ per item; with a list, one LPUSH first."""
+        """One XADD MAXLEN ~ per item, then one change-log entry; with a list, one LPUSH first."""
         target = ListAndStreamTarget(b"l", StreamTarget(b"s", 10, label=b"s:{x}"))
         self.assertEqual(
             target.commands([b"1", b"2"]),
@@ -175,6 +175,7 @@ class StreamTargetTests(unittest.TestCase):
                 (b"LPUSH", b"l", b"1", b"2"),
                 (b"XADD", b"s", b"MAXLEN", b"~", b"10", b"*", b"data", b"1"),
                 (b"XADD", b"s", b"MAXLEN", b"~", b"10", b"*", b"data", b"2"),
+                (b"XADD", b"relayd:fanout:changes", b"MAXLEN", b"~", b"20000", b"*", b"s", b"s"),
             ],
         )
         self.assertEqual(target.metric_label, b"s:{x}")

@@ -8,7 +8,8 @@ reader's XREAD resumes from there after a block, a re-arm or a Redis
 reconnect, and a resuming subscriber goes live once its replay reached it.
 
 A stream joins when its first subscriber arrives (the reader is woken so
-the new stream is read at once) and leaves with its last subscriber, so
+the new stream is read at once; afterwards the reader reads it when the
+change log names it, relayd/fanout/changes.py) and leaves with its last subscriber, so
 memory is bounded by the streams actually watched here.
 """
 
@@ -29,14 +30,14 @@ class Hub:
         self._metrics = metrics
         self._subscribers: Dict[bytes, Set[Subscriber]] = {}
         self._positions: Dict[bytes, StreamId] = {}
-        self._on_new_stream: Optional[Callable[[], None]] = None
+        self._on_new_stream: Optional[Callable[[bytes], None]] = None
         self.count = 0
         self._serial = 0  # spreads subscribers over heartbeat slices
         self._sent = metrics.fanout_events_sent
         self._latency = metrics.fanout_latency
 
-    def set_listener(self, on_new_stream: Callable[[], None]) -> None:
-        """`on_new_stream()` runs when a stream gets its first local subscriber (reader re-arm)."""
+    def set_listener(self, on_new_stream: Callable[[bytes], None]) -> None:
+        """`on_new_stream(stream)` runs when a stream gets its first local subscriber (reader re-arm)."""
         self._on_new_stream = on_new_stream
 
     def add(self, sub: Subscriber, position: StreamId) -> None:
@@ -49,7 +50,7 @@ class Hub:
             self._subscribers[sub.stream] = {sub}
             self._positions[sub.stream] = position
             if self._on_new_stream is not None:
-                self._on_new_stream()
+                self._on_new_stream(sub.stream)
         else:
             subs.add(sub)
 
