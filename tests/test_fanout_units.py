@@ -106,13 +106,39 @@ class SubscriberTests(unittest.TestCase):
     def test_writes_while_not_paused_and_skips_old_ids(self) -> None:
         """Live events after the cursor are written in order; at or before it, skipped."""
         sub, request, _ = subscriber()
-        self.assertTrue(sub.event((1, 0), b"a", b"A"))
-        self.assertFalse(sub.event((1, 0), b"dup", b"DUP"))
+
+        def one(sid: tuple, data: bytes) -> int:  # type: ignore[type-arg]
+            return sub.events(sid, sid, data, data.upper(), [(sid, data)])
+
+        self.assertEqual(one((1, 0), b"a"), 1)
+        self.assertEqual(one((1, 0), b"dup"), 0)
         sub.catching_up = True
-        self.assertFalse(sub.event((2, 0), b"held off", b"HELD OFF"))
+        self.assertEqual(one((2, 0), b"held off"), 0)
         sub.catching_up = False
-        self.assertTrue(sub.event((3, 0), b"c", b"C"))
+        self.assertEqual(one((3, 0), b"c"), 1)
         self.assertEqual(request.channel.transport.value(), b"ac")
+
+    @given(st.integers(0, 12), st.lists(st.integers(1, 3), min_size=1, max_size=8))
+    def test_a_pass_is_one_write_of_exactly_the_events_after_the_cursor(self, cursor: int, gaps: list) -> None:  # type: ignore[type-arg]
+        """Whatever the cursor, a subscriber gets the pass's events after it, in order, no more.
+
+        All of them (the rule once live): one write of the joined bytes.
+        """
+        sub, request, _ = subscriber()
+        sub.cursor = (cursor, 0)
+        sids, ms = [], 0
+        for gap in gaps:
+            ms += gap
+            sids.append((ms, 0))
+        each = [(sid, b"<%d>" % sid[0]) for sid in sids]
+        plain = b"".join(e for _, e in each)
+        sent = sub.events(sids[0], sids[-1], plain, plain, each)
+        expected = [e for sid, e in each if sid > (cursor, 0)]
+        self.assertEqual(sent, len(expected))
+        self.assertEqual(request.channel.transport.value(), b"".join(expected))
+        if sids[0] > (cursor, 0):
+            self.assertEqual(len(request.channel.transport.objects), 1)
+        self.assertEqual(sub.cursor, max(sids[-1], (cursor, 0)))
 
     def test_paused_queue_then_resume_in_order(self) -> None:
         """While paused events queue; on resume they are written in order."""
@@ -138,7 +164,7 @@ class SubscriberTests(unittest.TestCase):
         self.assertTrue(request.channel.transport.disconnecting)
 
     def test_hub_encodes_once_for_all(self) -> None:
-        """The hub writes the same bytes object to every subscriber of a stream, none to others."""
+        """The hub writes the same bytes object to every subscriber of a stream, none to others; one write per pass."""
         hub = Hub(Clock(), Metrics())
         (a, ra, _), (b, rb, _) = subscriber(), subscriber()
         other, ro, _ = subscriber()
@@ -152,6 +178,10 @@ class SubscriberTests(unittest.TestCase):
         self.assertIs(ra.channel.transport.objects[0], rb.channel.transport.objects[0])
         self.assertEqual(ro.channel.transport.value(), b"")
         self.assertEqual(hub.position(b"s"), (5, 0))
+        hub.deliver(b"s", [[b"6-0", [b"data", b"y"]], [b"7-0", [b"data", b"z"]]])
+        self.assertEqual(ra.channel.transport.objects[1], b"id: 6-0\ndata: y\n\nid: 7-0\ndata: z\n\n")
+        self.assertIs(ra.channel.transport.objects[1], rb.channel.transport.objects[1])
+        self.assertEqual(len(ra.channel.transport.objects), 2)  # one write per pass
         hub.remove(a)
         hub.remove(b)
         self.assertIsNone(hub.position(b"s"))
