@@ -26,9 +26,9 @@ blocking in the same pipeline as the data read.
 
 Re-arming without waiting out the block: a stream that gets its first
 local subscriber must be read now, not after up to `BLOCK_MS`.  The reader
-sends ``CLIENT ID`` pipelined before each blocking ``XREAD`` (so it always
-knows its connection's id, across reconnects), and `wake` sends ``CLIENT
-UNBLOCK <id>`` on the main connection: the XREAD returns nil at once and
+sends ``CLIENT ID`` pipelined before the first blocking ``XREAD`` on each
+connection (so it knows its connection's id, across reconnects), and
+`wake` sends ``CLIENT UNBLOCK <id>`` on the main connection: the XREAD returns nil at once and
 the next pass reads the new stream.  Should the unblock reach Redis before
 the XREAD blocks (it replies 0), it is retried shortly.  A stream that
 loses its last subscriber needs no re-arm: it is not read again, and
@@ -225,14 +225,15 @@ class StreamReader(Service):
                     else:
                         self._generation += 1
                         self._blocked = True  # from now on, wake() unblocks it
-                        id_d = redis.execute(b"CLIENT", b"ID")
+                        id_d = redis.execute(b"CLIENT", b"ID") if self._client_id is None else None
                         changes_d = redis.execute(
                             b"XREAD", b"COUNT", b"%d" % CHANGES_COUNT, b"BLOCK", b"%d" % BLOCK_MS,
                             b"STREAMS", CHANGES_KEY, self._cursor,
                         )
                         try:
-                            client_id = yield id_d
-                            self._client_id = b"%d" % client_id if isinstance(client_id, int) else client_id
+                            if id_d is not None:
+                                client_id = yield id_d
+                                self._client_id = b"%d" % client_id if isinstance(client_id, int) else client_id
                             changes = yield changes_d
                         finally:
                             self._blocked = False
