@@ -218,26 +218,41 @@ class HeartbeatTests(unittest.TestCase):
     """Heartbeats reach every subscriber once per interval, a slice per tick."""
 
     def test_heartbeat_slices(self) -> None:
-        """Over 15 ticks of 1 s each subscriber gets exactly one ``: ping``, never all in one tick."""
+        """Idle subscribers: one ``: ping`` each per visit round (7.5 s), never all in one tick; busy ones: none.
+
+        No subscriber is silent for more than 15 s.
+        """
         from twisted.internet.testing import MemoryReactorClock
 
         from relayd.config import RedisConfig
-        from relayd.fanout.subscribe import HEARTBEAT_INTERVAL, Subscriptions
+        from relayd.fanout.subscribe import HEARTBEAT_INTERVAL, HEARTBEAT_SLICES, HEARTBEAT_VISIT, Subscriptions
 
+        tick = HEARTBEAT_VISIT / HEARTBEAT_SLICES
         clock = MemoryReactorClock()
         subs = Subscriptions(clock, RedisConfig(), SimpleNamespace(ready=True), Metrics())
         subs._heartbeat.clock = clock
-        subs._heartbeat.start(HEARTBEAT_INTERVAL / 15, now=False)
+        subs._heartbeat.start(tick, now=False)
         made = [subscriber() for _ in range(30)]
+        busy, busy_request, _ = made[0]
         for sub, _, _ in made:
             subs.hub.add(sub, (0, 0))
-        clock.advance(1.0)
-        first = sum(1 for _, r, _ in made if r.channel.transport.value())
-        self.assertLess(first, 30)
-        for _ in range(14):
-            clock.advance(1.0)
-        for _, request, _ in made:
-            self.assertEqual(request.channel.transport.value(), b": ping\n\n")
+        busy.send(b"e\n\n")
+        clock.advance(tick)
+        first = sum(1 for _, r, _ in made[1:] if r.channel.transport.value())
+        self.assertLess(first, 29)
+        last_event = 0.0
+        for i in range(1, 2 * HEARTBEAT_SLICES):
+            if i % 20 == 0:  # an event every second for the busy one
+                busy.send(b"e\n\n")
+                last_event = clock.seconds()
+            clock.advance(tick)
+        for _, request, _ in made[1:]:
+            self.assertEqual(request.channel.transport.value(), b": ping\n\n: ping\n\n")
+        self.assertNotIn(b"ping", busy_request.channel.transport.value())
+        while b"ping" not in busy_request.channel.transport.value():  # the busy one goes quiet...
+            clock.advance(tick)
+            self.assertLess(clock.seconds() - last_event, HEARTBEAT_INTERVAL + 1)
+        self.assertLessEqual(clock.seconds() - last_event, HEARTBEAT_INTERVAL + 2 * tick)
         subs._heartbeat.stop()
 
 

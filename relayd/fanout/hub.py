@@ -25,7 +25,8 @@ from relayd.ops.metrics import Metrics
 class Hub:
     """Subscribers by stream; fans each entry out as one encoded event."""
 
-    def __init__(self, clock: Any, metrics: Metrics) -> None:
+    def __init__(self, clock: Any, metrics: Metrics, heartbeat_slices: int = 1) -> None:
+        """`heartbeat_slices`: how many groups `broadcast` visits one at a time."""
         self._clock = clock
         self._metrics = metrics
         self._subscribers: Dict[bytes, Set[Subscriber]] = {}
@@ -33,6 +34,8 @@ class Hub:
         self._on_new_stream: Optional[Callable[[bytes], None]] = None
         self.count = 0
         self._serial = 0  # spreads subscribers over heartbeat slices
+        #: Subscribers by heartbeat slice: a tick visits one slice, not everyone.
+        self._slices: List[Set[Subscriber]] = [set() for _ in range(max(1, heartbeat_slices))]
         self._sent = metrics.fanout_events_sent
         self._latency = metrics.fanout_latency
 
@@ -46,6 +49,7 @@ class Hub:
         self.count += 1
         self._serial += 1
         sub.serial = self._serial
+        self._slices[sub.serial % len(self._slices)].add(sub)
         if subs is None:
             self._subscribers[sub.stream] = {sub}
             self._positions[sub.stream] = position
@@ -60,6 +64,7 @@ class Hub:
         if subs is None or sub not in subs:
             return
         subs.discard(sub)
+        self._slices[sub.serial % len(self._slices)].discard(sub)
         self.count -= 1
         if not subs:
             del self._subscribers[sub.stream]
@@ -125,17 +130,21 @@ class Hub:
         if sent:
             self._sent.inc(sent)
 
-    def broadcast(self, data: bytes, part: int = 0, parts: int = 1) -> None:
-        """Write `data` (a heartbeat) to every subscriber in slice `part` of `parts`.
+    def broadcast(self, data: bytes, part: int = 0) -> None:
+        """Write `data` (a heartbeat) to the subscribers of slice `part` not written to since the last visit.
 
         Heartbeats go out one slice per tick so that 10,000 subscribers
         are not 10,000 writes in one reactor turn (a latency spike for
-        every event behind them).
+        every event behind them).  A subscriber written to since the last
+        visit needs none: it is only unmarked (`Subscriber.active`).
         """
         framed = frame(data)
-        for sub in self.subscribers():
-            if sub.serial % parts == part:
+        for sub in list(self._slices[part % len(self._slices)]):
+            if sub.active:
+                sub.active = False
+            else:
                 sub.send_framed(framed if sub.chunked else data)
+                sub.active = False
 
 
 def _data_field(fields: List[bytes]) -> bytes:

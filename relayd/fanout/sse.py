@@ -44,6 +44,8 @@ class Subscriber:
         self.catching_up = False
         self.closed = False
         self.serial = 0  # set by the hub: which heartbeat slice it is in
+        #: Written to since its last heartbeat slot (then it needs no ping).
+        self.active = False
         self._paused = False
         self._queue: Deque[bytes] = deque()
         self._queued = 0
@@ -100,6 +102,7 @@ class Subscriber:
         """Write bytes ready for the wire, or queue them; cut past the bound."""
         if self.closed:
             return
+        self.active = True
         if not self._paused:
             self._write(data)
             return
