@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from relayd.fanout.events import encode_event, envelope_ts, format_id, parse_id
-from relayd.fanout.hub import Hub
+from relayd.fanout.hub import JOIN_LIMIT, Hub
 from relayd.fanout.sse import Subscriber
 from relayd.fanout.wire import direct_writer
 from relayd.ops.metrics import Metrics
@@ -184,6 +184,10 @@ class SubscriberTests(unittest.TestCase):
         self.assertEqual(ra.channel.transport.objects[1], b"id: 6-0\ndata: y\n\nid: 7-0\ndata: z\n\n")
         self.assertIs(ra.channel.transport.objects[1], rb.channel.transport.objects[1])
         self.assertEqual(len(ra.channel.transport.objects), 2)  # one write per pass
+        big = b"x" * (JOIN_LIMIT // 3)  # two events per write, not three
+        hub.deliver(b"s", [[b"%d-0" % i, [b"data", big]] for i in range(8, 12)])
+        self.assertEqual(len(ra.channel.transport.objects), 4)  # past JOIN_LIMIT: several writes, nothing lost
+        self.assertEqual(ra.channel.transport.value().count(b"data: x"), 1 + 4)
         hub.remove(a)
         hub.remove(b)
         self.assertIsNone(hub.position(b"s"))

@@ -21,6 +21,11 @@ from relayd.fanout.events import StreamId, encode_event, envelope_ts, parse_id
 from relayd.fanout.sse import Subscriber, frame
 from relayd.ops.metrics import Metrics
 
+#: Bytes of events joined into one write (one pass, one stream); a larger
+#: event is a write of its own.  Twisted's transport buffer size: a fast
+#: subscriber takes it in one send, a paused one queues references.
+JOIN_LIMIT = 64 * 1024
+
 
 class Hub:
     """Subscribers by stream; fans each entry out as one encoded event."""
@@ -86,16 +91,21 @@ class Hub:
     def deliver(self, stream: bytes, entries: List[Any]) -> None:
         """Entries ``[id, [field, value, ...]]`` read from `stream`, in order.
 
-        The events of one read pass go to each subscriber as *one* write
-        (one chunk): under load a pass brings several entries per stream,
-        and a write per entry per subscriber was most of the fan-out's CPU.
+        The events of one read pass go to each subscriber as one write (one
+        chunk) per up to `JOIN_LIMIT` bytes: under load a pass brings
+        several entries per stream, and a write per entry per subscriber
+        was most of the fan-out's CPU.  The limit keeps large bodies as
+        separate writes, so a paused subscriber's queue holds references to
+        shared bytes, not one copy of a whole pass.
         """
         subs = self._subscribers.get(stream)
         if subs is None:
             return  # the last subscriber left while the XREAD was out
         now = self._clock.seconds()
         position = self._positions[stream]
-        events: List[Tuple[StreamId, bytes]] = []
+        runs: List[List[Tuple[StreamId, bytes]]] = []
+        run: List[Tuple[StreamId, bytes]] = []
+        size = 0
         observe = self._latency.observe
         for entry_id, fields in entries:
             sid = parse_id(entry_id)
@@ -103,19 +113,27 @@ class Hub:
                 continue
             position = sid
             data = _data_field(fields)
-            events.append((sid, encode_event(entry_id, data)))
+            event = encode_event(entry_id, data)
+            if run and size + len(event) > JOIN_LIMIT:
+                runs.append(run)
+                run, size = [], 0
+            run.append((sid, event))
+            size += len(event)
             ts = envelope_ts(data)
             if ts:
                 observe(max(0.0, now - ts))
-        if not events:
+        if not run:
             return
+        runs.append(run)
         self._positions[stream] = position
-        first, last = events[0][0], position
-        plain = events[0][1] if len(events) == 1 else b"".join(event for _, event in events)
-        framed = frame(plain)
         sent = 0
-        for sub in list(subs):
-            sent += sub.events(first, last, plain, framed, events)
+        members = list(subs)
+        for events in runs:
+            plain = events[0][1] if len(events) == 1 else b"".join(event for _, event in events)
+            framed = frame(plain)
+            first, last = events[0][0], events[-1][0]
+            for sub in members:
+                sent += sub.events(first, last, plain, framed, events)
         if sent:
             self._sent.inc(sent)
 
