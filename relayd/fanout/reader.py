@@ -65,6 +65,7 @@ CHANGES_COUNT = 2000  # change-log entries per XREAD (~60 B each)
 STREAMS_PER_READ = 256  # streams named by one data XREAD (a sweep of 1,000 streams is four reads)
 SWEEP_INTERVAL = 10.0  # seconds between reads of every watched stream (safety net for a missed change)
 UNBLOCK_RETRY = 0.02  # seconds before retrying a CLIENT UNBLOCK that found nothing blocked
+RESTART_DELAY = 1.0  # seconds before a loop that failed unexpectedly starts again (from a sweep)
 #: Least time between two reads of the change log.  Under load each read
 #: returns at once with the few names written since the last; waiting out
 #: the rest of 5 ms batches them (at most 200 passes/s, at most 5 ms added,
@@ -144,7 +145,12 @@ class StreamReader(Service):
     def _kick(self) -> None:
         if self._reading is None and self.running:
             self._reading = self._read()
-            self._reading.addErrback(lambda f: self._log.failure("stream reader stopped unexpectedly", f))
+            self._reading.addErrback(self._crashed)
+
+    def _crashed(self, failure: Any) -> None:
+        """A bug stopped the loop: log it and start again shortly (a reader must not stay dead, nchan#442)."""
+        self._log.failure("stream reader stopped unexpectedly; restarting in {delay} s", failure, delay=RESTART_DELAY)
+        self._reactor.callLater(RESTART_DELAY, self._kick)
 
     def _sweep(self) -> None:
         """Mark every watched stream dirty (each is read once from its position)."""
