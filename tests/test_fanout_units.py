@@ -17,10 +17,10 @@ from twisted.internet.testing import StringTransport
 from relayd.fanout.events import encode_event, envelope_ts, format_id, parse_id
 from relayd.fanout.hub import JOIN_LIMIT, Hub
 from relayd.fanout.sse import Subscriber
-from relayd.fanout.wire import direct_writer
 from relayd.ops.metrics import Metrics
 from relayd.outbox.streams import ListAndStreamTarget, StreamTarget
 from relayd.outbox.targets import decode_payload, encode_payload
+from relayd.wire import direct_writer
 
 
 class EventTests(unittest.TestCase):
@@ -261,7 +261,7 @@ class HeartbeatTests(unittest.TestCase):
 
 
 class DirectWriteTests(unittest.TestCase):
-    """relayd/fanout/wire.py against a real socket: sent at once when nothing is pending, else Twisted's buffer, in order."""
+    """relayd/wire.py against a real socket: sent at once when nothing is pending, else Twisted's buffer, in order."""
 
     def connection(self) -> tuple:  # type: ignore[type-arg]
         """A twisted tcp.Connection over one end of a socket pair (a MemoryReactor records writers); the other end."""

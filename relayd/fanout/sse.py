@@ -2,7 +2,7 @@
 
 Memory per subscriber is bounded whatever the client does: events are
 written to the transport while it takes them (sent at once when nothing is
-pending, relayd/fanout/wire.py); when its buffer passes
+pending, relayd/wire.py); when its buffer passes
 Twisted's ``bufferSize`` the transport pauses us (``pauseProducing``) and
 events queue here, as references to the bytes the hub encoded once for all
 subscribers.  Past `queue_limit` queued bytes the subscriber is *cut*
@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from relayd.fanout.events import StreamId
-from relayd.fanout.wire import direct_writer
+from relayd.wire import direct_writer
 
 
 def frame(data: bytes) -> bytes:
@@ -56,7 +56,7 @@ class Subscriber:
         #: transport (Request.write would frame it again per subscriber).
         self.chunked = bool(getattr(request, "chunked", False))
         self._transport = request.channel.transport
-        #: Sends at once when the socket has nothing pending (relayd/fanout/wire.py).
+        #: Sends at once when the socket has nothing pending (relayd/wire.py).
         self._write = direct_writer(self._transport)
         request.registerProducer(self, True)
 

@@ -1,4 +1,4 @@
-"""Writing an event to a subscriber's socket now, not on the next reactor turn.
+"""Writing to a socket now, not on the next reactor turn (SSE events, ingest responses).
 
 Twisted's ``transport.write`` only buffers: it registers the socket for
 writability (an ``epoll_ctl``), the reactor's next poll reports it, the
@@ -7,7 +7,9 @@ Three system calls and a reactor dispatch per write, and the fan-out makes
 one write per subscriber per event: 20,000 a second at the seed's load.
 Measured on this box (a reactor writing 250 B to 2,000 loopback
 connections drained by another process): ~17.6 us of CPU per write that
-way, ~7 us sending at once.
+way, ~7 us sending at once.  Ingest answers every request with one write
+(`relayd.ingest.http_layer.IngestRequest.respond`), so it saves the same
+there, once per request.
 
 `direct_writer` returns a ``write(data)`` for one transport that, when the
 transport holds nothing unsent, calls ``socket.send`` at once; whatever
