@@ -5,5 +5,5 @@ ingest, resume from Last-Event-ID) -> `hub.Hub` (local subscribers per
 stream) <- `reader.StreamReader` (one loop per process: blocks on the
 change log of `changes`, reads the changed streams); each subscriber is an
 `sse.Subscriber` (bounded queue, cut when slow), written through
-`wire.direct_writer`.
+`relayd.wire.direct_writer`.
 """
