@@ -198,6 +198,7 @@ class StreamReader(Service):
         hub = self._hub
         issued = -MIN_READ_INTERVAL
         resync = True
+        pending: List[Deferred[Any]] = []  # this pass's replies (failures consumed on the way out)
         self._client_id = None  # a new connection: its id comes with the first blocking pass
         try:
             while self.running and redis.ready:
@@ -219,6 +220,7 @@ class StreamReader(Service):
                         if not (self.running and redis.ready):
                             break
                     issued = clock.seconds()
+                    pending.clear()
                     streams = self._take_dirty()
                     if streams:
                         # Poll the log and read what is known dirty, pipelined.
@@ -226,6 +228,7 @@ class StreamReader(Service):
                             b"XREAD", b"COUNT", b"%d" % CHANGES_COUNT, b"STREAMS", CHANGES_KEY, self._cursor
                         )
                         data_d = self._read_streams(streams)
+                        pending += (changes_d, data_d)
                         self._changed((yield changes_d))
                         data = yield data_d
                     else:
@@ -236,6 +239,7 @@ class StreamReader(Service):
                             b"XREAD", b"COUNT", b"%d" % CHANGES_COUNT, b"BLOCK", b"%d" % BLOCK_MS,
                             b"STREAMS", CHANGES_KEY, self._cursor,
                         )
+                        pending += [d for d in (id_d, changes_d) if d is not None]
                         try:
                             if id_d is not None:
                                 client_id = yield id_d
@@ -248,9 +252,17 @@ class StreamReader(Service):
                         if not streams:
                             self.lag = 0.0
                             continue
-                        data = yield self._read_streams(streams)  # at once: the names just arrived
+                        data_d = self._read_streams(streams)  # at once: the names just arrived
+                        pending.append(data_d)
+                        data = yield data_d
                 except Exception:
-                    break  # connection lost or timed out: on_ready starts a new loop
+                    # Connection lost or timed out: on_ready starts a new loop.  A
+                    # reply behind the one that failed fails too and was never
+                    # yielded: consume it, or it is an "Unhandled error in
+                    # Deferred" at exit (a stop landing between two replies).
+                    for d in pending:
+                        d.addErrback(lambda _: None)
+                    break
                 self._deliver(data)
         finally:
             self._reading = None
