@@ -15,6 +15,11 @@ Reference in the same run: the same POST rate to a list-only route with
 no subscribers (ingest alone), so the fan-out's CPU cost is a ratio to
 plain ingest measured on the same box at the same time.
 
+``--compare DIR`` runs a stream row of another checkout's relayd before
+each of ours (interleaved before/after on the same noisy box); each row
+also records Redis's ``INFO commandstats`` (calls, usec per call), and
+``--profile FILE`` runs relayd under cProfile.
+
 The seed's load (1,000 teams x 10 subscribers, 2,000 POSTs/s = 20,000
 events/s) is the target; on a shared 2-core VM the defaults are scaled
 down (see docs/benchmarks.md for what was run).
@@ -67,7 +72,23 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
-def run_row(teams: int, subs: int, rate: int, duration: float, stream: bool) -> dict:
+def commandstats(r: RespClient) -> dict:
+    """``INFO commandstats`` as {command: {calls, usec_per_call}} for the commands fan-out uses."""
+    stats = {}
+    for line in r.command("INFO", "commandstats").decode().splitlines():
+        if not line.startswith("cmdstat_"):
+            continue
+        name, rest = line[len("cmdstat_"):].split(":", 1)
+        fields = dict(kv.split("=", 1) for kv in rest.split(","))
+        if int(fields["calls"]) >= 10:
+            stats[name] = {"calls": int(fields["calls"]), "usec_per_call": float(fields["usec_per_call"]),
+                           "usec": int(fields["usec"])}
+    return stats
+
+
+def run_row(
+    teams: int, subs: int, rate: int, duration: float, stream: bool, profile: str = "", tree: str = ROOT, label: str = ""
+) -> dict:
     work = tempfile.mkdtemp(prefix="fanout-bench-")
     procs = []
     try:
@@ -93,9 +114,11 @@ def run_row(teams: int, subs: int, rate: int, duration: float, stream: bool) -> 
         conf = os.path.join(work, "relayd.conf")
         with open(conf, "w") as f:
             f.write(to_toml(tables, [route]))
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=tree)
         relayd = subprocess.Popen(
-            ["taskset", "-c", "0", *twistd_command(), "-n", "--pidfile=", "relayd", "--config", conf],
+            ["taskset", "-c", "0", *twistd_command(), "-n", "--pidfile=",
+             *(["--profile", profile, "--profiler", "cprofile", "--savestats"] if profile else []),
+             "relayd", "--config", conf],
             cwd=work, env=env, stdout=open(os.path.join(work, "relayd.log"), "wb"), stderr=subprocess.STDOUT,
         )
         procs.append(relayd)
@@ -121,7 +144,8 @@ def run_row(teams: int, subs: int, rate: int, duration: float, stream: bool) -> 
             raise RuntimeError("load generator failed")
         result = json.loads(lines[-1])
         result.update(
-            teams=teams, subs=subs if stream else 0, rate=rate, route="stream" if stream else "list (reference)",
+            teams=teams, subs=subs if stream else 0, rate=rate,
+            route=("stream" + (f" ({label})" if label else "")) if stream else "list (reference)",
             relayd_cpu_share=round((cpu1 - cpu0) / (t1 - t0), 3),
             relayd_peak_rss_mib=round(peak_rss_mib(relayd.pid), 1),
         )
@@ -129,6 +153,7 @@ def run_row(teams: int, subs: int, rate: int, duration: float, stream: bool) -> 
             result["redis_used_memory_mib"] = round(int(dict(
                 line.split(":", 1) for line in r.command("INFO", "memory").decode().splitlines() if ":" in line
             )["used_memory"]) / 2**20, 1)
+            result["redis_commandstats"] = commandstats(r)
         return result
     finally:
         for p in reversed(procs):
@@ -146,13 +171,28 @@ def main() -> None:
     parser.add_argument("--subs", type=int, default=10)
     parser.add_argument("--rates", default="200,400,800")
     parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--no-reference", action="store_true", help="skip the list-only reference rows (profiling runs)")
+    parser.add_argument("--profile", default="", help="cProfile relayd of the stream rows into this file (pstats)")
+    parser.add_argument(
+        "--compare", default="",
+        help="another checkout (e.g. `git archive <commit>` unpacked): its relayd runs a stream row before ours, alternately",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of (reference, [compare,] stream) per rate")
     args = parser.parse_args()
+    args.profile = os.path.abspath(args.profile) if args.profile else ""
     rows = []
     for rate in (int(r) for r in args.rates.split(",")):
-        rows.append(run_row(args.teams, args.subs, rate, args.duration, stream=False))
-        print(json.dumps(rows[-1]), flush=True)
-        rows.append(run_row(args.teams, args.subs, rate, args.duration, stream=True))
-        print(json.dumps(rows[-1]), flush=True)
+        for _ in range(args.rounds):
+            if not args.no_reference:
+                rows.append(run_row(args.teams, args.subs, rate, args.duration, stream=False))
+                print(json.dumps(rows[-1]), flush=True)
+            if args.compare:
+                tree = os.path.abspath(args.compare)
+                rows.append(run_row(args.teams, args.subs, rate, args.duration, stream=True, tree=tree, label="before"))
+                print(json.dumps(rows[-1]), flush=True)
+            rows.append(run_row(args.teams, args.subs, rate, args.duration, stream=True, profile=args.profile,
+                                label="after" if args.compare else ""))
+            print(json.dumps(rows[-1]), flush=True)
     print()
     print("| route | teams x subs | POSTs/s | events/s out | p50 / p99 / max ack->sub (ms) | relayd CPU | relayd peak RSS | generator CPU | events recv/expected |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -162,6 +202,13 @@ def main() -> None:
             f"| {r['ack_to_sub_p50_ms']} / {r['ack_to_sub_p99_ms']} / {r['ack_to_sub_max_ms']} | {r['relayd_cpu_share']:.0%} "
             f"| {r['relayd_peak_rss_mib']} MiB | {r['generator_cpu_share']:.0%} | {r['events_received']}/{r['events_expected']} |"
         )
+    print()
+    print("Redis commandstats (calls, usec_per_call) per row:")
+    for r in rows:
+        stats = r.get("redis_commandstats", {})
+        print(f"- {r['route']} {r['posts_acked'] / r['post_seconds']:.0f} POSTs/s: " + ", ".join(
+            f"{name} {v['calls']} x {v['usec_per_call']} us" for name, v in sorted(stats.items())
+        ))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
 from relayd.config import RedisConfig
 from relayd.fanout.events import encode_event, envelope_ts, format_id, parse_id
-from relayd.fanout.hub import Hub
-from relayd.fanout.reader import StreamReader
+from relayd.fanout.hub import JOIN_LIMIT, Hub
 from relayd.fanout.sse import Subscriber
 from relayd.ops.metrics import Metrics
 from relayd.outbox.streams import ListAndStreamTarget, StreamTarget
@@ -112,13 +109,39 @@ class SubscriberTests(unittest.TestCase):
     def test_writes_while_not_paused_and_skips_old_ids(self) -> None:
         """Live events after the cursor are written in order; at or before it, skipped."""
         sub, request, _ = subscriber()
-        self.assertTrue(sub.event((1, 0), b"a", b"A"))
-        self.assertFalse(sub.event((1, 0), b"dup", b"DUP"))
+
+        def one(sid: tuple, data: bytes) -> int:  # type: ignore[type-arg]
+            return sub.events(sid, sid, data, data.upper(), [(sid, data)])
+
+        self.assertEqual(one((1, 0), b"a"), 1)
+        self.assertEqual(one((1, 0), b"dup"), 0)
         sub.catching_up = True
-        self.assertFalse(sub.event((2, 0), b"held off", b"HELD OFF"))
+        self.assertEqual(one((2, 0), b"held off"), 0)
         sub.catching_up = False
-        self.assertTrue(sub.event((3, 0), b"c", b"C"))
+        self.assertEqual(one((3, 0), b"c"), 1)
         self.assertEqual(request.channel.transport.value(), b"ac")
+
+    @given(st.integers(0, 12), st.lists(st.integers(1, 3), min_size=1, max_size=8))
+    def test_a_pass_is_one_write_of_exactly_the_events_after_the_cursor(self, cursor: int, gaps: list) -> None:  # type: ignore[type-arg]
+        """Whatever the cursor, a subscriber gets the pass's events after it, in order, no more.
+
+        All of them (the rule once live): one write of the joined bytes.
+        """
+        sub, request, _ = subscriber()
+        sub.cursor = (cursor, 0)
+        sids, ms = [], 0
+        for gap in gaps:
+            ms += gap
+            sids.append((ms, 0))
+        each = [(sid, b"<%d>" % sid[0]) for sid in sids]
+        plain = b"".join(e for _, e in each)
+        sent = sub.events(sids[0], sids[-1], plain, plain, each)
+        expected = [e for sid, e in each if sid > (cursor, 0)]
+        self.assertEqual(sent, len(expected))
+        self.assertEqual(request.channel.transport.value(), b"".join(expected))
+        if sids[0] > (cursor, 0):
+            self.assertEqual(len(request.channel.transport.objects), 1)
+        self.assertEqual(sub.cursor, max(sids[-1], (cursor, 0)))
 
     def test_paused_queue_then_resume_in_order(self) -> None:
         """While paused events queue; on resume they are written in order."""
@@ -144,7 +167,7 @@ class SubscriberTests(unittest.TestCase):
         self.assertTrue(request.channel.transport.disconnecting)
 
     def test_hub_encodes_once_for_all(self) -> None:
-        """The hub writes the same bytes object to every subscriber of a stream, none to others."""
+        """The hub writes the same bytes object to every subscriber of a stream, none to others; one write per pass."""
         hub = Hub(Clock(), Metrics())
         (a, ra, _), (b, rb, _) = subscriber(), subscriber()
         other, ro, _ = subscriber()
@@ -158,6 +181,14 @@ class SubscriberTests(unittest.TestCase):
         self.assertIs(ra.channel.transport.objects[0], rb.channel.transport.objects[0])
         self.assertEqual(ro.channel.transport.value(), b"")
         self.assertEqual(hub.position(b"s"), (5, 0))
+        hub.deliver(b"s", [[b"6-0", [b"data", b"y"]], [b"7-0", [b"data", b"z"]]])
+        self.assertEqual(ra.channel.transport.objects[1], b"id: 6-0\ndata: y\n\nid: 7-0\ndata: z\n\n")
+        self.assertIs(ra.channel.transport.objects[1], rb.channel.transport.objects[1])
+        self.assertEqual(len(ra.channel.transport.objects), 2)  # one write per pass
+        big = b"x" * (JOIN_LIMIT // 3)  # two events per write, not three
+        hub.deliver(b"s", [[b"%d-0" % i, [b"data", big]] for i in range(8, 12)])
+        self.assertEqual(len(ra.channel.transport.objects), 4)  # past JOIN_LIMIT: several writes, nothing lost
+        self.assertEqual(ra.channel.transport.value().count(b"data: x"), 1 + 4)
         hub.remove(a)
         hub.remove(b)
         self.assertIsNone(hub.position(b"s"))
@@ -173,7 +204,7 @@ class StreamTargetTests(unittest.TestCase):
             self.assertEqual(decode_payload(encode_payload(target, item)), (target, item))
 
     def test_commands(self) -> None:
-        """One XADD MAXLEN ~ per item; with a list, one LPUSH first."""
+        """One XADD MAXLEN ~ per item, then one change-log entry; with a list, one LPUSH first."""
         target = ListAndStreamTarget(b"l", StreamTarget(b"s", 10, label=b"s:{x}"))
         self.assertEqual(
             target.commands([b"1", b"2"]),
@@ -181,6 +212,7 @@ class StreamTargetTests(unittest.TestCase):
                 (b"LPUSH", b"l", b"1", b"2"),
                 (b"XADD", b"s", b"MAXLEN", b"~", b"10", b"*", b"data", b"1"),
                 (b"XADD", b"s", b"MAXLEN", b"~", b"10", b"*", b"data", b"2"),
+                (b"XADD", b"relayd:fanout:changes", b"MAXLEN", b"~", b"20000", b"*", b"s", b"s"),
             ],
         )
         self.assertEqual(target.metric_label, b"s:{x}")
@@ -191,75 +223,41 @@ class HeartbeatTests(unittest.TestCase):
     """Heartbeats reach every subscriber once per interval, a slice per tick."""
 
     def test_heartbeat_slices(self) -> None:
-        """Over 15 ticks of 1 s each subscriber gets exactly one ``: ping``, never all in one tick."""
+        """Idle subscribers: one ``: ping`` each per visit round (7.5 s), never all in one tick; busy ones: none.
+
+        No subscriber is silent for more than 15 s.
+        """
         from twisted.internet.testing import MemoryReactorClock
 
-        from relayd.config import RedisConfig
-        from relayd.fanout.subscribe import HEARTBEAT_INTERVAL, Subscriptions
+        from relayd.fanout.subscribe import HEARTBEAT_INTERVAL, HEARTBEAT_SLICES, HEARTBEAT_VISIT, Subscriptions
 
+        tick = HEARTBEAT_VISIT / HEARTBEAT_SLICES
         clock = MemoryReactorClock()
         subs = Subscriptions(clock, RedisConfig(), SimpleNamespace(ready=True), Metrics())
         subs._heartbeat.clock = clock
-        subs._heartbeat.start(HEARTBEAT_INTERVAL / 15, now=False)
+        subs._heartbeat.start(tick, now=False)
         made = [subscriber() for _ in range(30)]
+        busy, busy_request, _ = made[0]
         for sub, _, _ in made:
             subs.hub.add(sub, (0, 0))
-        clock.advance(1.0)
-        first = sum(1 for _, r, _ in made if r.channel.transport.value())
-        self.assertLess(first, 30)
-        for _ in range(14):
-            clock.advance(1.0)
-        for _, request, _ in made:
-            self.assertEqual(request.channel.transport.value(), b": ping\n\n")
+        busy.send(b"e\n\n")
+        clock.advance(tick)
+        first = sum(1 for _, r, _ in made[1:] if r.channel.transport.value())
+        self.assertLess(first, 29)
+        last_event = 0.0
+        for i in range(1, 2 * HEARTBEAT_SLICES):
+            if i % 20 == 0:  # an event every second for the busy one
+                busy.send(b"e\n\n")
+                last_event = clock.seconds()
+            clock.advance(tick)
+        for _, request, _ in made[1:]:
+            self.assertEqual(request.channel.transport.value(), b": ping\n\n: ping\n\n")
+        self.assertNotIn(b"ping", busy_request.channel.transport.value())
+        while b"ping" not in busy_request.channel.transport.value():  # the busy one goes quiet...
+            clock.advance(tick)
+            self.assertLess(clock.seconds() - last_event, HEARTBEAT_INTERVAL + 1)
+        self.assertLessEqual(clock.seconds() - last_event, HEARTBEAT_INTERVAL + 2 * tick)
         subs._heartbeat.stop()
-
-
-class ScriptedRedis:
-    """The reader's connection as a test double: ready, and each command's Deferred kept to fire by hand."""
-
-    def __init__(self) -> None:
-        self.ready = True
-        self.sent: list = []  # type: ignore[type-arg]  # (args, Deferred)
-        self._listeners: list = []  # type: ignore[type-arg]
-
-    def on_ready(self, listener: Any) -> None:
-        self._listeners.append(listener)
-
-    def startService(self) -> None:
-        for listener in self._listeners:
-            listener()
-
-    def stopService(self) -> Deferred[None]:
-        return succeed(None)
-
-    def execute(self, *args: bytes) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.sent.append((args, d))
-        return d
-
-
-class ReaderTests(unittest.TestCase):
-    """The XREAD loop against a scripted connection."""
-
-    def test_connection_lost_with_client_id_and_xread_out_leaves_no_unhandled_error(self) -> None:
-        """Was a bug (seen as 'Unhandled error in Deferred' when a worker stopped under load): CLIENT ID and
-        the XREAD go out pipelined; when the connection is lost both fail, the loop stops at CLIENT ID's
-        failure, and the XREAD's failure was left for the garbage collector to report."""
-        clock = Clock()
-        metrics = Metrics()
-        hub = Hub(clock, metrics)
-        conn = ScriptedRedis()
-        reader = StreamReader(clock, RedisConfig(), SimpleNamespace(ready=True), hub, metrics, client=conn)
-        sub, _request, _cut = subscriber()
-        hub.add(sub, (0, 0))
-        reader.startService()
-        self.assertEqual([args[0] for args, _ in conn.sent], [b"CLIENT", b"XREAD"])
-        (_, id_d), (_, read_d) = conn.sent
-        conn.ready = False
-        id_d.errback(ConnectionError("Lost connection"))
-        read_d.errback(ConnectionError("Lost connection"))
-        self.assertNotIsInstance(read_d.result, Failure, "the XREAD's failure is nobody's")
-        self.assertNotIsInstance(id_d.result, Failure)
 
 
 class DirectWriteTests(unittest.TestCase):

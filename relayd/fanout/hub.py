@@ -8,35 +8,44 @@ reader's XREAD resumes from there after a block, a re-arm or a Redis
 reconnect, and a resuming subscriber goes live once its replay reached it.
 
 A stream joins when its first subscriber arrives (the reader is woken so
-the new stream is read at once) and leaves with its last subscriber, so
+the new stream is read at once; afterwards the reader reads it when the
+change log names it, relayd/fanout/changes.py) and leaves with its last subscriber, so
 memory is bounded by the streams actually watched here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from relayd.fanout.events import StreamId, encode_event, envelope_ts, parse_id
 from relayd.fanout.sse import Subscriber, frame
 from relayd.ops.metrics import Metrics
 
+#: Bytes of events joined into one write (one pass, one stream); a larger
+#: event is a write of its own.  Twisted's transport buffer size: a fast
+#: subscriber takes it in one send, a paused one queues references.
+JOIN_LIMIT = 64 * 1024
+
 
 class Hub:
     """Subscribers by stream; fans each entry out as one encoded event."""
 
-    def __init__(self, clock: Any, metrics: Metrics) -> None:
+    def __init__(self, clock: Any, metrics: Metrics, heartbeat_slices: int = 1) -> None:
+        """`heartbeat_slices`: how many groups `broadcast` visits one at a time."""
         self._clock = clock
         self._metrics = metrics
         self._subscribers: Dict[bytes, Set[Subscriber]] = {}
         self._positions: Dict[bytes, StreamId] = {}
-        self._on_new_stream: Optional[Callable[[], None]] = None
+        self._on_new_stream: Optional[Callable[[bytes], None]] = None
         self.count = 0
         self._serial = 0  # spreads subscribers over heartbeat slices
+        #: Subscribers by heartbeat slice: a tick visits one slice, not everyone.
+        self._slices: List[Set[Subscriber]] = [set() for _ in range(max(1, heartbeat_slices))]
         self._sent = metrics.fanout_events_sent
         self._latency = metrics.fanout_latency
 
-    def set_listener(self, on_new_stream: Callable[[], None]) -> None:
-        """`on_new_stream()` runs when a stream gets its first local subscriber (reader re-arm)."""
+    def set_listener(self, on_new_stream: Callable[[bytes], None]) -> None:
+        """`on_new_stream(stream)` runs when a stream gets its first local subscriber (reader re-arm)."""
         self._on_new_stream = on_new_stream
 
     def add(self, sub: Subscriber, position: StreamId) -> None:
@@ -45,11 +54,12 @@ class Hub:
         self.count += 1
         self._serial += 1
         sub.serial = self._serial
+        self._slices[sub.serial % len(self._slices)].add(sub)
         if subs is None:
             self._subscribers[sub.stream] = {sub}
             self._positions[sub.stream] = position
             if self._on_new_stream is not None:
-                self._on_new_stream()
+                self._on_new_stream(sub.stream)
         else:
             subs.add(sub)
 
@@ -59,6 +69,7 @@ class Hub:
         if subs is None or sub not in subs:
             return
         subs.discard(sub)
+        self._slices[sub.serial % len(self._slices)].discard(sub)
         self.count -= 1
         if not subs:
             del self._subscribers[sub.stream]
@@ -78,13 +89,24 @@ class Hub:
             yield from list(subs)
 
     def deliver(self, stream: bytes, entries: List[Any]) -> None:
-        """Entries ``[id, [field, value, ...]]`` read from `stream`, in order."""
+        """Entries ``[id, [field, value, ...]]`` read from `stream`, in order.
+
+        The events of one read pass go to each subscriber as one write (one
+        chunk) per up to `JOIN_LIMIT` bytes: under load a pass brings
+        several entries per stream, and a write per entry per subscriber
+        was most of the fan-out's CPU.  The limit keeps large bodies as
+        separate writes, so a paused subscriber's queue holds references to
+        shared bytes, not one copy of a whole pass.
+        """
         subs = self._subscribers.get(stream)
         if subs is None:
             return  # the last subscriber left while the XREAD was out
         now = self._clock.seconds()
         position = self._positions[stream]
-        sent = 0
+        runs: List[List[Tuple[StreamId, bytes]]] = []
+        run: List[Tuple[StreamId, bytes]] = []
+        size = 0
+        observe = self._latency.observe
         for entry_id, fields in entries:
             sid = parse_id(entry_id)
             if sid <= position:
@@ -92,14 +114,26 @@ class Hub:
             position = sid
             data = _data_field(fields)
             event = encode_event(entry_id, data)
-            framed = frame(event)
-            for sub in list(subs):
-                if sub.event(sid, event, framed):
-                    sent += 1
+            if run and size + len(event) > JOIN_LIMIT:
+                runs.append(run)
+                run, size = [], 0
+            run.append((sid, event))
+            size += len(event)
             ts = envelope_ts(data)
             if ts:
-                self._latency.observe(max(0.0, now - ts))
+                observe(max(0.0, now - ts))
+        if not run:
+            return
+        runs.append(run)
         self._positions[stream] = position
+        sent = 0
+        members = list(subs)
+        for events in runs:
+            plain = events[0][1] if len(events) == 1 else b"".join(event for _, event in events)
+            framed = frame(plain)
+            first, last = events[0][0], events[-1][0]
+            for sub in members:
+                sent += sub.events(first, last, plain, framed, events)
         if sent:
             self._sent.inc(sent)
 
@@ -114,17 +148,21 @@ class Hub:
         if sent:
             self._sent.inc(sent)
 
-    def broadcast(self, data: bytes, part: int = 0, parts: int = 1) -> None:
-        """Write `data` (a heartbeat) to every subscriber in slice `part` of `parts`.
+    def broadcast(self, data: bytes, part: int = 0) -> None:
+        """Write `data` (a heartbeat) to the subscribers of slice `part` not written to since the last visit.
 
         Heartbeats go out one slice per tick so that 10,000 subscribers
         are not 10,000 writes in one reactor turn (a latency spike for
-        every event behind them).
+        every event behind them).  A subscriber written to since the last
+        visit needs none: it is only unmarked (`Subscriber.active`).
         """
         framed = frame(data)
-        for sub in self.subscribers():
-            if sub.serial % parts == part:
+        for sub in list(self._slices[part % len(self._slices)]):
+            if sub.active:
+                sub.active = False
+            else:
                 sub.send_framed(framed if sub.chunked else data)
+                sub.active = False
 
 
 def _data_field(fields: List[bytes]) -> bytes:

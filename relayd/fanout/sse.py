@@ -13,7 +13,7 @@ reconnects with Last-Event-ID and loses nothing still in history.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Deque, Optional
+from typing import Any, Callable, Deque, Optional, Sequence, Tuple
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -44,6 +44,8 @@ class Subscriber:
         self.catching_up = False
         self.closed = False
         self.serial = 0  # set by the hub: which heartbeat slice it is in
+        #: Written to since its last heartbeat slot (then it needs no ping).
+        self.active = False
         self._paused = False
         self._queue: Deque[bytes] = deque()
         self._queued = 0
@@ -63,13 +65,28 @@ class Subscriber:
         """Bytes waiting for the transport."""
         return self._queued
 
-    def event(self, sid: StreamId, data: bytes, framed: bytes) -> bool:
-        """A live event from the hub (plain and chunk-framed); True if it was sent or queued."""
-        if self.catching_up or sid <= self.cursor:
-            return False
-        self.cursor = sid
-        self.send_framed(framed if self.chunked else data)
-        return True
+    def events(
+        self, first: StreamId, last: StreamId, plain: bytes, framed: bytes, each: Sequence[Tuple[StreamId, bytes]]
+    ) -> int:
+        """Live events `first`..`last` from the hub, joined (`plain`, chunk-`framed`); how many were sent.
+
+        All of them after the cursor (the rule) is one write; a subscriber
+        whose cursor is inside the run (it just went live after a replay)
+        gets only the events after it, one by one.
+        """
+        if self.catching_up or last <= self.cursor:
+            return 0
+        if first > self.cursor:
+            self.cursor = last
+            self.send_framed(framed if self.chunked else plain)
+            return len(each)
+        sent = 0
+        for sid, event in each:
+            if sid > self.cursor:
+                self.cursor = sid
+                self.send(event)
+                sent += 1
+        return sent
 
     def replayed(self, sid: StreamId, data: bytes) -> None:
         """An event from history (resume)."""
@@ -85,6 +102,7 @@ class Subscriber:
         """Write bytes ready for the wire, or queue them; cut past the bound."""
         if self.closed:
             return
+        self.active = True
         if not self._paused:
             self._write(data)
             return

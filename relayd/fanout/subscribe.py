@@ -21,9 +21,11 @@ and the route's auth).  Per subscriber:
    the seam has no gap and no duplicate.  An id older than the history
    replays from the oldest entry still held.
 
-Heartbeats (``: ping``) go to every subscriber every `HEARTBEAT_INTERVAL`
-from one timer, not one per connection, a fifteenth of the subscribers
-each second (no burst of 10,000 writes in one reactor turn).
+Heartbeats (``: ping``) keep every subscriber from being silent for more
+than `HEARTBEAT_INTERVAL`: one timer, not one per connection, visits a
+150th of the subscribers every 50 ms (no burst of 10,000 writes in one
+reactor turn), so each every 7.5 s, and pings it unless it was written to
+since the last visit (subscribers that get events get no pings).
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ from relayd.fanout.sse import Subscriber
 from relayd.ingest.problems import BadRequest, NotReady, Problem
 from relayd.ops.metrics import Metrics
 
-HEARTBEAT_INTERVAL = 15.0  # seconds; under common proxy idle timeouts (nginx 60 s, ALB 60 s)
-HEARTBEAT_SLICES = 15  # one slice of the subscribers per second: each still gets a ping every 15 s
+HEARTBEAT_INTERVAL = 15.0  # seconds a subscriber may stay silent; under common proxy idle timeouts (nginx 60 s, ALB 60 s)
+#: Each subscriber is visited every half interval and pinged unless it was
+#: written to since the last visit: none is silent for more than 15 s, and
+#: subscribers that get events get no pings at all.
+HEARTBEAT_VISIT = HEARTBEAT_INTERVAL / 2
+HEARTBEAT_SLICES = 150  # one slice of the subscribers per 50 ms (~70 of 10,000): no burst of writes
 RETRY_BASE_MS = 2000  # browsers reconnect after 2..5 s: quick, yet spread over 3 s
 RETRY_JITTER_MS = 3000
 REPLAY_PAGE = 500  # entries per XRANGE while resuming
@@ -79,7 +85,7 @@ class Subscriptions(MultiService):
         self._metrics = metrics
         self._rng = rng if rng is not None else random.Random()
         self._queue_limit = queue_limit
-        self.hub = Hub(reactor, metrics)
+        self.hub = Hub(reactor, metrics, HEARTBEAT_SLICES)
         self.reader = StreamReader(reactor, redis_config, redis, self.hub, metrics)
         self.reader.setServiceParent(self)
         self._tick = 0
@@ -91,12 +97,12 @@ class Subscriptions(MultiService):
     def startService(self) -> None:
         """Start the reader and the heartbeat."""
         super().startService()
-        self._heartbeat.start(HEARTBEAT_INTERVAL / HEARTBEAT_SLICES, now=False)
+        self._heartbeat.start(HEARTBEAT_VISIT / HEARTBEAT_SLICES, now=False)
 
     def _beat(self) -> None:
         """``: ping`` to this tick's slice of the subscribers."""
         self._tick = (self._tick + 1) % HEARTBEAT_SLICES
-        self.hub.broadcast(HEARTBEAT, self._tick, HEARTBEAT_SLICES)
+        self.hub.broadcast(HEARTBEAT, self._tick)
 
     def stopService(self) -> Deferred[Any]:
         """End every subscription cleanly (browsers reconnect elsewhere), stop reading."""

@@ -16,7 +16,8 @@ everywhere; consumers dedupe by envelope id).
 
 Batching: XADD takes one entry per command, so a batch of N messages is N
 commands, pipelined by the writer (all sent at once, one wait for the
-last reply).  MULTI/EXEC or a Lua script around them would buy nothing
+last reply), followed by one entry in the fan-out change log
+(`relayd.fanout.changes`: readers read only the streams named there).  MULTI/EXEC or a Lua script around them would buy nothing
 here (each XADD is atomic on its own and order is kept by the connection)
 and would cost a round trip or script parse; bench/fanout_bench.py
 measures the plain pipeline.
@@ -32,6 +33,8 @@ import struct
 from typing import ClassVar, List, Optional, Sequence, Tuple
 
 import attrs
+
+from relayd.fanout.changes import notify_command
 
 #: Field name of the one field of every entry (the envelope or raw body).
 FIELD = b"data"
@@ -50,10 +53,12 @@ class StreamTarget:
     label: bytes = attrs.field(default=b"", eq=False, hash=False)
 
     def commands(self, items: Sequence[bytes]) -> List[Tuple[bytes, ...]]:
-        """One XADD per item, in order (pipelined by the writer)."""
+        """One XADD per item, in order (pipelined by the writer), then the change-log entry."""
         maxlen = b"%d" % self.history
         key = self.key
-        return [(b"XADD", key, b"MAXLEN", b"~", maxlen, b"*", FIELD, item) for item in items]
+        commands: List[Tuple[bytes, ...]] = [(b"XADD", key, b"MAXLEN", b"~", maxlen, b"*", FIELD, item) for item in items]
+        commands.append(notify_command(key))
+        return commands
 
     def outcomes(self, replies: Sequence[object]) -> Optional[List[Optional[bytes]]]:
         """An XADD stores its item."""

@@ -43,8 +43,16 @@ RECONNECT_INITIAL_DELAY = 0.1
 RECONNECT_MAX_DELAY = 5.0
 
 
-class RelaydRedisProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]  # txredisapi has no type hints
-    """txredisapi's protocol with a clock of our choosing and a lean encoder."""
+class RelaydRedisProtocol(txredisapi.HiredisProtocol):  # type: ignore[misc]  # txredisapi has no type hints
+    """txredisapi's protocol with hiredis's reply parser, a clock of our choosing and a lean encoder.
+
+    Named explicitly (txredisapi silently falls back to its own parser when
+    hiredis is missing): that pure-Python parser pauses the transport and
+    waits a reactor turn (``callLater(0)``) after *every* bulk string, so a
+    reply of N bulks takes N reactor iterations and two epoll changes each;
+    an XREAD of a thousand entries then took seconds under load
+    (docs/benchmarks.md, fan-out).  hiredis parses a reply in C, in one call.
+    """
 
     def connectionMade(self) -> Any:
         """Disable Nagle: with several small LPUSHes in flight, Nagle plus
@@ -54,6 +62,14 @@ class RelaydRedisProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]  # tx
         result = super().connectionMade()  # no AUTH/SELECT here: completes at once
         self.factory.connection_made(self)
         return result
+
+    def tryConvertData(self, data: Any) -> Any:
+        """Replies as hiredis made them: no decoding, no number conversion (bytes in, bytes out).
+
+        txredisapi's version walks every reply (recursively for arrays) to
+        do what ``charset=None, convertNumbers=False`` turns off anyway.
+        """
+        return data
 
     def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
         """RESP-encode a command; ~3x faster than txredisapi's for LPUSH of many values.
