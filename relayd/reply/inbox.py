@@ -34,7 +34,7 @@ from typing import Any, Dict, Generator, List, Optional, Tuple
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -123,10 +123,18 @@ class ReplyInbox(Service):
         return d
 
     def forget(self, request_id: str) -> None:
-        """The request went away (client gone, not stored): drop its entry now."""
+        """The request went away (client gone, not stored): drop its entry now.
+
+        Its Deferred fails with `CancelledError` at once, so that whatever
+        waits on it ends (a request left hanging would hold a graceful stop
+        for the whole shutdown timeout); a Deferred nobody will wait on must
+        be given an errback by the caller.
+        """
         entry = self._waiting.pop(request_id, None)
-        if entry is not None and entry[1].active():
-            entry[1].cancel()
+        if entry is not None:
+            if entry[1].active():
+                entry[1].cancel()
+            entry[0].errback(CancelledError())
 
     def _expire(self, request_id: str) -> None:
         entry = self._waiting.pop(request_id, None)
