@@ -87,6 +87,8 @@ class ReplyInbox(Service):
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self._logged_at = -LOG_INTERVAL
+        self._matched = metrics.replies.labels(outcome="matched")  # per reply: no label lookup
+        self._late = metrics.replies.labels(outcome="late")
         metrics.watch(metrics.reply_waiting, lambda: len(self._waiting))
 
     @property
@@ -155,19 +157,24 @@ class ReplyInbox(Service):
 
     @inlineCallbacks
     def _read(self) -> Generator[Deferred[Any], Any, None]:
-        """BRPOP, then drain what else is there; until stopped or disconnected."""
+        """Take what is there (RPOP count), block (BRPOP) only when the list is empty.
+
+        Busy: one round trip per burst of up to `DRAIN_BATCH` replies.  Idle:
+        the BRPOP's reply is delivered as soon as it arrives, before the
+        next RPOP looks for more.  Until stopped or disconnected.
+        """
+        execute, name = self._redis.execute, self.list_name
+        drain, block = b"%d" % DRAIN_BATCH, b"%d" % BLOCK_SECONDS
         try:
             while self.running and self._redis.ready:
                 try:
-                    popped = yield self._redis.execute(b"BRPOP", self.list_name, b"%d" % BLOCK_SECONDS)
-                    items: List[bytes] = [] if popped is None else [popped[1]]
-                    if popped is not None:
-                        more = yield self._redis.execute(b"RPOP", self.list_name, b"%d" % DRAIN_BATCH)
-                        if more:
-                            items.extend(more)
+                    items: Optional[List[bytes]] = yield execute(b"RPOP", name, drain)
+                    if not items:
+                        popped = yield execute(b"BRPOP", name, block)
+                        items = None if popped is None else [popped[1]]
                 except Exception:
                     break  # connection lost or reset: on_ready starts a new reader
-                for raw in items:
+                for raw in items or ():
                     self._deliver(raw)
         finally:
             self._reading = None
@@ -186,11 +193,11 @@ class ReplyInbox(Service):
             return
         entry = self._waiting.pop(reply.request_id, None)
         if entry is None:
-            self._metrics.replies.labels(outcome="late").inc()
+            self._late.inc()
             return
         d, timer, started = entry
         timer.cancel()
-        self._metrics.replies.labels(outcome="matched").inc()
+        self._matched.inc()
         self._metrics.reply_roundtrip.observe(self._reactor.seconds() - started)
         d.callback(reply)
 
