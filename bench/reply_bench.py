@@ -234,6 +234,17 @@ def profile_relayd(srv: Server, others: List[Proc], results: Path, duration: int
     return text
 
 
+def wait_quiet(limit: float, threshold: float) -> float:
+    """Wait up to `limit` s until the box (our servers idle) uses <= `threshold` % of a core; the last reading."""
+    deadline = time.monotonic() + limit
+    while True:
+        s0 = harness.proc_stat()
+        time.sleep(1.0)
+        busy = sum(c["busy"] for c in harness.core_usage(s0, harness.proc_stat()).values())
+        if busy <= threshold or time.monotonic() >= deadline:
+            return busy
+
+
 def med(rows: List[Dict[str, Any]], key: str) -> float:
     """Median of one field over rounds."""
     return statistics.median(r[key] for r in rows)
@@ -249,6 +260,9 @@ def main() -> int:
     ap.add_argument("--worker-batch", type=int, default=256, help="echo worker: RPOP count per round (1 = one by one)")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--profile", action="store_true", help="py-spy record relayd under max load after the rounds")
+    ap.add_argument("--quiet-wait", type=float, default=0.0,
+                    help="before each round, wait up to this many seconds for the box to be quiet")
+    ap.add_argument("--quiet-threshold", type=float, default=15.0, help="quiet = busy CPU <= this %% of one core")
     ap.add_argument("--baseline", metavar="COMMIT", help="also measure relayd at COMMIT (target 'baseline')")
     args = ap.parse_args()
     names = [t for t in args.targets.split(",") if t and t != "baseline"]
@@ -291,6 +305,9 @@ def main() -> int:
             log(f"{n}: pace {paces[n]:.2f} ms per connection")
         before = {n: s.reply_metrics() for n, s in servers.items()}
         for rnd in range(1, args.rounds + 1):
+            if args.quiet_wait > 0:
+                busy = wait_quiet(args.quiet_wait, args.quiet_threshold)
+                log(f"round {rnd}: box busy {busy:.0f}% of a core before the round")
             for n, s in servers.items():
                 r = wrk_run(s, others(s), results, f"r{rnd}-{n}-paced", args.duration, args.paced_connections, paces[n])
                 rows[n]["paced"].append(r)
