@@ -84,6 +84,11 @@ dir = "{spool}"
 path = "/quote"
 list = "{list}"
 reply_timeout = "5s"
+
+# the "stored" target: a plain stored POST on the same process (what the reply adds)
+[[route]]
+path = "/leads"
+list = "bench-leads"
 """
 
 TARGETS = {
@@ -91,6 +96,7 @@ TARGETS = {
     "relayd": "relayd, reply route (per-process reply list, one BRPOP reader)",
     "naive": "REFERENCE naive: fresh reply key + BLPOP per request (Starlette/uvicorn, redis.asyncio)",
     "baseline": "relayd at --baseline COMMIT (before/after in one run)",
+    "stored": "relayd, plain stored POST on the same process (no reply; what the reply adds)",
 }
 
 
@@ -106,6 +112,8 @@ def export_tree(commit: str, workdir: Path) -> Path:
 
 class Server:
     """One target server on core 0."""
+
+    path = "/quote"
 
     def __init__(self, name: str, results: Path, redis_url: str, workdir: Path, tree: Path = ROOT) -> None:
         self.name = name
@@ -131,6 +139,14 @@ class Server:
             cwd = d
         self.cmd = ["taskset", "-c", SERVER_CORE, *cmd]
         self.proc = Proc(name, self.cmd, results / f"{name}.log", env=env, cwd=cwd)
+
+    @classmethod
+    def stored_route_of(cls, relayd: Server) -> Server:
+        """The "stored" target: relayd's /leads route (same process, same ports)."""
+        s = cls.__new__(cls)
+        s.__dict__.update(relayd.__dict__)
+        s.name, s.path = "stored", "/leads"
+        return s
 
     def wait_ready(self) -> None:
         """Until it answers a request end to end (relayd: also until its reply reader reads)."""
@@ -176,7 +192,7 @@ def wrk_run(srv: Server, others: List[Proc], results: Path, tag: str, duration: 
     """One wrk run against `srv`, with CPU accounting for every process of ours."""
     script = "bench/post_paced.lua" if pace_ms is not None else "bench/post.lua"
     procs = [srv.proc, *others]
-    r = run_wrk(f"http://127.0.0.1:{srv.port}/quote", script, duration, conns, results / f"{tag}.wrk.txt",
+    r = run_wrk(f"http://127.0.0.1:{srv.port}{srv.path}", script, duration, conns, results / f"{tag}.wrk.txt",
                 server=procs, status_hook=True, pace_ms=pace_ms)
     r["server_cpu"] = r["server_cpu_pct"][0]
     r["core0_busy"] = r["cores"].get("cpu0", {}).get("busy", 0.0)
@@ -288,11 +304,17 @@ def main() -> int:
     profile: Optional[str] = None
     try:
         for n in names:
+            if n == "stored":
+                continue
             tree = export_tree(args.baseline, workdir) if n == "baseline" else ROOT
             servers[n] = Server(n, results, redis_url, workdir, tree)
         for s in servers.values():
             s.wait_ready()
         everyone = [redis, worker] + [s.proc for s in servers.values()]
+        if "stored" in names:
+            if "relayd" not in servers:
+                raise SystemExit("the stored target needs the relayd target")
+            servers = {n: (Server.stored_route_of(servers["relayd"]) if n == "stored" else servers[n]) for n in names}
 
         def others(s: Server) -> List[Proc]:
             return [p for p in everyone if p is not s.proc]
@@ -317,6 +339,8 @@ def main() -> int:
             for n, s in servers.items():
                 r = wrk_run(s, others(s), results, f"r{rnd}-{n}-max", args.duration, args.connections, None)
                 rows[n]["max"].append(r)
+                if n == "stored":
+                    subprocess.run(["redis-cli", "-p", str(rport), "DEL", "bench-leads"], capture_output=True, check=False)
                 log(f"round {rnd} {n:6s} max:   {r['rps']:,.0f} req/s, server CPU {r['server_cpu']:.0f}% -> "
                     f"{r['per_core']:,.0f} req/s per core; core0 {r['core0_busy']:.0f}% core1 {r['core1_busy']:.0f}%"
                     f"  other CPU {r['foreign_cpu_pct']:.0f}%{'' if r['valid'] else '  INVALID'}")
@@ -325,7 +349,7 @@ def main() -> int:
             s = servers["relayd"]
             profile = profile_relayd(s, others(s), results, args.duration, args.connections)
     finally:
-        for s in servers.values():
+        for s in {id(s.proc): s for s in servers.values()}.values():
             s.proc.stop()
         worker.stop()
         redis.stop()
@@ -366,6 +390,9 @@ def main() -> int:
     if "relayd" in rows:
         print(f"relayd max req/s per relayd core, per round: "
               f"{', '.join(format(r['per_core'], ',.0f') for r in rows['relayd']['max'])} (target >= 5,000)")
+    if "relayd" in rows and "stored" in rows:
+        ratio = [a["per_core"] / b["per_core"] for a, b in zip(rows["relayd"]["max"], rows["stored"]["max"])]
+        print(f"relayd reply / stored POST, req/s per relayd core, per round: {', '.join(f'{x:.2f}x' for x in ratio)}")
     if "relayd" in rows and "naive" in rows:
         ratio = [a["rps"] / b["rps"] for a, b in zip(rows["relayd"]["max"], rows["naive"]["max"])]
         ratio_core = [a["per_core"] / b["per_core"] for a, b in zip(rows["relayd"]["max"], rows["naive"]["max"])]
