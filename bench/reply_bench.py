@@ -24,8 +24,8 @@ rounds alternate the targets, so a neighbour's load hits them alike.  Per
 round and target:
 
   paced  wrk -c50 with bench/post_paced.lua (each connection pauses after a
-         response), pace calibrated per target for ~``--rate`` req/s:
-         p50/p99 of the round trip.
+         response), the pause calibrated right before (3 s) for ~``--rate``
+         req/s: p50/p99 of the round trip.
   max    wrk -c50 unpaced: req/s, the server's CPU (its process group's
          utime+stime over the run), and req/s per server CPU-second ("per
          core": what it would do with core 0 to itself; when core 1 -- wrk,
@@ -202,16 +202,18 @@ def wrk_run(srv: Server, others: List[Proc], results: Path, tag: str, duration: 
     return r
 
 
-def calibrate_pace(srv: Server, others: List[Proc], results: Path, conns: int, rate: float) -> float:
-    """Per-connection pause (ms) for ~`rate` req/s.
+def calibrate_pace(srv: Server, others: List[Proc], results: Path, tag: str, conns: int, rate: float,
+                   pace: Optional[float] = None) -> float:
+    """Per-connection pause (ms) for ~`rate` req/s, measured now (the box's load drifts).
 
     A connection's cycle is pause + round trip (+ wrk's own overhead), so a
-    short run at the nominal pause (conns / rate) gives the cycle's extra
-    time, which is taken off the pause.
+    short run at a trial pause (the last one, else the nominal conns / rate)
+    gives the cycle's extra time, which is taken off the nominal pause.
     """
     nominal = 1000.0 * conns / rate
-    r = wrk_run(srv, others, results, f"calibrate-{srv.name}", 3, conns, nominal)
-    extra = 1000.0 * conns / max(r["rps"], 1.0) - nominal
+    trial = nominal if pace is None else pace
+    r = wrk_run(srv, others, results, f"calibrate-{tag}", 3, conns, trial)
+    extra = 1000.0 * conns / max(r["rps"], 1.0) - trial
     return max(0.1, nominal - max(extra, 0.0))
 
 
@@ -323,15 +325,16 @@ def main() -> int:
         for n, s in servers.items():
             log(f"warm-up {n}")
             wrk_run(s, others(s), results, f"warmup-{n}", 3, args.connections, None)
-            paces[n] = calibrate_pace(s, others(s), results, args.paced_connections, args.rate)
-            log(f"{n}: pace {paces[n]:.2f} ms per connection")
         before = {n: s.reply_metrics() for n, s in servers.items()}
         for rnd in range(1, args.rounds + 1):
             if args.quiet_wait > 0:
                 busy = wait_quiet(args.quiet_wait, args.quiet_threshold)
                 log(f"round {rnd}: box busy {busy:.0f}% of a core before the round")
             for n, s in servers.items():
+                paces[n] = calibrate_pace(s, others(s), results, f"r{rnd}-{n}", args.paced_connections, args.rate,
+                                          paces.get(n))
                 r = wrk_run(s, others(s), results, f"r{rnd}-{n}-paced", args.duration, args.paced_connections, paces[n])
+                r["pace_ms"] = paces[n]
                 rows[n]["paced"].append(r)
                 log(f"round {rnd} {n:6s} paced: {r['rps']:,.0f} req/s p50 {r['lat_p50_us'] / 1000:.2f} ms "
                     f"p99 {r['lat_p99_us'] / 1000:.2f} ms  other CPU {r['foreign_cpu_pct']:.0f}%"
