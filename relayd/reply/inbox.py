@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Dict, Generator, List, Optional, Tuple
+from typing import Any, Dict, Generator, Optional, Tuple
 
 import attrs
 from twisted.application.service import Service
@@ -44,6 +44,7 @@ from relayd.config import RedisConfig
 from relayd.ops.metrics import Metrics
 from relayd.redis.factory import make_redis_client
 from relayd.reply.protocol import MalformedReply, Reply, parse_reply
+from relayd.reply.take import TAKE_PACKED, unpack_replies
 
 REGISTRY = b"relayd:reply-lists"
 BLOCK_SECONDS = 1  # BRPOP block: bounds how long a stop waits for the reader
@@ -157,24 +158,26 @@ class ReplyInbox(Service):
 
     @inlineCallbacks
     def _read(self) -> Generator[Deferred[Any], Any, None]:
-        """Take what is there (RPOP count), block (BRPOP) only when the list is empty.
+        """Take what is there (`TAKE_PACKED`), block (BRPOP) only when the list is empty.
 
-        Busy: one round trip per burst of up to `DRAIN_BATCH` replies.  Idle:
-        the BRPOP's reply is delivered as soon as it arrives, before the
-        next RPOP looks for more.  Until stopped or disconnected.
+        Busy: one round trip, and one bulk string to parse, per burst of up
+        to `DRAIN_BATCH` replies.  Idle: the BRPOP's reply is delivered as
+        soon as it arrives, before the next take looks for more.  Until
+        stopped or disconnected.
         """
-        execute, name = self._redis.execute, self.list_name
-        drain, block = b"%d" % DRAIN_BATCH, b"%d" % BLOCK_SECONDS
+        redis, name = self._redis, self.list_name
+        drain, block = (b"%d" % DRAIN_BATCH,), b"%d" % BLOCK_SECONDS
         try:
-            while self.running and self._redis.ready:
+            while self.running and redis.ready:
                 try:
-                    items: Optional[List[bytes]] = yield execute(b"RPOP", name, drain)
+                    items = unpack_replies((yield TAKE_PACKED.run(redis, (name,), drain)))
                     if not items:
-                        popped = yield execute(b"BRPOP", name, block)
-                        items = None if popped is None else [popped[1]]
+                        popped = yield redis.execute(b"BRPOP", name, block)
+                        if popped is not None:
+                            items = [popped[1]]
                 except Exception:
                     break  # connection lost or reset: on_ready starts a new reader
-                for raw in items or ():
+                for raw in items:
                     self._deliver(raw)
         finally:
             self._reading = None

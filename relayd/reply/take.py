@@ -1,0 +1,42 @@
+"""Take a burst of replies off the reply list as ONE packed bulk string.
+
+txredisapi's pure-Python parser handles an array reply one element per
+reactor iteration (after each bulk element it pauses and re-enters itself
+with ``callLater(0)``) and re-splits its whole buffer per line: an
+``RPOP <list> 256`` of ~300 B replies costs 256 reactor turns and quadratic
+copying before its Deferred fires, so a burst's first reply waits for its
+last.  This script pops the same items and returns them as ``len:item``
+concatenated (the format `relayd.counters.aggregate.pack` uses for the
+counters' TAKE, for the same reason): one bulk string, parsed in one go.
+One key, so it runs on the list's node in a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from relayd.counters.aggregate import split_packed
+from relayd.redis.scripts import Script
+
+#: KEYS[1] = the reply list, ARGV[1] = at most this many (oldest first, RPOP order).
+#: Returns nil when the list is empty.
+TAKE_PACKED = Script(
+    """
+local items = redis.call('RPOP', KEYS[1], ARGV[1])
+if not items then
+  return false
+end
+local out = {}
+for i, item in ipairs(items) do
+  out[i] = #item .. ':' .. item
+end
+return table.concat(out)
+"""
+)
+
+
+def unpack_replies(packed: Optional[bytes]) -> List[bytes]:
+    """The items of a `TAKE_PACKED` answer, oldest first (``[]`` for nil)."""
+    if not packed:
+        return []
+    return split_packed(packed)
