@@ -16,7 +16,10 @@ import time
 import unittest
 from typing import Any, Dict, List, Tuple
 
-from relayd.reply.protocol import MalformedReply, parse_reply
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relayd.reply.protocol import MalformedReply, _is_token, parse_reply
 from tests.fault_tools import metric_values
 from tests.harness import REPO_ROOT, RedisServer, RelaydProcess, wait_for
 
@@ -71,6 +74,19 @@ class ReplyProtocolTests(unittest.TestCase):
             with self.assertRaises(MalformedReply) as caught:
                 parse_reply(raw)
             self.assertEqual(caught.exception.request_id, rid, raw)
+
+
+class HeaderNameTests(unittest.TestCase):
+    """Reply header names must be RFC 9110 tokens (the check is a regex now; this pins it to the grammar)."""
+
+    TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet=st.sampled_from(sorted(TCHAR) + list(" \t\r\n:;,\"()/<=>?@[]{}\x00\x7fé\u0100")), max_size=12)
+           | st.text(max_size=12))
+    def test_token_check_matches_the_grammar(self, name: str) -> None:
+        """A non-empty string of tchars is a token; anything else (empty, CR/LF, separators, non-ASCII) is not."""
+        self.assertEqual(_is_token(name), bool(name) and all(c in self.TCHAR for c in name))
 
 
 class RequestReplyTests(unittest.TestCase):
