@@ -48,6 +48,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -356,6 +357,7 @@ def main() -> int:
             s.proc.stop()
         worker.stop()
         redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     metrics_ok = True
     for rn in (n for n in names if n in ("relayd", "baseline")):
