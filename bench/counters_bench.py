@@ -13,8 +13,11 @@ Usage: python bench/counters_bench.py [--seconds S] [--keys K] [--items N] [--js
    each; with the seen-id dedupe and with ``dedupe_window = 0``) against the seed's design, a consumer doing one ``HINCRBY`` per
    increment (RPOP 1000 at a time, the HINCRBYs pipelined).  Reported as
    increments/s and the ratio.
-3. PostgreSQL: one flush (`PostgresSink.apply`) of K distinct keys into a
-   private server (initdb on a free port), first as inserts, then as updates.
+3. PostgreSQL: one flush (`PostgresSink._apply`: COPY + one upsert) of K
+   distinct keys into a private server (initdb on a free port), first as
+   inserts, then as updates, alternating with the previous design (unnest of
+   array parameters, 10k keys a statement) on fresh tables; wall seconds,
+   the server backend's CPU seconds and the client's (relayd's thread).
 
 All on one shared machine: figures are noisy; compare ratios within a run.
 """
@@ -74,8 +77,8 @@ def hash_total(redis: RedisServer, key: str) -> int:
         return sum(int(v) for v in c.command("HVALS", key))
 
 
-def end_to_end(cleanup: _Cleanup, seconds: float, keys: int) -> Dict[str, Any]:
-    """wrk -> relayd (ingest + counter) -> hash."""
+def end_to_end(cleanup: _Cleanup, seconds: float, keys: int, profile: str | None = None) -> Dict[str, Any]:
+    """wrk -> relayd (ingest + counter) -> hash; `profile`: py-spy raw output file."""
     redis = RedisServer(cleanup)  # type: ignore[arg-type]
     relayd = RelaydProcess(
         cleanup,  # type: ignore[arg-type]
@@ -85,6 +88,14 @@ def end_to_end(cleanup: _Cleanup, seconds: float, keys: int) -> Dict[str, Any]:
         buffer={"max_messages": 400_000, "max_bytes": "256MiB"},
     )
     assert relayd.proc is not None
+    spy = None
+    if profile:
+        spy = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--format", "raw", "-r", "200",
+             "-o", profile, "-p", str(relayd.proc.pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # py-spy attaches
     cpu0 = cpu_seconds(relayd.proc.pid)
     t0 = time.perf_counter()
     env = dict(os.environ, KEYS=str(keys), BATCH_LINES="1000")
@@ -101,6 +112,9 @@ def end_to_end(cleanup: _Cleanup, seconds: float, keys: int) -> Dict[str, Any]:
     cpu = cpu_seconds(relayd.proc.pid) - cpu0
     counted = hash_total(redis, "counts:hits")
     fields = int(redis.command("HLEN", "counts:hits"))
+    if spy is not None:
+        spy.send_signal(2)
+        spy.wait(30)
     relayd.terminate()
     return {
         "acked": acked,
@@ -204,8 +218,22 @@ async def _sleep(reactor: Any, seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
-def pg_flush(cleanup: _Cleanup, keys: int) -> Dict[str, Any]:
-    """One PostgresSink.apply of `keys` distinct keys: inserts, then updates."""
+def _unnest_apply(cur: Any, table: str, name: str, keys: List[str], values: List[int]) -> None:
+    """The previous flush (before COPY), kept as the in-run reference: unnest of
+    two array parameters, 10k keys a statement."""
+    for i in range(0, len(keys), 10_000):
+        cur.execute(
+            f"INSERT INTO {table} AS t (name, key, value) "
+            f"SELECT %s, k, v FROM unnest(%s::text[], %s::bigint[]) AS u(k, v) "
+            f"ON CONFLICT (name, key) DO UPDATE SET value = t.value + EXCLUDED.value",
+            (name, keys[i : i + 10_000], values[i : i + 10_000]),
+        )
+
+
+def pg_flush(cleanup: _Cleanup, keys: int, rounds: int = 2) -> Dict[str, Any]:
+    """PostgresSink's flush of `keys` distinct keys (inserts, then updates) against
+    the previous unnest flush, alternating, each on a fresh table; wall seconds and
+    the server backend's CPU seconds (the load-robust figure on a shared box)."""
     import psycopg
 
     from relayd.counters.pg_sink import PostgresSink, ddl
@@ -215,22 +243,35 @@ def pg_flush(cleanup: _Cleanup, keys: int) -> Dict[str, Any]:
     if available() is not None:
         return {"skipped": available()}
     pg = PostgresServer(cleanup)  # type: ignore[arg-type]
-    sink = PostgresSink(None, pg.url, "hits", "counters")
     sums = {"00000000-0000-4000-8000-%012d" % i: 1 for i in range(keys)}
-    out: Dict[str, Any] = {"keys": keys}
+    sorted_keys = sorted(sums)
+    ones = [1] * keys
+    out: Dict[str, Any] = {"keys": keys, "rounds": rounds}
+    samples: Dict[str, List[float]] = {}
     with psycopg.connect(pg.url) as conn:
-        for statement in ddl("counters"):
-            conn.execute(statement)
-        conn.commit()
-        sink._schema_ready = True
-        for label, batch in (("insert_seconds", "b1"), ("update_seconds", "b2")):
-            t0 = time.perf_counter()
-            with conn.transaction():
-                with conn.cursor() as cur:
-                    sink._apply(cur, [Summary(batch, 0.0, sums)])
-            out[label] = round(time.perf_counter() - t0, 3)
-        total = conn.execute("SELECT sum(value) FROM counters").fetchone()[0]
-    assert total == 2 * keys
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        for r in range(rounds):
+            for design in ("unnest_reference", "copy"):
+                table = f"c_{design}_{r}"
+                sink = PostgresSink(None, pg.url, "hits", table)  # type: ignore[arg-type]
+                for statement in ddl(table):
+                    conn.execute(statement)
+                conn.commit()
+                sink._schema_ready = True
+                for phase in ("insert", "update"):
+                    c0, t0, p0 = cpu_seconds(backend), time.perf_counter(), time.process_time()
+                    with conn.transaction():
+                        with conn.cursor() as cur:
+                            if design == "copy":
+                                sink._apply(cur, [Summary(f"{phase}{r}", 0.0, sums)])
+                            else:
+                                _unnest_apply(cur, table, "hits", sorted_keys, ones)
+                    samples.setdefault(f"{design}_{phase}_seconds", []).append(round(time.perf_counter() - t0, 3))
+                    samples.setdefault(f"{design}_{phase}_pg_cpu_seconds", []).append(round(cpu_seconds(backend) - c0, 2))
+                    samples.setdefault(f"{design}_{phase}_client_cpu_seconds", []).append(round(time.process_time() - p0, 3))
+                total = conn.execute(f"SELECT sum(value) FROM {table}").fetchone()[0]  # type: ignore[index]
+                assert total == 2 * keys, (design, total)
+    out.update(samples)
     return out
 
 
@@ -242,6 +283,7 @@ def main() -> None:
     p.add_argument("--items", type=int, default=200_000)
     p.add_argument("--json", action="store_true")
     p.add_argument("--only", choices=["e2e", "stage", "pg"])
+    p.add_argument("--profile", help="py-spy raw profile of relayd during the end-to-end run, to this file")
     args = p.parse_args()
     cleanup = _Cleanup()
     tempfile.tempdir = tempfile.gettempdir()
@@ -252,7 +294,7 @@ def main() -> None:
         if args.only in (None, "pg"):
             report["postgres_flush"] = pg_flush(cleanup, args.keys)
         if args.only in (None, "e2e"):
-            report["end_to_end"] = end_to_end(cleanup, args.seconds, args.keys)
+            report["end_to_end"] = end_to_end(cleanup, args.seconds, args.keys, args.profile)
     finally:
         cleanup.run()
     print(json.dumps(report, indent=None if args.json else 2))

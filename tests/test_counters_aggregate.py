@@ -14,7 +14,18 @@ from hypothesis import strategies as st
 
 from relayd.codec import encode_envelope
 from relayd.config import ConfigError, config_from_string
-from relayd.counters.aggregate import MAX_MAGNITUDE, PointerError, aggregate, batch_digest, parse_pointer, resolve
+from relayd.counters.aggregate import (
+    MAX_MAGNITUDE,
+    PointerError,
+    _aggregate_lean,
+    aggregate,
+    aggregate_items,
+    batch_digest,
+    frame,
+    parse_pointer,
+    parse_take_reply,
+    resolve,
+)
 from relayd.counters.redis_sink import apply_args, parse_marker
 from relayd.counters.summary import Summary
 
@@ -74,20 +85,34 @@ class AggregateTests(unittest.TestCase):
         """Sums equal the good values per key (a repeated id once); every misfit is dead, nothing else is."""
         items, sums, dead = case
         batch = aggregate(items, KEY, VALUE)
-        self.assertEqual(batch.sums, sums)
+        self.assertEqual(batch.sums, {k: v for k, v in sums.items() if v != 0})
         self.assertEqual(len(batch.dead), dead)
         self.assertEqual(batch.size, len(items))
         self.assertEqual(batch.id, aggregate(list(items), KEY, VALUE).id)  # deterministic: a recovery agrees
 
     @given(st.lists(st.binary(max_size=20), max_size=10), st.lists(st.binary(max_size=20), max_size=10))
     def test_digest_separates_batches(self, a, b) -> None:  # type: ignore[no-untyped-def]
-        """Different item lists have different digests (length prefixes: no concatenation collisions)."""
+        """Different item lists have different fence digests and batch ids (lengths: no concatenation collisions)."""
         if a != b:
             self.assertNotEqual(batch_digest(a), batch_digest(b))
+            self.assertNotEqual(frame(a).id, frame(b).id)
 
     def test_digest_matches_lua_definition(self) -> None:
-        """The digest is SHA-1 over ``len:item`` (what the Lua fence computes)."""
+        """The fence digest is SHA-1 over ``len:item`` (what TRIM_TAIL computes)."""
         self.assertEqual(batch_digest([b"ab", b"c"]), hashlib.sha1(b"2:ab1:c").hexdigest())
+
+    @given(st.lists(st.binary(max_size=30), min_size=1, max_size=10))
+    def test_frame_round_trip(self, items) -> None:  # type: ignore[no-untyped-def]
+        """A TAKE reply parses back to the same id and items; the id is SHA-1 of ``<lengths>\\n<SHA-1 hex of the items>``."""
+        f = frame(items)
+        lengths = b",".join(b"%d" % len(i) for i in items)
+        inner = hashlib.sha1(b"".join(items)).hexdigest().encode()
+        self.assertEqual(f.id, hashlib.sha1(lengths + b"\n" + inner).hexdigest())
+        back = parse_take_reply([f.id.encode(), lengths, f.body])
+        self.assertEqual((back.id, back.items()), (f.id, list(items)))  # type: ignore[union-attr]
+        self.assertIsNone(parse_take_reply([]))
+        with self.assertRaises(ValueError):
+            parse_take_reply([f.id.encode(), lengths, f.body + b"x"])
 
     def test_duplicates_adjust_sums(self) -> None:
         """`Batch.without` takes duplicate messages' values out and drops zero sums."""
@@ -133,14 +158,88 @@ class WireTests(unittest.TestCase):
         self.assertEqual(Summary.decode(s.encode()), s)
 
     def test_apply_args_and_marker(self) -> None:
-        """Fields go sorted; messages are grouped by ts minute; a marker names duplicates and excluded keys."""
+        """Fields go sorted; message ids are grouped by ts minute; declared duplicates come last; a marker names duplicates and excluded keys."""
         batch = aggregate([env(1, {"key": "b", "value": 1}, ts=61.0), env(2, {"key": "a", "value": 2}, ts=1.0)], KEY, VALUE)
         buckets, argv, fields = apply_args(batch, 100, 900)
         self.assertEqual(fields, ["a", "b"])
         self.assertEqual(buckets, [b"0", b"1"])
-        self.assertEqual(argv[:6], [b"100", b"2", b"a", b"2", b"b", b"1"])
+        self.assertEqual(argv, [b"100", b"2", b"a", b"2", b"b", b"1",
+                                b"960", b"1", b"%030x" % 2, b"1020", b"1", b"%030x" % 1, b"0"])
         self.assertEqual(parse_marker(b"x,y\n2", fields), (("x", "y"), ("b",)))
         self.assertEqual(apply_args(batch, 100, 0)[0], [])
+        without = batch.without(["%030x" % 2])
+        _, argv, fields = apply_args(batch, 100, 0, without, ["%030x" % 2])
+        self.assertEqual((fields, argv), (["b"], [b"100", b"1", b"b", b"1", b"1", b"%030x" % 2]))
+
+
+@st.composite
+def lean_shaped_items(draw):  # type: ignore[no-untyped-def]
+    """Items mostly of the shape the lean parser takes, with the variations it must refuse or get right."""
+    items = []
+    for i in range(draw(st.integers(1, 30))):
+        kind = draw(st.sampled_from(["plain", "plain", "plain", "reversed", "escaped", "unicode", "extra", "big", "repeat", "glued", "halves", "float", "zero"]))
+        key = draw(st.sampled_from(["a", "b", "00000000-0000-4000-8000-000000000001"]))
+        value = draw(st.integers(-5, 5))
+        ts = draw(st.sampled_from([1.0, 59.999999, 60.0, 1_800_000_000.123456]))
+        if kind == "reversed":
+            items.append(env(i, {"value": value, "key": key}, ts))
+        elif kind == "escaped":
+            items.append(env(i, {"key": 'q"uote\\', "value": value}, ts))
+        elif kind == "unicode":
+            items.append(env(i, {"key": "ü€", "value": value}, ts))
+        elif kind == "extra":
+            items.append(env(i, {"key": key, "value": value, "x": 1}, ts))
+        elif kind == "big":
+            items.append(env(i, {"key": key, "value": draw(st.sampled_from([10**15, -(10**15), MAX_MAGNITUDE - 1]))}, ts))
+        elif kind == "repeat" and items:
+            items.append(items[draw(st.integers(0, len(items) - 1))])
+        elif kind == "glued" and items:
+            # one list item holding two envelopes back to back: never two messages
+            items.append(items[-1] + env(1000 + i, {"key": key, "value": 1}, ts))
+        elif kind == "halves":
+            # one envelope cut across two list items: never one message
+            whole = env(i, {"key": key, "value": value}, ts)
+            cut = draw(st.integers(1, len(whole) - 1))
+            items.extend([whole[:cut], whole[cut:]])
+        elif kind == "float":
+            items.append(env(i, {"key": key, "value": 1.0}, ts))
+        elif kind == "zero":
+            items.append(env(i, {"key": key, "value": 0}, ts))
+        else:
+            items.append(env(i, {"key": key, "value": value}, ts))
+    return items
+
+
+class LeanParserTests(unittest.TestCase):
+    """The lean parser agrees with the general one, or declines."""
+
+    @given(lean_shaped_items())
+    def test_lean_equals_general(self, items) -> None:  # type: ignore[no-untyped-def]
+        """Whenever the lean parser takes a batch, every field of its result equals the general parser's."""
+        general = aggregate_items(items, KEY, VALUE)
+        lean = _aggregate_lean(frame(items), KEY, VALUE)
+        if lean is None:
+            return
+        self.assertEqual(lean.id, general.id)
+        self.assertEqual(lean.sums, general.sums)
+        self.assertEqual(lean.counted, general.counted)
+        self.assertEqual((lean.min_ts, lean.size, lean.dead), (general.min_ts, general.size, general.dead))
+
+    def test_lean_takes_the_common_batch(self) -> None:
+        """A batch as ingest writes it (either body order) is parsed lean; a misfit, a glued item or a repeat sends it to the general parser."""
+        plain = [env(i, {"key": "k%d" % (i % 3), "value": 1}) for i in range(50)]
+        self.assertIsNotNone(_aggregate_lean(frame(plain), KEY, VALUE))
+        self.assertIsNotNone(_aggregate_lean(frame([env(i, {"value": 2, "key": "k"}) for i in range(5)]), KEY, VALUE))
+        glued = plain[:-2] + [plain[-2] + plain[-1]]
+        self.assertIsNone(_aggregate_lean(frame(glued), KEY, VALUE))
+        self.assertEqual(aggregate(glued, KEY, VALUE).size, 49)
+        self.assertEqual(len(aggregate(glued, KEY, VALUE).dead), 1)
+        self.assertIsNone(_aggregate_lean(frame(plain + [plain[0]]), KEY, VALUE))
+        halves = plain[:-1] + [plain[-1][:50], plain[-1][50:]]
+        self.assertIsNone(_aggregate_lean(frame(halves), KEY, VALUE))
+        self.assertEqual(len(aggregate(halves, KEY, VALUE).dead), 2)
+        self.assertIsNone(_aggregate_lean(frame(plain + [b"junk"]), KEY, VALUE))
+        self.assertIsNone(_aggregate_lean(frame(plain), ("a", "b"), VALUE))
 
 
 BASE = '[[route]]\npath = "/increments"\nlist = "increments"\n'

@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from relayd.codec import encode_envelope
 from relayd.config import CounterConfig, RedisConfig
-from relayd.counters.aggregate import aggregate
+from relayd.counters.aggregate import aggregate, frame
 from relayd.counters.aggregator import Aggregator
 from relayd.counters.redis_sink import HashSink
 from relayd.counters.summary import Summary
@@ -123,6 +123,21 @@ class CounterCoreTests(TestCase):
         await restarted.run_once()
         self.assertEqual(self.totals(), {"a": 6, "b": 2})
         self.assertEqual(self.pg_totals(), {"a": 6, "b": 2})
+        self.assertEqual(self.server.llen("{increments}:counting:p1"), 0)
+
+    async def test_take_returns_the_stored_batch_id(self) -> None:
+        """TAKE's id is SHA-1 of the framed items; a later TAKE of the same batch returns the id stored with it (an id from an older version stays the batch's id)."""
+        items = [envelope(i, "a", 1) for i in range(3)]
+        self.push(items)
+        agg = self.aggregator()
+        framed = await agg.queue.take_framed(self.redis, 100)
+        self.assertEqual((framed.id, framed.items()), (frame(list(reversed(items))).id, list(reversed(items))))
+        self.server.command("SET", "{increments}:counting:p1:id", "legacy-id")  # taken by an older relayd
+        again = await agg.queue.take_framed(self.redis, 100)
+        self.assertEqual((again.id, again.items()), ("legacy-id", framed.items()))
+        await agg.run_once()
+        self.assertEqual(self.totals(), {"a": 3})
+        self.assertEqual(self.server.command("EXISTS", "{counts:hits}:batch:legacy-id"), 1)
         self.assertEqual(self.server.llen("{increments}:counting:p1"), 0)
 
     async def test_resent_commands_are_harmless(self) -> None:

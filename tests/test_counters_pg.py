@@ -52,6 +52,16 @@ class PostgresSinkTests(TestCase):
         await s.prune()  # nothing is old enough to go
         self.assertEqual(self.pg.psql("SELECT count(*) FROM counters_batches").strip(), "3")
 
+    async def test_large_batch_one_statement(self) -> None:
+        """30,000 keys in one transaction (COPY + one upsert) land exactly; the table keeps HOT room."""
+        s = self.sink()
+        keys = {"key-%05d" % i: i + 1 for i in range(30_000)}
+        await s.apply([Summary("big1", 1.0, keys)])
+        await s.apply([Summary("big2", 1.0, keys), Summary("big1", 1.0, keys)])  # big1 replayed: skipped
+        totals = self.pg.totals("hits")
+        self.assertEqual(totals, {k: 2 * v for k, v in keys.items()})
+        self.assertIn("fillfactor=70", self.pg.psql("SELECT reloptions FROM pg_class WHERE relname = 'counters'"))
+
     async def test_concurrent_writers_same_keys_no_deadlock(self) -> None:
         """Two connections upserting the same 2,000 keys in many transactions: exact sums, no deadlock."""
         first, second = self.sink(), self.sink()

@@ -13,6 +13,8 @@ import re
 from typing import Any, Callable, List
 
 from automat import NoTransition
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -351,3 +353,30 @@ class SelectTests(RedisClientTestCase):
         with self.redis.client() as c:
             c.command("SELECT", 5)
             self.assertEqual(c.command("LRANGE", "k", 0, -1), [b"again"])
+
+
+class CommandEncodingTests(TestCase):
+    """The RESP encoder (`RelaydRedisProtocol._build_command`) against the protocol's definition."""
+
+    @staticmethod
+    def reference(args: List[Any]) -> bytes:
+        """RESP as the spec writes it: ``*<n>`` then ``$<len>`` + bytes per argument."""
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            raw = a if isinstance(a, bytes) else a.encode("utf-8") if isinstance(a, str) else str(a).encode("ascii")
+            out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+        return b"".join(out)
+
+    @given(
+        st.lists(
+            st.one_of(st.binary(max_size=5000), st.text(max_size=20), st.integers(-(10**12), 10**12)),
+            min_size=1,
+            max_size=40,
+        )
+    )
+    def test_matches_reference(self, args: List[Any]) -> None:
+        """Bytes (short and past the header cache), str and int arguments, alone or mixed, encode as the spec says."""
+        from relayd.redis.client import RelaydRedisProtocol
+
+        protocol = RelaydRedisProtocol.__new__(RelaydRedisProtocol)
+        self.assertEqual(protocol._build_command(*args), self.reference(args))

@@ -5,25 +5,42 @@ about a batch is computed here from the bytes of its items, so a process
 that recovers a crashed batch recomputes *the same* batch (same digest,
 same sums) from the same items.
 
-- The batch id is the SHA-1 of the items, length-prefixed, in the order
-  the processing list holds them (`batch_digest`).  Redis computes the same
-  digest in Lua to fence the "complete" step (work_queue.py), and the hash
-  sink records it as the applied-batch marker.  Distinct batches have
-  distinct items (message ids are unique), hence distinct ids.
-- Values are integers with ``|v| < 2**53``: Redis' Lua computes with
-  doubles, which are exact below 2**53, so the Lua apply can adjust sums
-  for duplicates exactly; per-key sums are kept in that range too (a
-  message that would push its key's batch sum out of it is dead-lettered).
+- The batch id is the SHA-1 of ``<len 1>,...,<len n>\n<SHA-1 of the items
+  concatenated>`` (`frame`), items in the order the processing list holds
+  them.  TAKE computes it in Lua, stores it next to the processing list
+  (the "complete" step fences on it) and returns it with the batch; the
+  hash sink records it as the applied-batch marker.  Distinct batches have distinct items (message ids are unique),
+  hence distinct ids.
+- Values are integers with ``|v| < 2**53`` and so are per-key sums within
+  a batch (a message that would push its key's batch sum out of that range
+  is dead-lettered): exact as doubles anywhere (Lua, JSON readers).
   Increments of 9e15 are not a counting use case; the bound is documented.
 - A message id that occurs twice in one batch is counted once (the
   outbox is at-least-once); ids across batches are deduplicated by the
   hash sink.
+- Two parsers, one result.  `aggregate_framed` first tries the *lean*
+  parser: one compiled regular expression over the concatenated items
+  (TAKE's reply) that accepts only envelopes of the exact shape ingest
+  writes for a flat body ``{"<key>":"<string>","<value>":<integer>}`` (either
+  order), then checks in C-level bulk operations that the matches tile the
+  batch exactly (match i has exactly item i's length, as many matches as
+  items), that no id repeats and that no sum leaves the range.  Items
+  that shape covers parse to exactly what ``ujson.loads`` gives (no
+  escapes, no control characters, integers without exponent), so the sums
+  are the same; anything else (a misfit, a nested pointer, an escaped key,
+  a repeated id, non-UTF-8) makes the whole batch take the general parser
+  (`aggregate`: ``ujson.loads`` per item, every misfit dead-lettered with
+  its reason).  The lean path costs ~0.6 us an item against ~3 us.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+import re
+from collections import Counter
+from itertools import accumulate
+from operator import add, sub
+from typing import Any, Dict, List, NamedTuple, Optional, Pattern, Sequence, Set, Tuple
 
 import attrs
 import ujson
@@ -103,55 +120,115 @@ class Dead:
         ).encode("utf-8")
 
 
-@attrs.frozen
 class Batch:
-    """The aggregate of one processing list's items."""
+    """The aggregate of one processing list's items.
 
-    id: str  # batch_digest(items)
-    sums: Dict[str, int]  # key -> sum of the counted messages' values
-    counted: Tuple[Counted, ...]  # every counted message (dedupe and PG adjust)
-    dead: Tuple[Dead, ...]
-    min_ts: Optional[float]  # ts of the oldest item (counted or dead), for staleness
-    size: int  # items in the batch
+    The counted messages are kept as columns (ids, keys, values, ts), the
+    shape the lean parser produces without a Python object per message;
+    `counted` builds `Counted` tuples on demand (duplicates, exclusions:
+    rare paths).
+    """
+
+    __slots__ = ("id", "sums", "dead", "min_ts", "size", "ids", "_keys", "_values", "_tss", "ts_range", "_counted")
+
+    def __init__(
+        self,
+        id: str,
+        sums: Dict[str, int],
+        dead: Tuple[Dead, ...],
+        min_ts: Optional[float],
+        size: int,
+        ids: Sequence[bytes],
+        keys: Sequence[Any],
+        values: Sequence[int],
+        tss: Sequence[Any],
+        ts_range: Optional[Tuple[float, float]] = None,
+    ) -> None:
+        self.id = id  # the batch id (TAKE's, or frame(items).id)
+        self.sums = sums  # key -> sum of the counted messages' values (zeros dropped)
+        self.dead = dead
+        self.min_ts = min_ts  # ts of the oldest item (counted or dead), for staleness
+        self.size = size  # items in the batch
+        self.ids = ids  # counted message ids (ASCII bytes), one per distinct id, batch order
+        self._keys = keys  # their keys (str, or UTF-8 bytes from the lean parser)
+        self._values = values
+        self._tss = tss  # their ts: floats (0.0 when the envelope had none), or the lean parser's digits
+        #: (lowest, highest) ts of the counted messages; None when there are none.
+        self.ts_range = ts_range if ts_range is not None else ((min(tss), max(tss)) if tss else None)
+        self._counted: Optional[Tuple[Counted, ...]] = None
+
+    @property
+    def tss(self) -> Sequence[float]:
+        """The counted messages' ts as floats (converted on first use)."""
+        if self._tss and not isinstance(self._tss[0], float):
+            self._tss = list(map(float, self._tss))
+        return self._tss
+
+    @property
+    def counted(self) -> Tuple[Counted, ...]:
+        """Every counted message (built on first use)."""
+        if self._counted is None:
+            self._counted = tuple(
+                Counted(i.decode("ascii", "replace"), k.decode("utf-8") if isinstance(k, bytes) else k, v, t)
+                for i, k, v, t in zip(self.ids, self._keys, self._values, self.tss)
+            )
+        return self._counted
 
     def without(self, duplicate_ids: Sequence[str]) -> Dict[str, int]:
         """The sums once the messages with `duplicate_ids` are taken out (zeros dropped)."""
-        if not duplicate_ids:
-            return dict(self.sums)
-        dups = set(duplicate_ids)
         sums = dict(self.sums)
-        for c in self.counted:
-            if c.id in dups:
-                sums[c.key] -= c.value
-                dups.discard(c.id)  # a batch counts an id once
+        if duplicate_ids:
+            dups = set(duplicate_ids)
+            for c in self.counted:
+                if c.id in dups:
+                    sums[c.key] -= c.value
+                    dups.discard(c.id)  # a batch counts an id once
         return {k: v for k, v in sums.items() if v != 0}
 
 
+class Framed(NamedTuple):
+    """A batch as TAKE returns it: its id, the items' lengths, the items concatenated."""
+
+    id: str
+    lengths: List[int]
+    body: bytes
+
+    def items(self) -> List[bytes]:
+        """The items, cut out of `body` by `lengths`."""
+        ends = list(accumulate(self.lengths))
+        return [self.body[end - n : end] for n, end in zip(self.lengths, ends)]
+
+
+def frame(items: Sequence[bytes]) -> Framed:
+    """Frame `items` the way TAKE does (id = SHA-1 of ``<lengths>\\n<SHA-1 hex of the items>``)."""
+    header = b",".join([b"%d" % len(item) for item in items])
+    body = b"".join(items)
+    inner = hashlib.sha1(body).hexdigest().encode("ascii")
+    return Framed(hashlib.sha1(header + b"\n" + inner).hexdigest(), [len(item) for item in items], body)
+
+
+def parse_take_reply(reply: Sequence[bytes]) -> Optional[Framed]:
+    """TAKE's ``[id, lengths, items]`` -> `Framed` (None for ``[]``: nothing taken).
+
+    Raises ValueError when the reply is malformed (lengths that do not add
+    up to the items): never guess at a batch's boundaries.
+    """
+    if not reply:
+        return None
+    batch_id, header, body = reply
+    lengths = list(map(int, header.split(b",")))
+    if sum(lengths) != len(body) or min(lengths) < 0:
+        raise ValueError("malformed TAKE reply: item lengths do not add up")
+    return Framed(batch_id.decode("ascii"), lengths, body)
+
+
 def pack(items: Sequence[bytes]) -> bytes:
-    """``len:item`` for each item, concatenated (the digest's input; TAKE's reply)."""
+    """``len:item`` for each item, concatenated (the fence digest's input)."""
     return b"".join(b"%d:%s" % (len(item), item) for item in items)
 
 
-def split_packed(packed: bytes) -> List[bytes]:
-    """Inverse of `pack`; raises ValueError on a malformed string."""
-    items = []
-    pos, end = 0, len(packed)
-    find = packed.find
-    while pos < end:
-        colon = find(b":", pos)
-        if colon < 0:
-            raise ValueError("malformed packed items")
-        start = colon + 1
-        stop = start + int(packed[pos:colon])
-        if stop > end:
-            raise ValueError("truncated packed items")
-        items.append(packed[start:stop])
-        pos = stop
-    return items
-
-
 def batch_digest(items: Sequence[bytes]) -> str:
-    """SHA-1 hex of ``len:item`` for each item; the Lua fence computes the same."""
+    """SHA-1 hex of ``len:item`` for each item; the Lua fence (TRIM_TAIL) computes the same."""
     h = hashlib.sha1()
     for item in items:
         h.update(b"%d:" % len(item))
@@ -170,13 +247,149 @@ def _key_text(value: Any) -> Optional[str]:
 def aggregate(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:
     """Sum the envelopes in `items` per key; dead-letter what does not fit.
 
+    The same as `aggregate_framed` of ``frame(items)`` (lean parser first).
+    """
+    return aggregate_framed(frame(items), key_pointer, value_pointer)
+
+
+def aggregate_framed(framed: Framed, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Batch:
+    """`aggregate` of TAKE's framed batch: the lean parser, else the general one."""
+    batch = _aggregate_lean(framed, key_pointer, value_pointer)
+    if batch is None:
+        batch = aggregate_items(framed.items(), key_pointer, value_pointer, framed.id)
+    return batch
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+# Possessive repeats (*+): nothing here ever needs to backtrack into a string.
+_STRING = rb'"[^"\\\x00-\x1f]*+"'
+_ENVELOPE_HEAD = (
+    rb'\{"id":"([0-9A-Za-z_\-]{1,64}+)","ts":(-?(?:0|[1-9][0-9]{0,17}+)(?:\.[0-9]{1,17}+)?),'
+    rb'("route":' + _STRING + rb',"content_type":(?:' + _STRING + rb'|null)),"body":\{'
+)
+_KEY_FIELD = rb'"%s":"([^"\\\x00-\x1f]*+)"'
+#: Integers of up to 15 digits: below 2**53 however signed.
+_VALUE_FIELD = rb'"%s":(-?(?:0|[1-9][0-9]{0,14}+))'
+
+
+def _lean_patterns(key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Tuple[Tuple[Pattern[bytes], int], ...]:
+    """(pattern, fixed length) for one-level pointers with plain names, key first and value first.
+
+    Groups: 1 id, 2 ts, 3 the route and content type, then the key and
+    the value in body order; an envelope's length is the fixed length plus
+    the lengths of the groups.
+    """
+    if len(key_pointer) != 1 or len(value_pointer) != 1 or key_pointer == value_pointer:
+        return ()
+    k, v = key_pointer[0], value_pointer[0]
+    if not (_SAFE_NAME.fullmatch(k) and _SAFE_NAME.fullmatch(v)):
+        return ()
+    kf, vf = _KEY_FIELD % re.escape(k).encode(), _VALUE_FIELD % re.escape(v).encode()
+    fixed_key_first = len('{"id":"","ts":,,"body":{"%s":"","%s":}}' % (k, v))
+    fixed_value_first = len('{"id":"","ts":,,"body":{"%s":,"%s":""}}' % (v, k))
+    return (
+        (re.compile(_ENVELOPE_HEAD + kf + b"," + vf + rb"\}\}"), fixed_key_first),
+        (re.compile(_ENVELOPE_HEAD + vf + b"," + kf + rb"\}\}"), fixed_value_first),
+    )
+
+
+_PATTERNS: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], Tuple[Tuple[Pattern[bytes], int], ...]] = {}
+
+
+def _aggregate_lean(framed: Framed, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Optional[Batch]:
+    """The lean parser (module docstring); None when the batch needs the general one."""
+    body = framed.body
+    if not body:
+        return None
+    patterns = _PATTERNS.get((key_pointer, value_pointer))
+    if patterns is None:
+        patterns = _PATTERNS[(key_pointer, value_pointer)] = _lean_patterns(key_pointer, value_pointer)
+    if not body.isascii():
+        try:
+            body.decode("utf-8")  # ujson refuses invalid UTF-8: let the general parser say so
+        except UnicodeDecodeError:
+            return None
+    for order, (pattern, fixed) in enumerate(patterns):
+        rows = pattern.findall(body)
+        if len(rows) != len(framed.lengths):
+            continue
+        ids, tss, heads, first, second = columns = tuple(zip(*rows))
+        # The matches tile the batch: as many as items, match i exactly item i's length
+        # (the lengths add up to the body, so nothing is left in between).
+        lengths = list(map(len, ids))
+        for column in columns[1:]:
+            lengths = list(map(add, lengths, map(len, column)))
+        if list(map(sub, framed.lengths, lengths)) != [fixed] * len(rows):
+            continue
+        if len(set(ids)) != len(ids):
+            return None  # a message twice in the batch: the general parser counts it once
+        keys, raw_values = (first, second) if order == 0 else (second, first)
+        values = list(map(int, raw_values))
+        if raw_values.count(b"1") == len(raw_values):
+            by_key: Dict[bytes, int] = Counter(keys)
+        else:
+            by_key = {}
+            get = by_key.get
+            for key, value in zip(keys, values):
+                by_key[key] = get(key, 0) + value
+        if max(by_key.values()) >= MAX_MAGNITUDE or min(by_key.values()) <= -MAX_MAGNITUDE:
+            return None  # a batch sum out of range: the general parser dead-letters the overflow
+        low, high = _ts_range(tss)
+        return Batch(
+            id=framed.id,
+            sums={k.decode("utf-8"): v for k, v in by_key.items() if v != 0},
+            dead=(),
+            min_ts=low,
+            size=len(rows),
+            ids=ids,
+            keys=keys,
+            values=values,
+            tss=tss,
+            ts_range=(low, high),
+        )
+    return None
+
+
+def _ts_range(tss: Sequence[bytes]) -> Tuple[float, float]:
+    """(min, max) of JSON numbers given as digits, without a float per item when it can.
+
+    Ingest writes every ts as ``%.6f``: when all have the same length, the
+    point at the same place and no sign, the text order is the numeric
+    order and two conversions do.  Anything else converts each.
+    """
+    width = len(tss[0])
+    dot = tss[0].find(b".")
+    joined = b"".join(tss)
+    if (
+        dot > 0
+        and len(joined) == width * len(tss)
+        and b"-" not in joined
+        and joined[dot::width].count(b".") == len(tss)
+        and joined.count(b".") == len(tss)
+    ):
+        return float(min(tss)), float(max(tss))
+    times = list(map(float, tss))
+    return min(times), max(times)
+
+
+def aggregate_items(
+    items: Sequence[bytes],
+    key_pointer: Tuple[str, ...],
+    value_pointer: Tuple[str, ...],
+    batch_id: Optional[str] = None,
+) -> Batch:
+    """The general parser: ``ujson.loads`` per item (`batch_id` default: ``frame(items).id``).
+
     An item is counted when it is a relayd envelope (``id``, ``ts`` and
     ``body``) whose body has a string (or integer) at `key_pointer` and an
     integer ``|v| < 2**53`` at `value_pointer`.  Anything else is `Dead`
     with a reason; it never stops the batch.
     """
     sums: Dict[str, int] = {}
-    counted: List[Counted] = []
+    ids: List[bytes] = []
+    keys: List[str] = []
+    values: List[int] = []
+    tss: List[float] = []
     dead: List[Dead] = []
     seen: Set[str] = set()
     min_ts: Optional[float] = None
@@ -215,12 +428,18 @@ def aggregate(items: Sequence[bytes], key_pointer: Tuple[str, ...], value_pointe
             continue
         seen.add(message_id)
         sums[key] = total
-        counted.append(Counted(message_id, key, value, float(ts)))
+        ids.append(message_id.encode("ascii", "replace"))
+        keys.append(key)
+        values.append(value)
+        tss.append(float(ts))
     return Batch(
-        id=batch_digest(items),
-        sums=sums,
-        counted=tuple(counted),
+        id=batch_id if batch_id is not None else frame(items).id,
+        sums={k: v for k, v in sums.items() if v != 0},
         dead=tuple(dead),
         min_ts=min_ts,
         size=len(items),
+        ids=ids,
+        keys=keys,
+        values=values,
+        tss=tss,
     )

@@ -9,9 +9,10 @@ One cycle, every `flush_interval` (at once again while the list has a
 backlog)::
 
     1. take      TAKE(L -> P, at most N)     P empty: move up to N oldest
-                                              items, store their id b next
-                                              to P; P non-empty: return it
-    2. aggregate b = sha1(items); sums        pure, deterministic (aggregate.py)
+                                              items, store their id b (SHA-1
+                                              of the framed items) next to P;
+                                              P non-empty: return it and b
+    2. aggregate b = TAKE's id; sums          pure, deterministic (aggregate.py)
     3. apply     APPLY(H, M(b), seen)         marker first; rerun = no-op
                                               answering what the first run did
     4. dead      LPUSH <L>:dead letters       at-least-once
@@ -22,9 +23,10 @@ backlog)::
 Invariant: every item that left L is, at any instant, either in P (its
 batch not yet completed), or counted in H exactly once *and* (with
 PostgreSQL) represented in Q or in the table exactly once, or in
-``<L>:dead``.  A batch's identity is its content, so whoever looks at P
-(this process after a restart, an adopter, a resent command) computes the
-same b and the same sums.
+``<L>:dead``.  A batch's id is the SHA-1 of its content, stored next to
+P by the TAKE that filled P and returned by every later TAKE, so whoever
+looks at P (this process after a restart, an adopter, a resent command)
+uses the same b and computes the same sums.
 
 Crash points (kill -9 of relayd, a lost reply, a Redis restart):
 
@@ -56,14 +58,14 @@ other: its P is counted (through the same steps) and its Q moved over.
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Optional
 
 import ujson
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relayd.config import CounterConfig
-from relayd.counters.aggregate import Dead, aggregate
+from relayd.counters.aggregate import Dead, Framed, aggregate_framed
 from relayd.counters.cycle import CycleService
 from relayd.counters.keys import CounterKeys
 from relayd.counters.redis_sink import HashSink
@@ -179,11 +181,11 @@ class Aggregator(CycleService):
 
     async def count_batch(self, proc: Optional[bytes], max_items: int) -> int:
         """Steps 1-5 for process `proc`'s processing list (None: this process)."""
-        items: List[bytes] = await self.queue.take(self._redis, max_items, proc)
-        if not items:
+        framed: Optional[Framed] = await self.queue.take_framed(self._redis, max_items, proc)
+        if framed is None:
             await self._sample_list()
             return 0
-        batch = aggregate(items, self._config.key, self._config.value)
+        batch = aggregate_framed(framed, self._config.key, self._config.value)
         if batch.min_ts is not None:
             self._batch_ts = batch.min_ts if self._batch_ts is None else min(self._batch_ts, batch.min_ts)
         applied = await self._sink.apply(self._redis, batch)
@@ -207,14 +209,14 @@ class Aggregator(CycleService):
                     self._on_pending()
             m = self._metrics
             if m is not None:
-                m.applied.inc(len(batch.counted) - len(applied.duplicates) - sum(
-                    1 for c in batch.counted if c.key in set(applied.excluded)
-                ))
+                excluded_keys = set(applied.excluded)
+                left_out = sum(1 for c in batch.counted if c.key in excluded_keys) if excluded_keys else 0
+                m.applied.inc(len(batch.ids) - len(applied.duplicates) - left_out)
                 m.duplicates.inc(len(applied.duplicates))
                 m.dead.inc(len(dead))
                 m.batches.inc()
         self.cycles += 1
-        return len(items)
+        return batch.size
 
     async def _sample_list(self) -> None:
         """Remember the ts of the list's oldest item (the staleness gauge's other half)."""

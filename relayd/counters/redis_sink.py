@@ -11,12 +11,16 @@ processing list.
 The seen-id sets (``{hash}:seen:<minute>``, kept `dedupe_window` seconds
 past their minute) catch a message the outbox pushed twice (an LPUSH that
 timed out but ran, a spool replay after a crash): counted in one batch,
-its second copy is subtracted in another.
+its second copy is taken out of another.  The script only sends ids; when
+it finds some already seen it answers with them (no writes) and the sink
+calls again with the sums without them, declaring them: two calls for the
+rare batch with a duplicate, one argument per message for all the others
+(no per-message key index and value to ship and parse in Lua).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 from twisted.internet.defer import inlineCallbacks
@@ -29,6 +33,12 @@ from relayd.redis.scripts import Script
 _APPLY = Script(APPLY)
 
 
+#: APPLY calls per batch at most: a first call, a second declaring the
+#: duplicates the first found; more only if the seen sets change between
+#: the two (another process counting a copy of the same message right then).
+MAX_APPLY_ROUNDS = 4
+
+
 @attrs.frozen
 class Applied:
     """What applying a batch did: messages not counted, keys left out, final sums."""
@@ -39,34 +49,67 @@ class Applied:
     first: bool  # False when the marker said it was applied before
 
 
-def apply_args(batch: Batch, marker_ttl: int, dedupe_window: int) -> Tuple[List[bytes], List[Any], List[str]]:
-    """(keys beyond hash+marker, ARGV, field order) for scripts.APPLY."""
-    fields = sorted(batch.sums)
-    index = {k: i + 1 for i, k in enumerate(fields)}
+def _buckets(batch: Batch, dedupe_window: int) -> Dict[int, Sequence[bytes]]:
+    """The batch's message ids per seen-set bucket (ts minute)."""
+    if dedupe_window <= 0 or not batch.ids or batch.ts_range is None:
+        return {}
+    low, high = (int(t // SEEN_BUCKET_SECONDS) for t in batch.ts_range)
+    if low == high:
+        return {low: batch.ids}  # the usual batch: a few seconds of traffic, one minute
+    out: Dict[int, List[bytes]] = {}
+    for message_id, ts in zip(batch.ids, batch.tss):
+        out.setdefault(int(ts // SEEN_BUCKET_SECONDS), []).append(message_id)
+    return dict(out)
+
+
+def apply_args(
+    batch: Batch,
+    marker_ttl: int,
+    dedupe_window: int,
+    sums: Optional[Dict[str, int]] = None,
+    declared: Sequence[str] = (),
+) -> Tuple[List[bytes], List[Any], List[str]]:
+    """(bucket numbers, ARGV, field order) for scripts.APPLY.
+
+    `sums` (default: the batch's) must be the batch's sums without the
+    `declared` duplicates; fields go in sorted order, zero sums left out,
+    so a recovery that only knows the duplicates (from the marker) derives
+    the same field order (`fields_of`).
+    """
+    fields = fields_of(batch.sums if sums is None else sums)
+    source = batch.sums if sums is None else sums
     argv: List[Any] = [b"%d" % marker_ttl, b"%d" % len(fields)]
-    for k in fields:
-        argv.append(k.encode("utf-8"))
-        argv.append(b"%d" % batch.sums[k])
-    buckets: Dict[int, List[Any]] = {}
-    if dedupe_window > 0:
-        for c in batch.counted:
-            buckets.setdefault(int(c.ts // SEEN_BUCKET_SECONDS), []).append(c)
-    extra: List[int] = sorted(buckets)
+    pairs: List[bytes] = [b""] * (2 * len(fields))
+    pairs[0::2] = [f.encode("utf-8") for f in fields]
+    pairs[1::2] = [b"%d" % source[f] for f in fields]
+    argv.extend(pairs)
+    buckets = _buckets(batch, dedupe_window)
+    extra = sorted(buckets)
     for b in extra:
         members = buckets[b]
         argv.append(b"%d" % ((b + 1) * SEEN_BUCKET_SECONDS + dedupe_window))
         argv.append(b"%d" % len(members))
-        for c in members:
-            argv.extend((c.id.encode("ascii", "replace"), b"%d" % index[c.key], b"%d" % c.value))
+        argv.extend(members)
+    argv.append(b"%d" % len(declared))
+    argv.extend(d.encode("ascii") for d in declared)
     return [b"%d" % b for b in extra], argv, fields
+
+
+def fields_of(sums: Dict[str, int]) -> List[str]:
+    """The APPLY field order: keys with a non-zero sum, sorted."""
+    return sorted(k for k, v in sums.items() if v != 0)
+
+
+def parse_ids(text: bytes) -> Tuple[str, ...]:
+    """``b"id1,id2"`` -> ids."""
+    return tuple(sorted(d.decode("ascii") for d in text.split(b",") if d))
 
 
 def parse_marker(marker: bytes, fields: Sequence[str]) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     """``b"id1,id2\\n3,7"`` -> (duplicate ids, excluded keys)."""
     dups, _, excluded = marker.partition(b"\n")
-    ids = tuple(d.decode("ascii") for d in dups.split(b",") if d)
     keys = tuple(fields[int(i) - 1] for i in excluded.split(b",") if i)
-    return ids, keys
+    return parse_ids(dups), keys
 
 
 class HashSink:
@@ -80,11 +123,25 @@ class HashSink:
     @inlineCallbacks
     def apply(self, redis: Any, batch: Batch) -> Any:
         """Apply `batch`; fires with `Applied` (same answer on every rerun)."""
-        buckets, argv, fields = apply_args(batch, self._marker_ttl, self._dedupe_window)
-        keys = [self._keys.hash, self._keys.marker(batch.id)] + [self._keys.seen(int(b)) for b in buckets]
-        status, marker = yield _APPLY(redis, keys, argv)
-        dups, excluded = parse_marker(marker, fields)
-        sums = batch.without(dups)
-        for k in excluded:
-            sums.pop(k, None)
+        sums: Dict[str, int] = batch.sums
+        declared: Tuple[str, ...] = ()
+        for _ in range(MAX_APPLY_ROUNDS):
+            buckets, argv, fields = apply_args(batch, self._marker_ttl, self._dedupe_window, sums, declared)
+            keys = [self._keys.hash, self._keys.marker(batch.id)] + [self._keys.seen(int(b)) for b in buckets]
+            status, marker = yield _APPLY(redis, keys, argv)
+            if int(status) != 2:
+                break
+            declared = parse_ids(marker)  # already counted: take them out and declare them
+            sums = batch.without(declared)
+        else:
+            raise RuntimeError(f"counter batch {batch.id}: the seen-id sets kept changing under APPLY")
+        dups_text = marker.partition(b"\n")[0]
+        dups = parse_ids(dups_text)
+        if dups != declared:
+            sums = batch.without(dups)  # the marker of an earlier run: rebuild what it applied
+        dups, excluded = parse_marker(marker, fields_of(sums))
+        if excluded:
+            sums = dict(sums)
+            for k in excluded:
+                sums.pop(k, None)
         return Applied(dups, excluded, sums, int(status) == 1)

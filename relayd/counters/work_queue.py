@@ -22,7 +22,7 @@ from typing import Any, List, Sequence
 
 from twisted.internet.defer import inlineCallbacks
 
-from relayd.counters.aggregate import split_packed
+from relayd.counters.aggregate import parse_take_reply
 from relayd.counters.keys import CounterKeys
 from relayd.counters.scripts import CLAIM, COMPLETE, MOVE_ALL, TAKE, TRIM_TAIL
 from relayd.redis.scripts import Script
@@ -40,11 +40,14 @@ class WorkQueue:
     def __init__(self, keys: CounterKeys) -> None:
         self.keys = keys
 
+    def take_framed(self, redis: Any, max_items: int, proc: bytes | None = None) -> Any:
+        """Fires with the batch as a `Framed` (id, lengths, items), or None when there is nothing to count."""
+        keys = [self.keys.list, self.keys.processing(proc), self.keys.batch_id(proc)]
+        return _TAKE(redis, keys, [b"%d" % max_items]).addCallback(lambda reply: parse_take_reply(reply or []))
+
     def take(self, redis: Any, max_items: int, proc: bytes | None = None) -> Any:
         """Fires with the batch's items (``[]`` when there is nothing to count)."""
-        keys = [self.keys.list, self.keys.processing(proc), self.keys.batch_id(proc)]
-        d = _TAKE(redis, keys, [b"%d" % max_items])
-        return d.addCallback(lambda packed: split_packed(packed or b""))
+        return self.take_framed(redis, max_items, proc).addCallback(lambda f: f.items() if f is not None else [])
 
     def complete(self, redis: Any, batch_id: str, summary: bytes, proc: bytes | None = None) -> Any:
         """Fires with 1 (done), 0 (already done) or -1 (another batch is there)."""

@@ -18,6 +18,7 @@ from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from relayd.codec import EncodeError, encode_envelopes
@@ -251,7 +252,11 @@ class IngestApp:
                 headers=((b"Allow", b"POST"),),
             )
         result = self.post(request, route)
-        return result.deferred if isinstance(result, Waiter) else result
+        if not isinstance(result, Waiter):
+            return _klein_ack(result, request)
+        if route.reply_timeout is not None:
+            return result.deferred.addBoth(self._request_done)  # the reply brings its own headers
+        return result.deferred.addBoth(self._settled_klein, request, result)
 
     def replace_routes(self, routes: List[IngestRoute]) -> None:
         """Serve `routes` from the next request on (SIGHUP); requests in flight keep theirs."""
@@ -313,8 +318,7 @@ class IngestApp:
             route.metrics.rejected(p.reason)
             raise
         if isinstance(result, Waiter):
-            self.active += 1
-            result.deferred.addBoth(self._request_done)
+            self.active += 1  # until `_request_done`, called by whoever answers
         return result
 
     def serve(self, request: Request, route: IngestRoute) -> None:
@@ -329,13 +333,16 @@ class IngestApp:
             _finish(request, write_problem(request, p))
             return
         if isinstance(result, Waiter):
-            gone = request.notifyFinish()  # fires with an error if the client leaves
-            gone.addErrback(_client_gone, result)
-            result.deferred.addCallbacks(
-                _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, gone), errbackArgs=(request, gone)
-            )
+            request.gone_waiter = result  # type: ignore[attr-defined]  # IngestRequest.connectionLost frees it if the client leaves
+            if route.reply_timeout is None:
+                result.deferred.addBoth(self._settled, request, result)  # one callback per stored request
+            else:  # the reply chain (`_request_reply`) gives the body and its headers
+                result.deferred.addBoth(self._request_done)
+                result.deferred.addCallbacks(
+                    _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, None), errbackArgs=(request,)
+                )
         else:
-            _finish(request, result)
+            _finish(request, result, JSON_CONTENT_TYPE)
 
     def _accept(self, request: Request, route: IngestRoute, started: float) -> Any:
         headers = request.requestHeaders
@@ -428,12 +435,7 @@ class IngestApp:
                 raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
             route.metrics.ingested.inc(count)
             self._pending_acks.append((started + self._ack_timeout, waiter, count))
-            d = waiter.deferred
-            d.addCallbacks(
-                self._acknowledge,
-                _not_stored_problem,
-                callbackArgs=(request, route, ids, started, batch, waiter, digest),
-            )
+            waiter.context = (route, ids, started, batch, digest)  # read by `_settled` / `_settled_klein`
             return waiter
         if not self._buffer.offer(target, items, None):
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
@@ -441,6 +443,39 @@ class IngestApp:
         if digest is not None:
             route.recent.put(digest, ids[0].encode())
         return self._acknowledge(None, request, route, ids, started, batch)
+
+    def _settled(self, outcome: Any, request: Any, waiter: Waiter) -> Any:
+        """A stored-ack request's outcome: its ack or its problem, answered unless the client left.
+
+        The one callback on a stored request's `Waiter` (the hot path): the
+        ack's side effects (latency, the idempotency memory) happen even when
+        the client is gone.  A failure that is not a problem stays a failure
+        (logged as unhandled: a bug, not a client's fault).
+        """
+        self._request_done(None)
+        if isinstance(outcome, Failure):
+            problem = _outcome_problem(outcome.value)
+            if problem is None:
+                return outcome
+            if not request.gone:
+                _finish(request, write_problem(request, problem))
+            return None
+        route, ids, started, batch, digest = waiter.context
+        body = self._acknowledge(None, request, route, ids, started, batch, waiter, digest)
+        if not request.gone:
+            _finish(request, body, JSON_CONTENT_TYPE)
+        return None
+
+    def _settled_klein(self, outcome: Any, request: Request, waiter: Waiter) -> Any:
+        """`_settled` for a request answered through Klein: the body, or the problem raised."""
+        self._request_done(None)
+        if isinstance(outcome, Failure):
+            problem = _outcome_problem(outcome.value)
+            if problem is None:
+                return outcome
+            raise problem
+        route, ids, started, batch, digest = waiter.context
+        return _klein_ack(self._acknowledge(None, request, route, ids, started, batch, waiter, digest), request)
 
     def _acknowledge(
         self,
@@ -458,14 +493,10 @@ class IngestApp:
             route.recent.put(digest, first_id or ids[0].encode())
             if first_id is not None:
                 return self._duplicate(request, route, first_id, started)
-        request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
         route.metrics.latency.observe(self._clock.seconds() - started)
         if batch:
-            body = b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())
-        else:
-            body = b'{"status":"OK","id":"%s"}' % ids[0].encode()
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        return body
+            return b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())
+        return b'{"status":"OK","id":"%s"}' % ids[0].encode()
 
     # -- request/reply ---------------------------------------------------------
 
@@ -507,11 +538,8 @@ class IngestApp:
 
     def _duplicate(self, request: Request, route: IngestRoute, first_id: bytes, started: float) -> bytes:
         """The answer to a repeated Idempotency-Key: 2xx with the first request's id."""
-        request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
         route.metrics.latency.observe(self._clock.seconds() - started)
-        body = b'{"status":"OK","id":"%s","duplicate":true}' % first_id
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        return body
+        return b'{"status":"OK","id":"%s","duplicate":true}' % first_id
 
     def _expire_acks(self) -> None:
         """Answer 503 to stored-ack requests that waited past the ack timeout.
@@ -571,23 +599,25 @@ def _ack_level(raw: bytes, route_stored: bool) -> bool:
     raise BadRequest('Relayd-Ack must be "stored" or "accepted"')
 
 
-def _not_stored_problem(failure: Any) -> Any:
-    """The forwarder's `NotStored` becomes a 503 problem (other failures pass)."""
-    error = failure.value
+def _outcome_problem(error: Optional[BaseException]) -> Optional[Problem]:
+    """The problem answering a stored request that failed: the forwarder's
+    `NotStored` becomes a 503 (store-failed if something may be stored), a
+    `Problem` (the ack timeout) is itself; None for anything else."""
     if isinstance(error, NotStored):
         if error.maybe_stored:
-            raise StoreFailed(error.reason, retry_after=error.retry_after)
-        raise NotReady(f"{error.reason}; nothing was stored", retry_after=error.retry_after)
-    return failure
+            return StoreFailed(error.reason, retry_after=error.retry_after)
+        return NotReady(f"{error.reason}; nothing was stored", retry_after=error.retry_after)
+    if isinstance(error, Problem):
+        return error
+    return None
 
 
-def _client_gone(failure: Any, waiter: Waiter) -> None:
-    """The client left while its stored ack was pending: free its waiter.
-
-    Consumes the ``notifyFinish`` error (a client leaving is no error of
-    ours: it must not be logged as unhandled).
-    """
-    waiter.client_gone()
+def _not_stored_problem(failure: Any) -> Any:
+    """`_outcome_problem` as an errback (the reply chain): raise the problem, or pass the failure."""
+    problem = _outcome_problem(failure.value)
+    if problem is None:
+        return failure
+    raise problem
 
 
 class ReplyWaiter(Waiter):
@@ -631,18 +661,24 @@ def _ignore(failure: Any) -> None:
     """Consume the failure of a Deferred nobody waits on (not an unhandled error)."""
 
 
-def _finish(request: Request, body: bytes) -> None:
-    request.write(body)
-    request.finish()
+def _finish(request: Any, body: bytes, content_type: Optional[bytes] = None) -> None:
+    request.respond(body, content_type)  # IngestRequest: one buffer, Content-Length computed
 
 
-def _finish_unless_gone(body: bytes, request: Request, gone: Deferred) -> None:
-    if not gone.called:
-        _finish(request, body)
+def _finish_unless_gone(body: bytes, request: Any, content_type: Optional[bytes]) -> None:
+    if not request.gone:
+        _finish(request, body, content_type)
 
 
-def _fail_unless_gone(failure: Any, request: Request, gone: Deferred) -> None:
-    if gone.called:
+def _klein_ack(body: bytes, request: Request) -> bytes:
+    """An ack answered through Klein (not the hot path): its headers the usual way."""
+    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+def _fail_unless_gone(failure: Any, request: Any) -> None:
+    if request.gone:
         return None
     if failure.check(Problem):
         _finish(request, write_problem(request, failure.value))

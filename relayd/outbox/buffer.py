@@ -25,7 +25,7 @@ the request that created one (to cancel it).
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 
@@ -55,7 +55,7 @@ class NotStored(Exception):
 class Waiter:
     """Completion of one stored-ack request: fires once all its messages are stored."""
 
-    __slots__ = ("deferred", "count", "remaining", "taken", "cancelled", "exposed", "duplicate_of")
+    __slots__ = ("deferred", "count", "remaining", "taken", "cancelled", "exposed", "duplicate_of", "context")
 
     def __init__(self, count: int) -> None:
         self.deferred: Deferred[None] = Deferred()
@@ -68,6 +68,9 @@ class Waiter:
         self.exposed = False
         #: For an idempotent request found to repeat an earlier one: that one's id.
         self.duplicate_of: Optional[bytes] = None
+        #: What the request needs to answer once settled (opaque here): its
+        #: one callback reads it instead of a chain of callbacks with arguments.
+        self.context: Any = None
 
     @property
     def untouched(self) -> bool:

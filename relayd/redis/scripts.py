@@ -24,13 +24,13 @@ class Script:
 
     def run(self, redis: Any, keys: Sequence[bytes], args: Sequence[Any] = ()) -> Deferred[Any]:
         """EVALSHA on `redis` (anything with ``execute(*args)``), or EVAL after NOSCRIPT."""
-        d: Deferred[Any] = redis.execute(b"EVALSHA", self.sha, len(keys), *keys, *args)
+        d: Deferred[Any] = redis.execute(b"EVALSHA", self.sha, b"%d" % len(keys), *keys, *args)
 
         def noscript(failure: Failure) -> Any:
             failure.trap(ResponseError)
             if "NOSCRIPT" not in str(failure.value):
                 return failure
-            return redis.execute(b"EVAL", self.source, len(keys), *keys, *args)
+            return redis.execute(b"EVAL", self.source, b"%d" % len(keys), *keys, *args)
 
         return d.addErrback(noscript)
 

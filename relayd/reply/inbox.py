@@ -34,7 +34,7 @@ from typing import Any, Dict, Generator, Optional, Tuple
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -120,7 +120,7 @@ class ReplyInbox(Service):
 
     def wait(self, request_id: str, timeout: float) -> Deferred[Reply]:
         """A Deferred of the `Reply` to `request_id`; fails `ReplyTimeout` or `ReplyUnusable`."""
-        d: Deferred[Reply] = Deferred()
+        d: Deferred[Reply] = Deferred(lambda _: self._drop(request_id))  # cancel() frees the entry too
         timer = self._reactor.callLater(timeout, self._expire, request_id)
         self._waiting[request_id] = (d, timer, self._reactor.seconds())
         return d
@@ -128,16 +128,20 @@ class ReplyInbox(Service):
     def forget(self, request_id: str) -> None:
         """The request went away (client gone, not stored): drop its entry now.
 
-        Its Deferred fails with `CancelledError` at once, so that whatever
-        waits on it ends (a request left hanging would hold a graceful stop
+        Its Deferred is cancelled (fails with `CancelledError`) at once, so
+        that whatever waits on it ends (a request left hanging would hold a graceful stop
         for the whole shutdown timeout); a Deferred nobody will wait on must
         be given an errback by the caller.
         """
-        entry = self._waiting.pop(request_id, None)
+        entry = self._waiting.get(request_id)
         if entry is not None:
-            if entry[1].active():
-                entry[1].cancel()
-            entry[0].errback(CancelledError())
+            entry[0].cancel()  # `_drop`, then CancelledError
+
+    def _drop(self, request_id: str) -> None:
+        """The canceller of a wait: drop the entry and its timer."""
+        entry = self._waiting.pop(request_id, None)
+        if entry is not None and entry[1].active():
+            entry[1].cancel()
 
     def _expire(self, request_id: str) -> None:
         entry = self._waiting.pop(request_id, None)
