@@ -193,6 +193,19 @@ class RequestReplyTests(unittest.TestCase):
         self.assertEqual(relayd.terminate(), 0)
         self.assertNotIn("in-flight requests still open", relayd.log_text())
 
+    def test_reader_survives_a_refused_read(self) -> None:
+        """Redis refusing the reader's read (WRONGTYPE: the reply list overwritten by a string) is
+        logged and retried, not the end of the reader: once the key is a list again, replies flow."""
+        redis = RedisServer(self)
+        relayd = self.relayd(redis)
+        name = redis.command("ZRANGE", "relayd:reply-lists", 0, -1)[0]
+        redis.command("SET", name, "not a list")
+        wait_for(lambda: "reply reader: reading" in relayd.log_text(), 20.0, "the refused read to be logged")
+        redis.command("DEL", name)
+        self.worker(redis)
+        status, _, body = ask(relayd.ingest_port, {"n": 1})
+        self.assertEqual((status, body["echo"]), (200, {"n": 1}))
+
     def test_redis_outage(self) -> None:
         """Redis down: reply routes answer 503 at once (nothing spooled); Redis back: the reader
         reconnects and requests are answered again."""

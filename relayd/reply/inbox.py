@@ -36,12 +36,13 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.config import RedisConfig
 from relayd.ops.metrics import Metrics
+from relayd.redis.client import ConnectionError, TimeoutError
 from relayd.redis.factory import make_redis_client
 from relayd.reply.protocol import MalformedReply, Reply, parse_reply
 from relayd.reply.take import TAKE_PACKED, unpack_replies
@@ -179,8 +180,14 @@ class ReplyInbox(Service):
                         popped = yield redis.execute(b"BRPOP", name, block)
                         if popped is not None:
                             items = [popped[1]]
-                except Exception:
-                    break  # connection lost or reset: on_ready starts a new reader
+                except Exception as e:
+                    if not self.running or not redis.ready or isinstance(e, (ConnectionError, TimeoutError)):
+                        break  # connection lost or reset: on_ready starts a new reader
+                    # Redis refused (e.g. WRONGTYPE: someone overwrote the list): keep reading, slowly.
+                    self._log.warn("reply reader: reading {name} failed ({error}); retrying in {s}s",
+                                   name=name.decode(), error=str(e), s=BLOCK_SECONDS)
+                    yield deferLater(self._reactor, BLOCK_SECONDS, lambda: None)
+                    continue
                 for raw in items:
                     self._deliver(raw)
         finally:
