@@ -1,7 +1,8 @@
 """One subscriber's connection: a push producer with a bounded queue.
 
 Memory per subscriber is bounded whatever the client does: events are
-written to the transport while it takes them; when its buffer passes
+written to the transport while it takes them (sent at once when nothing is
+pending, relayd/wire.py); when its buffer passes
 Twisted's ``bufferSize`` the transport pauses us (``pauseProducing``) and
 events queue here, as references to the bytes the hub encoded once for all
 subscribers.  Past `queue_limit` queued bytes the subscriber is *cut*
@@ -18,6 +19,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from relayd.fanout.events import StreamId
+from relayd.wire import direct_writer
 
 
 def frame(data: bytes) -> bytes:
@@ -52,6 +54,8 @@ class Subscriber:
         #: transport (Request.write would frame it again per subscriber).
         self.chunked = bool(getattr(request, "chunked", False))
         self._transport = request.channel.transport
+        #: Sends at once when the socket has nothing pending (relayd/wire.py).
+        self._write = direct_writer(self._transport)
         request.registerProducer(self, True)
 
     @property
@@ -82,7 +86,7 @@ class Subscriber:
         if self.closed:
             return
         if not self._paused:
-            self._transport.write(data)
+            self._write(data)
             return
         self._queue.append(data)
         self._queued += len(data)
@@ -127,7 +131,7 @@ class Subscriber:
         while queue and not self._paused and not self.closed:
             data = queue.popleft()
             self._queued -= len(data)
-            self._transport.write(data)
+            self._write(data)
 
     def stopProducing(self) -> None:
         """The connection is gone."""

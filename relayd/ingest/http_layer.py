@@ -42,6 +42,7 @@ from relayd.ingest.problems import (
     render_problem,
 )
 from relayd.ops.metrics import Metrics
+from relayd.wire import direct_writer
 
 DEADLINE_SWEEP = 0.25  # seconds: resolution of head/body deadlines
 _COMPUTED_HEADERS = frozenset((b"Date", b"Content-Length"))  # `IngestRequest.respond` writes its own
@@ -137,7 +138,7 @@ class IngestRequest(Request):
         head.append(body)
         self.startedWriting = 1
         self.sentLength = len(body)
-        self.channel.write(b"".join(head))
+        self.channel.send_now(b"".join(head))
         self.finish()
 
     def process(self) -> None:
@@ -192,6 +193,9 @@ class IngestChannel(HookedHTTPChannel):
         # getsockname() syscall plus an address object (~10% of a request).
         self._host_address = self.transport.getHost()
         self._peer_address = self.transport.getPeer()
+        # A whole response is one write; sent at once when nothing is pending
+        # (relayd/wire.py): no epoll_ctl pair and reactor turn per request.
+        self.send_now = direct_writer(self.transport)
         super().connectionMade()
         limits = self.site.limits
         self.maxHeaders = limits.max_headers
