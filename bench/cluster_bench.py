@@ -5,23 +5,31 @@ The question (issue 15): does the cluster layer (slot routing, one
 connection per primary, MOVED/ASK bookkeeping) cost relayd throughput per
 core?  Target: the cluster figure is >= 0.9x the single-Redis one.
 
-One run, same machine, alternating A/B rounds so drift in the machine's
-load hits both sides alike:
+Three setups are started once and stay up for the whole run:
 
 - A: relayd -> one ``redis-server``;
 - B: relayd -> a cluster of 3 primaries (no replicas: replicas would add
   Redis CPU on this 2-core box without changing relayd's work), with three
-  routes whose lists sit on the three primaries.
+  routes whose lists sit on the three primaries;
+- C (control): a relayd on the same cluster whose three lists all sit on
+  one primary, to tell the client's cost from that of 3 Redis processes.
 
-In both, relayd runs alone on core 0 (``taskset -c 0``), wrk and Redis on
-core 1; wrk (-t1 -c50) posts NDJSON batches of 1000 ~200-byte lines,
-``ack = "stored"``, round-robin over the routes (bench/ndjson_paths.lua).
-Reported per round: messages/s, ack latency p50/p99, and CPU seconds per
-million messages of relayd and of Redis (all nodes together), from
-/proc/<pid>/stat.  Every run checks that Redis holds at least what was
-acknowledged.
+Then short load runs alternate A B C, C B A, A B C, ... (the order flips
+every round so neither side always follows the other), so drift in the
+shared machine's load hits every setup alike.  Each round gives a ratio
+B/A (and C/A) from runs seconds apart; the report is the median of those
+per-round ratios, plus the per-run table.
 
-Usage: ``python bench/cluster_bench.py [--seconds 10] [--rounds 2]``; prints
+relayd processes run on core 0 (``taskset -c 0``; the idle ones cost
+nothing), wrk and every Redis on core 1; wrk (-t1 -c16) posts NDJSON
+batches of 1000 ~200-byte lines, ``ack = "stored"``, round-robin over the
+setup's routes (bench/ndjson_paths.lua).  Reported per run: messages/s,
+ack latency p50/p99, and CPU seconds per million messages of relayd and of
+that setup's Redis processes (all nodes together), from /proc/<pid>/stat.
+Every run checks that Redis holds at least what was acknowledged, then
+UNLINKs the lists (memory stays flat however many rounds).
+
+Usage: ``python bench/cluster_bench.py [--seconds 5] [--rounds 6]``; prints
 a markdown section for docs/scaling.md.
 """
 
@@ -209,36 +217,48 @@ def wrk(port: int, paths: list[str], seconds: int) -> dict:
     return json.loads(line[len("BENCHJSON "):])
 
 
-def one_round(workdir: str, primaries: int, seconds: int, spread: bool = True) -> dict:
-    redis = Redis(workdir, primaries)
-    try:
-        lists = redis.lists(spread)
-        relayd = Relayd(workdir, redis, lists)
-        try:
-            wrk(relayd.port, [f"/{n}" for n in lists], 2)  # warm-up (JIT-free, but caches and connections)
-            before = (cpu_seconds(relayd.proc.pid), redis.cpu(), redis.llen_total(lists))
-            d = wrk(relayd.port, [f"/{n}" for n in lists], seconds)
-            ok = d["requests"] - d["err_status"]
-            messages = ok * LINES
-            wait_until(lambda: redis.llen_total(lists) - before[2] >= messages, 60, "acked messages in Redis")
-            after = (cpu_seconds(relayd.proc.pid), redis.cpu())
-            spilled = relayd.spilled()
-        finally:
-            relayd.stop()
-    finally:
-        redis.stop()
-    secs = d["duration_us"] / 1e6
-    return {
-        "primaries": primaries,
-        "target": "1 Redis" if primaries == 1 else f"cluster, {primaries} primaries" + ("" if spread else ", all 3 lists on one"),
-        "msgs_per_s": messages / secs,
-        "p50_ms": d["lat_p50_us"] / 1000,
-        "p99_ms": d["lat_p99_us"] / 1000,
-        "non2xx": d["err_status"],
-        "relayd_cpu_per_M": (after[0] - before[0]) / messages * 1e6 if messages else float("nan"),
-        "redis_cpu_per_M": (after[1] - before[1]) / messages * 1e6 if messages else float("nan"),
-        "spilled": spilled,
-    }
+class Setup:
+    """One relayd and its Redis (shared by B and C), with the lists its routes write."""
+
+    def __init__(self, name: str, workdir: str, redis: Redis, spread: bool = True) -> None:
+        self.name = name
+        self.redis = redis
+        self.lists = redis.lists(spread)
+        self.paths = [f"/{n}" for n in self.lists]
+        self.relayd = Relayd(workdir, redis, self.lists)
+        wrk(self.relayd.port, self.paths, 2)  # warm-up: caches, connections, the spool's first segment
+        self.clear()
+
+    def clear(self) -> None:
+        """UNLINK the lists (freed in Redis' background thread)."""
+        for name in self.lists:
+            port = self.redis.ports[0] if len(self.redis.ports) == 1 else self.redis.owner_port(key_slot(name.encode()))
+            cli(port, "UNLINK", name)
+
+    def run(self, seconds: int) -> dict:
+        """One load run: throughput, latency, CPU per message of relayd and of this setup's Redis."""
+        redis, relayd = self.redis, self.relayd
+        before = (cpu_seconds(relayd.proc.pid), redis.cpu(), redis.llen_total(self.lists), relayd.spilled())
+        d = wrk(relayd.port, self.paths, seconds)
+        ok = d["requests"] - d["err_status"]
+        messages = ok * LINES
+        wait_until(lambda: redis.llen_total(self.lists) - before[2] >= messages, 60, "acked messages in Redis")
+        after = (cpu_seconds(relayd.proc.pid), redis.cpu(), relayd.spilled())
+        self.clear()
+        secs = d["duration_us"] / 1e6
+        return {
+            "target": self.name,
+            "msgs_per_s": messages / secs,
+            "p50_ms": d["lat_p50_us"] / 1000,
+            "p99_ms": d["lat_p99_us"] / 1000,
+            "non2xx": d["err_status"],
+            "relayd_cpu_per_M": (after[0] - before[0]) / messages * 1e6 if messages else float("nan"),
+            "redis_cpu_per_M": (after[1] - before[1]) / messages * 1e6 if messages else float("nan"),
+            "spilled": after[2] - before[3],
+        }
+
+    def stop(self) -> None:
+        self.relayd.stop()
 
 
 def routing_overhead() -> tuple[float, float]:
@@ -297,43 +317,66 @@ def routing_overhead() -> tuple[float, float]:
     return timings[0], timings[1]
 
 
+SINGLE, SPREAD, SAME = "1 Redis", "cluster, 3 primaries", "cluster, 3 lists on one primary"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="relayd-clusterbench-")
-    rows = []
+    rows: list[dict] = []
     load = os.getloadavg()[0]
+    redises: list[Redis] = []
+    setups: list[Setup] = []
     try:
-        for _ in range(args.rounds):
-            # The third target is a control: the cluster client with one busy
-            # primary, to tell the client's cost from that of 3 Redis processes.
-            for primaries, spread in ((1, True), (3, True), (3, False)):
-                rows.append(one_round(workdir, primaries, args.seconds, spread))
+        redises = [Redis(workdir, 1), Redis(workdir, 3)]
+        setups = [Setup(SINGLE, workdir, redises[0]), Setup(SPREAD, workdir, redises[1]),
+                  Setup(SAME, workdir, redises[1], spread=False)]
+        for i in range(args.rounds):
+            for setup in setups if i % 2 == 0 else list(reversed(setups)):
+                rows.append({"round": i + 1, **setup.run(args.seconds)})
                 print(json.dumps(rows[-1]), file=sys.stderr)
     finally:
+        for setup in setups:
+            setup.stop()
+        for redis in redises:
+            redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    end_load = os.getloadavg()[0]
     direct_us, cluster_us = routing_overhead()
+
+    def per_round(key: str, target: str) -> list[float]:
+        by_round = {r["round"]: r for r in rows if r["target"] == target}
+        base = {r["round"]: r for r in rows if r["target"] == SINGLE}
+        return [by_round[i][key] / base[i][key] for i in sorted(by_round)]
+
     def median(key: str, target: str) -> float:
         return statistics.median(r[key] for r in rows if r["target"] == target)
 
-    spread_t, same_t = "cluster, 3 primaries", "cluster, 3 primaries, all 3 lists on one"
-    single, cluster, same = (median("msgs_per_s", t) for t in ("1 Redis", spread_t, same_t))
+    spread_ratios, same_ratios = per_round("msgs_per_s", SPREAD), per_round("msgs_per_s", SAME)
     print(f"### 1 Redis vs 3 primaries, one relayd core (bench/cluster_bench.py, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f} at start)\n")
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f} at start, "
+          f"{end_load:.1f} at the end)\n")
     print(f"relayd on core 0; wrk (-t1 -c{CONNECTIONS}, NDJSON 1000 x ~200 B lines per request, ack=stored, round-robin over "
-          "3 routes) and every redis-server on core 1.\n")
+          f"3 routes) and every redis-server on core 1; {args.rounds} rounds of {args.seconds} s runs, alternating "
+          "A B C / C B A.\n")
     print("| round | target | msgs/s | ack p50 | ack p99 | non-2xx | relayd CPU s / M msgs | Redis CPU s / M msgs | spilled |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for i, r in enumerate(rows):
-        print(f"| {i // 3 + 1} | {r['target']} | {r['msgs_per_s']:,.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
+    for r in rows:
+        print(f"| {r['round']} | {r['target']} | {r['msgs_per_s']:,.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
               f"{r['non2xx']} | {r['relayd_cpu_per_M']:.2f} | {r['redis_cpu_per_M']:.2f} | {r['spilled']:.0f} |")
-    cpu1, cpu3, cpu_same = (median("relayd_cpu_per_M", t) for t in ("1 Redis", spread_t, same_t))
-    print(f"\nMedian msgs/s: 1 Redis {single:,.0f}; cluster, lists spread {cluster:,.0f} (**{cluster / single:.2f}x**, "
-          f"target >= 0.9x); cluster, lists on one primary {same:,.0f} ({same / single:.2f}x).  Median relayd CPU "
-          f"per million messages: {cpu1:.2f} s; {cpu3:.2f} s ({cpu1 / cpu3:.2f}x messages per CPU-second); "
-          f"{cpu_same:.2f} s ({cpu1 / cpu_same:.2f}x).")
+    cpu1, cpu3, cpu_same = (median("relayd_cpu_per_M", t) for t in (SINGLE, SPREAD, SAME))
+    rcpu1, rcpu3, rcpu_same = (median("redis_cpu_per_M", t) for t in (SINGLE, SPREAD, SAME))
+    print(f"\nPer-round throughput ratio, cluster (lists spread) / 1 Redis: "
+          f"{', '.join(f'{x:.2f}' for x in spread_ratios)}; **median {statistics.median(spread_ratios):.2f}x** "
+          f"(target >= 0.9x).  Control, cluster with the 3 lists on one primary / 1 Redis: "
+          f"{', '.join(f'{x:.2f}' for x in same_ratios)}; median {statistics.median(same_ratios):.2f}x.")
+    print(f"\nMedian CPU seconds per million messages: relayd {cpu1:.2f} (1 Redis), {cpu3:.2f} (cluster, spread), "
+          f"{cpu_same:.2f} (cluster, one primary); Redis (all nodes of the setup) {rcpu1:.2f}, {rcpu3:.2f}, "
+          f"{rcpu_same:.2f}.  Median msgs/s: {median('msgs_per_s', SINGLE):,.0f}, {median('msgs_per_s', SPREAD):,.0f}, "
+          f"{median('msgs_per_s', SAME):,.0f}.")
     print(f"\nRouting micro-benchmark (in-process, stub nodes, {ROUTING_CALLS:,} LPUSH calls of 10 values): "
           f"straight to a node {direct_us:.2f} µs per command, through ClusterClient {cluster_us:.2f} µs: "
           f"the cluster layer adds {cluster_us - direct_us:.2f} µs per command "

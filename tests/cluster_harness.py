@@ -67,8 +67,11 @@ class RedisCluster:
         return [f"redis://127.0.0.1:{n.port}" for n in self.nodes]
 
     def live(self) -> list[RedisServer]:
-        """Nodes whose process runs."""
-        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        """Nodes whose process runs and is not paused (SIGSTOP): the ones that answer."""
+        return [
+            n for n in self.nodes
+            if n.proc is not None and n.proc.poll() is None and not getattr(n, "_paused", False)
+        ]  # fmt: skip
 
     def node_at(self, port: int) -> RedisServer:
         """The node listening on `port`."""

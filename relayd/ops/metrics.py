@@ -169,6 +169,12 @@ class Metrics:
         self.buffer_bytes = Gauge("relayd_buffer_bytes", "Bytes in memory (with overhead).", registry=r)
         self.redis_up = Gauge("relayd_redis_up", "1 while Redis takes writes.", registry=r)
         self.spill_mode = Gauge("relayd_spill_mode", "1 while messages go through the disk spool.", registry=r)
+        self.spill_targets = Gauge(
+            "relayd_spill_targets",
+            "Destinations whose new messages go through the disk spool while the rest go direct "
+            "(their Redis Cluster node failed, or their older messages are still spooled).",
+            registry=r,
+        )
         self.spilled = Counter("relayd_spilled", "Messages appended to the disk spool.", registry=r)
         self.replayed = Counter(
             "relayd_replayed", "Spooled messages pushed to Redis (also counted in relayd_forwarded).", registry=r

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 GAUGE_RULES: Dict[str, str] = {
     "relayd_redis_up": "min",  # the daemon has Redis only if every worker has
     "relayd_spill_mode": "max",  # any worker spilling is worth seeing
+    "relayd_spill_targets": "max",  # workers spool the same destinations (one failed node)
     "relayd_spool_oldest_age_seconds": "max",
     "relayd_counter_staleness_seconds": "max",  # the oldest unapplied increment of any worker
     "relayd_deliver_queue_lag_seconds": "max",  # every worker reads the same list

@@ -16,13 +16,23 @@ spill
     settled when its group commit is durable; the replay loop
     (`relayd.outbox.replay`) pushes the spool to Redis, oldest first.
 
-Spill mode starts when Redis is down or a write failed, when the buffer
-passes its high-water mark (Redis is up but slower than ingest), or at start
-when the spool still holds records from before.  It ends only when the
-spool is empty again, so for every target all new messages queue *behind*
-the spooled ones: FIFO per target holds across an outage.  (One exception:
-a batch that was on the wire when the outage began fails and is spilled
-after messages that arrived meanwhile.)
+Spill mode starts when Redis is down (on a cluster: every primary), when
+the buffer passes its high-water mark (Redis is up but slower than ingest),
+or at start when the spool still holds records from before.  It ends only
+when the spool is empty again, so for every target all new messages queue
+*behind* the spooled ones: FIFO per target holds across an outage.
+
+Per target, in direct mode: a write that fails (its cluster node died, its
+key has the wrong type) spools that target's share of the batch at once,
+and so does a batch share whose node is known to be down; the other
+targets' shares go on to Redis and their requests are answered.  From then
+on the target has a *backlog* (`relayd.outbox.backlog`): its new messages
+go to the spool too, behind its older ones, until the replay has stored
+all of them; then it goes direct again.  So a failed primary of a cluster
+costs only its own lists a detour through the disk, and each list stays
+FIFO.  (One exception, per target or for all: a batch that was on the wire
+when the failure began may be stored ahead of an earlier one that failed
+and was spooled.)
 
 Settlement: every taken entry ends in exactly one of `settle_stored`
 (Redis replied, or the spool commit is durable), `settle_failed` (nothing
@@ -31,8 +41,9 @@ again).  A batch the spool refuses (full, disk error) while nothing else
 can store it fails at once the stored-ack requests none of whose messages
 is stored or on its way: a prompt 503, never a wait for the ack timeout.
 
-Order on failure: the forwarder waits until nothing is in flight, then puts
-every failed batch back at the front of the buffer in its original order.
+Order on failure when the spool cannot take the failed share either: the
+forwarder waits until nothing is in flight, then puts every failed batch
+back at the front of the buffer in its original order.
 A command that timed out may still have been executed by Redis, so a retry
 can push a message twice: delivery is at-least-once (consumers dedupe by
 id).  A Redis that stops replying costs a batch at most ``[redis]
@@ -51,6 +62,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.ops.metrics import Metrics
+from relayd.outbox.backlog import SpoolBacklog
 from relayd.outbox.buffer import Entry, NotStored, RingBuffer
 from relayd.outbox.replay import Replayer
 from relayd.outbox.spooler import RETRY_AFTER_ERROR, Spooler
@@ -112,6 +124,8 @@ class Forwarder(Service):
         self._retry_at: Optional[float] = None
         self.spilling = False
         self._replayer: Optional[Replayer] = None
+        #: Targets whose new messages go to the spool behind their older ones.
+        self._backlog = SpoolBacklog()
         self._mode_logged_at = -MODE_LOG_INTERVAL
         self._mode_suppressed = 0
 
@@ -123,8 +137,16 @@ class Forwarder(Service):
         spool = self._spooler.spool
         assert spool is not None, "the spooler starts (and opens the spool) first"
         self._replayer = Replayer(
-            self._reactor, spool, self._writer, self._metrics, self._spooler.acked, self._maybe_go_direct
+            self._reactor,
+            spool,
+            self._writer,
+            self._metrics,
+            self._spooler.acked,
+            self._maybe_go_direct,
+            backlog=self._backlog,
         )
+        backlog = self._backlog
+        self._metrics.watch(self._metrics.spill_targets, lambda: float(len(backlog)))
         if self._spooler.pending:
             self._enter_spill("recovery")
         self._buffer.set_listener(self.wake)
@@ -176,11 +198,13 @@ class Forwarder(Service):
         """Could `count` messages of `size` bytes be stored now (ingest, /readyz)?
 
         In spill mode only the spool can take them (FIFO); in direct mode
-        Redis or, should it fail, the spool.
+        Redis (on a cluster: some primary; a message for a failed one is
+        answered 503 promptly if the spool refuses it) or, should it fail,
+        the spool.
         """
         if self.spilling:
             return self._spooler.can_take(count, size)
-        return self._redis.ready or self._spooler.can_take(count, size)
+        return self._writer.any_ready or self._spooler.can_take(count, size)
 
     # -- mode --------------------------------------------------------------
 
@@ -192,12 +216,10 @@ class Forwarder(Service):
 
     def _maybe_go_direct(self) -> None:
         """Leave spill mode once nothing is spooled or on its way and Redis is ready."""
-        if (
-            self.spilling
-            and not self._spooler.pending
-            and not (self._replayer is not None and self._replayer.busy)
-            and self._redis.ready
-        ):
+        drained = not self._spooler.pending and not (self._replayer is not None and self._replayer.busy)
+        if drained:
+            self._backlog.clear()  # nothing spooled: no target has a backlog (whatever the counts say)
+        if self.spilling and drained and self._writer.any_ready:
             self.spilling = False
             self._metrics.spill_mode.set(0)
             self._log_mode("spool drained; pushing directly to Redis again")
@@ -243,7 +265,7 @@ class Forwarder(Service):
     def _pump_once(self) -> None:
         buffer = self._buffer
         if buffer.queued and not self.spilling:
-            if not self._redis.ready:
+            if not self._writer.any_ready:
                 self._enter_spill("redis unavailable")
             elif (buffer.messages > self._high_messages or buffer.bytes > self._high_bytes) and self._spooler.can_take(
                 1, 0
@@ -260,20 +282,36 @@ class Forwarder(Service):
                     return
             elif (
                 self._in_flight < self._max_in_flight
-                and self._redis.ready
+                and self._writer.any_ready
                 and not self._failed  # failed batches go first (after requeue)
                 and self._retry_at is None
             ):
                 batch = buffer.take(self._batch_messages, self._batch_bytes)
-                if batch:
-                    self._send(batch)
+                if batch and not self._send(batch):
+                    # The spool refused a share that cannot go direct (its
+                    # node is down): it is back in the buffer; retry shortly.
+                    self._retry_at = self._reactor.seconds() + SPILL_RETRY
+                    self._wakeup = self._reactor.callLater(SPILL_RETRY, self._retry)
+                    return
             else:
                 return
 
     # -- spill -------------------------------------------------------------
 
-    def _spill(self, batch: List[Entry]) -> bool:
-        """Append `batch` to the spool; settle it when durable.  False if refused."""
+    def _spill(self, batch: List[Entry], per_target: bool = False) -> bool:
+        """Append `batch` to the spool; settle it when durable.  False if refused.
+
+        `per_target`: the batch is the share of targets that cannot go
+        direct while the rest does (spill mode is off): a refusal answers
+        their requests as in spill mode.
+        """
+        if self._append(batch):
+            return True
+        self._refused(batch, per_target)
+        return False
+
+    def _append(self, batch: List[Entry]) -> bool:
+        """Append `batch` to the spool and count it in the backlog; False if refused (nothing written)."""
         payloads = [encode_payload(target, item) for target, item, _ in batch]
         size = 0
         for p in payloads:
@@ -288,11 +326,16 @@ class Forwarder(Service):
                 for entry in batch:
                     if entry[2] is not None:
                         entry[2].exposed = True
+                counts: dict[Target, int] = {}
+                for entry in batch:
+                    counts[entry[0]] = counts.get(entry[0], 0) + 1
+                backlog = self._backlog
+                for target, count in counts.items():
+                    backlog.spooled(target, count)
                 d.addCallbacks(self._spilled, self._commit_failed, callbackArgs=(batch,), errbackArgs=(batch,))
                 if self._replayer is not None:
                     d.addCallback(lambda _: self._replayer.kick() if self._replayer is not None else None)
                 return True
-        self._refused(batch)
         return False
 
     def _spilled(self, _: object, batch: List[Entry]) -> None:
@@ -310,11 +353,11 @@ class Forwarder(Service):
             ),
         )
 
-    def _refused(self, batch: List[Entry]) -> None:
+    def _refused(self, batch: List[Entry], per_target: bool = False) -> None:
         """The spool refused `batch`: keep what must be kept, answer what can be answered."""
         self._buffer.requeue(batch)
         self._maybe_go_direct()  # an empty spool and a ready Redis: push directly instead
-        if not self.spilling:
+        if not self.spilling and not per_target:
             return
         untouched = NotStored("neither Redis nor the disk spool can take messages now", RETRY_AFTER_NOT_STORED)
         exposed = NotStored(
@@ -330,7 +373,12 @@ class Forwarder(Service):
 
     # -- direct ------------------------------------------------------------
 
-    def _send(self, batch: List[Entry]) -> None:
+    def _send(self, batch: List[Entry]) -> bool:
+        """Write each target's share to Redis, or to the spool if it must not go direct.
+
+        False when the spool refused a share that cannot go direct (it is
+        back at the front of the buffer); the rest was sent.
+        """
         groups: dict[Target, List[Entry]] = {}
         for entry in batch:
             group = groups.get(entry[0])
@@ -340,6 +388,20 @@ class Forwarder(Service):
                 group.append(entry)
             if entry[2] is not None:
                 entry[2].exposed = True
+        sent = True
+        backlog = self._backlog
+        if backlog or not self._writer.ready:
+            # Some target has spooled records, or some node is down: those
+            # targets' shares go to the spool, behind their older records.
+            ready_for = self._writer.ready_for
+            detour = [t for t in groups if t in backlog or not ready_for(t)]
+            if detour:
+                spill: List[Entry] = []
+                for target in detour:
+                    spill.extend(groups.pop(target))
+                sent = self._spill(spill, per_target=True)
+                if not groups:
+                    return sent
         self._in_flight += 1
         pending = [len(groups)]  # commands of this batch still awaiting a reply
         write = self._writer.write
@@ -352,6 +414,7 @@ class Forwarder(Service):
                 callbackArgs=(entries, pending),
                 errbackArgs=(self._seq, entries, pending),
             )
+        return sent
 
     def _command_done(self, pending: List[int]) -> None:
         pending[0] -= 1
@@ -376,8 +439,15 @@ class Forwarder(Service):
         if self._failures_in_row == 0:
             self._log.warn("redis push failed ({kind}): {error}; will retry", kind=kind, error=failure.getErrorMessage())
         self._failures_in_row += 1
+        if not self._failed and self._append(entries):
+            # This target's share goes through the spool; its later messages
+            # follow it there (backlog), the other targets stay direct.
+            # (Not while earlier failures wait for a requeue: they go first.)
+            self._settle()
+            return
         self._failed.append((seq, entries))
-        self._enter_spill(f"redis push failed ({kind})")
+        if not self._writer.per_node:
+            self._enter_spill(f"redis push failed ({kind})")
         self._settle()
 
     def _settle(self) -> None:

@@ -9,11 +9,15 @@ Each target's commands are issued at once and independently: one target's
 failure (a node of a cluster that is down, a wrong-type key) does not fail
 the others, and the caller learns the outcome per target.  Commands of one
 target go out in order on one connection, so per-target order holds.
+
+Readiness is asked per target too (`ready_for`): on a cluster, the primary
+of one list can be down while the others take writes, and the forwarder
+and the replay route around it instead of failing everything.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.interfaces import IReactorTime
@@ -41,11 +45,31 @@ class RedisWriter:
         self._clock = clock
         self._redis = redis
         self._metrics = metrics
+        # A cluster client answers per key (the slot's primary); one Redis is
+        # all or nothing.
+        self._ready_for_key: Optional[Callable[[bytes], bool]] = getattr(redis, "ready_for", None)
+        self._any_ready: Optional[Callable[[], bool]] = getattr(redis, "any_ready", None)
 
     @property
     def ready(self) -> bool:
-        """True while Redis takes commands."""
+        """True while Redis takes commands (on a cluster: every slot does)."""
         return self._redis.ready
+
+    @property
+    def per_node(self) -> bool:
+        """True when readiness differs per target (a cluster): one failure is not all of Redis."""
+        return self._ready_for_key is not None
+
+    @property
+    def any_ready(self) -> bool:
+        """True while some target can be written (one Redis: it is up; a cluster: some primary is)."""
+        any_ready = self._any_ready
+        return self._redis.ready if any_ready is None else any_ready()
+
+    def ready_for(self, target: Target) -> bool:
+        """True while the Redis node that stores `target` takes commands."""
+        ready_for_key = self._ready_for_key
+        return self._redis.ready if ready_for_key is None else ready_for_key(target.key)
 
     def write(self, target: Target, items: Sequence[bytes], source: str = "direct") -> Deferred[Optional[List[Optional[bytes]]]]:
         """Store `items` in `target`; fires once Redis replied to all of it.

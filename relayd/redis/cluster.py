@@ -29,8 +29,10 @@ AUTH + PING handshake, reply timeouts, binary-safe bytes) already live in
   connected yet gets `connect_timeout` to become ready.
 - **Readiness.**  `ready` is true when every slot has a connected primary
   (what "Redis can take writes" means for the callers that predate the
-  cluster); `ready_for(key)` answers per slot; `unwritable_slots()` lists
-  the ranges `/readyz` reports.
+  cluster); `ready_for(key)` answers per slot (the forwarder and the replay
+  route around a failed primary with it); `any_ready()` says whether any
+  primary is connected; `unwritable_slots()` lists the ranges `/readyz`
+  reports.
 
 A command that timed out or whose connection dropped may still have run
 (as on one Redis): callers that retry deliver at least once.
@@ -188,6 +190,15 @@ class ClusterClient(Service):
             return False
         node = self._nodes.get(address)
         return node is not None and node.ready
+
+    def any_ready(self) -> bool:
+        """True while some primary is connected: some keys can be written (the replay runs)."""
+        nodes = self._nodes
+        for address in self._primaries:
+            node = nodes.get(address)
+            if node is not None and node.ready:
+                return True
+        return False
 
     def unwritable_slots(self) -> List[Tuple[int, int]]:
         """Slot ranges (first, last) with no connected primary, for `/readyz`."""
