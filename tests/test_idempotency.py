@@ -13,15 +13,21 @@ import json
 import threading
 import time
 import unittest
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
-from relayd.ingest.idempotency import InvalidIdempotencyKey, RecentKeys, key_digest, parse_key
-from relayd.outbox.dedup import DedupListTarget, decode_bundle, encode_bundle
+from relayd.ingest.idempotency import InvalidIdempotencyKey, RecentKeys, key_digest, key_digester, parse_key
+from relayd.ops.metrics import Metrics
+from relayd.outbox.dedup import DedupListTarget, decode_bundle, encode_bundle, message_count
+from relayd.outbox.writer import RedisWriter
+from relayd.redis.client import ResponseError
 from tests.fault_tools import metric_values
-from tests.harness import RedisServer, RelaydProcess, decode_item, wait_for
+from tests.harness import RedisError, RedisServer, RelaydProcess, decode_item, wait_for
 
 ROUTE = {"path": "/orders", "list": "orders"}
 
@@ -73,11 +79,79 @@ class HeaderRulesTests(unittest.TestCase):
             recent.put(k, k)
         self.assertEqual((len(recent), recent.get(b"x")), (2, None))
 
+    @given(
+        max_keys=st.integers(1, 8),
+        ops=st.lists(st.tuples(st.sampled_from(["put", "get", "wait"]), st.integers(0, 11)), max_size=60),
+    )
+    def test_recent_keys_never_answer_late_and_remember_recent_ones(self, max_keys: int, ops: List[Tuple[str, int]]) -> None:
+        """Against a model of when each key was first put: a key is never answered a window or more after its
+        first put (a late answer would drop a legitimate retry); one put less than half a window ago, with
+        fewer than max_keys // 2 new keys since, is answered; at most max_keys are held."""
+        now = [0.0]
+        window = 10.0
+        recent = RecentKeys(lambda: now[0], window=window, max_keys=max_keys)
+        first_put: Dict[bytes, float] = {}
+        new_keys: List[bytes] = []  # keys in the order they were first put
+        for op, n in ops:
+            key = b"k%d" % n
+            if op == "wait":
+                now[0] += n * 0.75
+            elif op == "put":
+                if key not in first_put or now[0] >= first_put[key] + window:
+                    if recent.get(key) is None:
+                        first_put[key] = now[0]
+                        new_keys.append(key)
+                        recent.put(key, b"id-%s" % key)
+            else:
+                answer = recent.get(key)
+                if answer is not None:
+                    self.assertLess(now[0], first_put[key] + window, "answered past the window")
+                    self.assertEqual(answer, b"id-%s" % key)
+                elif key in first_put and now[0] < first_put[key] + window / 2:
+                    since = len(new_keys) - 1 - max(i for i, k in enumerate(new_keys) if k == key)
+                    self.assertGreaterEqual(since, max(1, max_keys // 2), "forgotten while recent")
+            self.assertLessEqual(len(recent), max(max_keys, 1))
+
     @given(st.binary(max_size=64), st.binary(max_size=40), st.lists(st.binary(max_size=50), max_size=20))
     def test_bundle_round_trip(self, digest: bytes, first_id: bytes, items: List[bytes]) -> None:
         """A bundle decodes to what was encoded, whatever the bytes."""
         digest, first_id = digest[:255], first_id[:255]
         self.assertEqual(decode_bundle(encode_bundle(digest, first_id, items)), (digest, first_id, items))
+        self.assertEqual(message_count(encode_bundle(digest, first_id, items)), len(items))
+
+    @given(st.lists(st.tuples(st.binary(max_size=40), st.binary(max_size=30), st.lists(st.binary(max_size=30), max_size=4))))
+    def test_script_arguments_are_the_decoded_bundles(self, requests: List[Tuple[bytes, bytes, List[bytes]]]) -> None:
+        """The command's keys and arguments are what `decode_bundle` reads, on the one-message fast path
+        (sliced in place) as on the general one."""
+        target = DedupListTarget(b"orders", 5000)
+        [command] = target.commands([encode_bundle(d, i, items) for d, i, items in requests])
+        self.assertEqual(command[:2], (b"EVALSHA", DedupListTarget.script.sha))
+        keys = [b"orders"] + [target.marker(d) for d, _, _ in requests]
+        counts = b"" if all(len(items) == 1 for _, _, items in requests) else b",".join(b"%d" % len(m) for _, _, m in requests)
+        args = [b"5000", counts] + [a for _, i, items in requests for a in (i, *items)]
+        self.assertEqual(command[2:], (b"%d" % len(keys), *keys, *args))
+
+    @given(st.binary(max_size=64), st.binary(min_size=1, max_size=255))
+    def test_route_digester_is_key_digest(self, route: bytes, key: bytes) -> None:
+        """The per-route digester (route hashed once) names the same markers as `key_digest`: markers
+        written before it existed still catch repeats."""
+        self.assertEqual(key_digester(route)(key), key_digest(route, key))
+
+
+class BlockingRedis:
+    """`RedisWriter`'s Redis, answered at once by a blocking call to a real redis-server."""
+
+    ready = True
+
+    def __init__(self, redis: RedisServer) -> None:
+        self._redis = redis
+
+    def execute(self, *args: bytes) -> Deferred[Any]:
+        """The command's reply, or its error as the client's ResponseError (NOSCRIPT included)."""
+        try:
+            return succeed(self._redis.command(*args))
+        except RedisError as e:
+            return fail(ResponseError(str(e)))
 
 
 class ScriptPropertyTests(unittest.TestCase):
@@ -92,15 +166,25 @@ class ScriptPropertyTests(unittest.TestCase):
     def tearDownClass(cls) -> None:
         cls._case.doCleanups()
 
+    def write(self, target: DedupListTarget, batch: List[bytes]) -> Optional[List[Optional[bytes]]]:
+        """One batch through the real `RedisWriter` (EVALSHA, EVAL after NOSCRIPT) on the real Redis."""
+        results: List[Any] = []
+        RedisWriter(Clock(), BlockingRedis(self.redis), Metrics()).write(target, batch).addBoth(results.append)
+        [result] = results  # BlockingRedis answers at once
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result  # type: ignore[no-any-return]
+
     @settings(max_examples=60, deadline=None)
     @given(
         sends=st.lists(st.tuples(st.integers(0, 7), st.integers(1, 3)), min_size=1, max_size=30),
-        cuts=st.lists(st.integers(1, 5), max_size=10),
+        cuts=st.lists(st.tuples(st.integers(1, 5), st.booleans()), max_size=10),
     )
-    def test_each_key_stored_once_in_first_order(self, sends: List[Tuple[int, int]], cuts: List[int]) -> None:
+    def test_each_key_stored_once_in_first_order(self, sends: List[Tuple[int, int]], cuts: List[Tuple[int, bool]]) -> None:
         """Requests (key k, n messages), repeats included, written in batches of random sizes (as direct
-        pushes and spool replays do): each key's first request is in the list exactly once, in order,
-        and every repeat is answered with the first request's id."""
+        pushes and spool replays do), with Redis losing its script cache between some batches (a restart,
+        a failover): each key's first request is in the list exactly once, in order, and every repeat is
+        answered with the first request's id."""
         self.redis.command("FLUSHALL")
         target = DedupListTarget(b"orders", 60_000)
         bundles = [
@@ -111,11 +195,13 @@ class ScriptPropertyTests(unittest.TestCase):
         pos = 0
         sizes = iter(cuts)
         while pos < len(bundles):
-            size = next(sizes, 4)
+            size, flush = next(sizes, (4, False))
+            if flush:
+                self.redis.command("SCRIPT", "FLUSH")
             batch = bundles[pos : pos + size]
             pos += size
-            [command] = target.commands(batch)
-            answers.extend(target.outcomes([self.redis.command(*command)]))
+            outcomes = self.write(target, batch)
+            answers.extend(outcomes if outcomes is not None else [None] * len(batch))
         first: Dict[int, int] = {}
         for i, (k, _) in enumerate(sends):
             first.setdefault(k, i)
@@ -126,6 +212,17 @@ class ScriptPropertyTests(unittest.TestCase):
         markers = self.redis.command("KEYS", "{orders}:idem:*")
         self.assertEqual(len(markers), len(first), "one marker per key, in the list's hash slot")
         self.assertLessEqual(int(self.redis.command("PTTL", markers[0])), 60_000)
+
+    def test_malformed_bundle_is_refused(self) -> None:
+        """A bundle whose lengths do not add up (a corrupt spool record) raises ValueError, on the
+        one-message fast path too, rather than pushing garbage."""
+        target = DedupListTarget(b"orders", 60_000)
+        good = encode_bundle(b"d", b"id", [b"message"])
+        for bad in (good[:-1], good + b"x", b"", good[:3]):
+            with self.assertRaises(ValueError):
+                target.commands([bad])
+        with self.assertRaises(ValueError):
+            message_count(b"")
 
 
 class IdempotentIngestTests(unittest.TestCase):

@@ -141,15 +141,24 @@ class StreamReader(Service):
                 args.extend(format_id(positions[k]) for k in keys)
                 self._generation += 1
                 issued = clock.seconds()
+                pending: List[Deferred[Any]] = []
                 try:
                     id_d = redis.execute(b"CLIENT", b"ID")
+                    pending.append(id_d)
                     read_d = redis.execute(*args)
+                    pending.append(read_d)
                     client_id = yield id_d
                     self._client_id = b"%d" % client_id if isinstance(client_id, int) else client_id
                     self._blocked = True
                     reply = yield read_d
                 except Exception:
-                    break  # connection lost or timed out: on_ready starts a new loop
+                    # Connection lost or timed out: on_ready starts a new loop.  When
+                    # CLIENT ID failed first, the XREAD behind it fails too and was
+                    # never yielded: consume it, or it is an "Unhandled error in
+                    # Deferred" at exit (a stop that lands between the two replies).
+                    for d in pending:
+                        d.addErrback(lambda _: None)
+                    break
                 finally:
                     self._blocked = False
                 if not reply:

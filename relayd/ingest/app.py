@@ -25,7 +25,7 @@ from relayd.codec import EncodeError, encode_envelopes
 from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
-from relayd.ingest.idempotency import RecentKeys, key_digest, parse_key
+from relayd.ingest.idempotency import RecentKeys, key_digester, parse_key
 from relayd.ingest.paths import BoundedCache, KeyTemplate, PathMatcher, PathTemplate
 from relayd.ingest.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -94,6 +94,8 @@ class IngestRoute:
         if not self.template.is_template:
             self.target, self.dedup_target = self._build_targets(())
         self.recent = RecentKeys(clock.seconds, config.idempotency_window)
+        #: Idempotency-Key -> its route-scoped digest (`key_digest` with this route hashed once).
+        self.key_digest = key_digester(self.path_bytes)
         self.stored = config.ack == "stored"
         self.envelope = config.format == "envelope"
         self.max_body = config.max_body
@@ -363,7 +365,7 @@ class IngestApp:
         digest = None
         idem = headers.getRawHeaders(b"idempotency-key")
         if idem is not None:
-            digest = key_digest(route.path_bytes, parse_key(idem[0]))
+            digest = route.key_digest(parse_key(idem[0]))
             first_id = route.recent.get(digest)
             if first_id is not None:
                 self._metrics.duplicates.labels(where="memory").inc()
@@ -490,9 +492,12 @@ class IngestApp:
     ) -> bytes:
         if digest is not None:
             first_id = waiter.duplicate_of if waiter is not None else None
-            route.recent.put(digest, first_id or ids[0].encode())
             if first_id is not None:
+                # Not remembered here: this process does not know when the
+                # first copy's marker expires, and memory must never answer
+                # "duplicate" after Redis forgot it.
                 return self._duplicate(request, route, first_id, started)
+            route.recent.put(digest, ids[0].encode())
         route.metrics.latency.observe(self._clock.seconds() - started)
         if batch:
             return b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())

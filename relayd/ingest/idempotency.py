@@ -12,13 +12,14 @@ gets a digest of (route, key), and logs get nothing.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
-from collections import OrderedDict
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 from relayd.ingest.problems import BadRequest
 
 MAX_KEY_BYTES = 255
+_VISIBLE = bytes(range(0x21, 0x7F))  # the header's alphabet: printable ASCII without space
 #: Keys remembered per route: ~100 B each, so ~10 MiB at most per route.
 RECENT_KEYS = 100_000
 
@@ -37,9 +38,8 @@ def parse_key(raw: bytes) -> bytes:
         raise InvalidIdempotencyKey("Idempotency-Key must not be empty")
     if len(raw) > MAX_KEY_BYTES:
         raise InvalidIdempotencyKey(f"Idempotency-Key is {len(raw)} bytes; at most {MAX_KEY_BYTES}")
-    for byte in raw:
-        if byte < 0x21 or byte > 0x7E:
-            raise InvalidIdempotencyKey("Idempotency-Key must be visible ASCII (no spaces or control characters)")
+    if raw.translate(None, _VISIBLE):  # what is left is not visible ASCII (one C call, not a loop)
+        raise InvalidIdempotencyKey("Idempotency-Key must be visible ASCII (no spaces or control characters)")
     return raw
 
 
@@ -48,37 +48,75 @@ def key_digest(route: bytes, key: bytes) -> bytes:
     return hashlib.blake2b(route + b"\0" + key, digest_size=16).hexdigest().encode()
 
 
+def key_digester(route: bytes) -> Callable[[bytes], bytes]:
+    """`key_digest` for one route, with the route already hashed (a copy of the state, not a new hash per key)."""
+    seed = hashlib.blake2b(route + b"\0", digest_size=16)
+
+    def digest(key: bytes) -> bytes:
+        h = seed.copy()
+        h.update(key)
+        return binascii.hexlify(h.digest())
+
+    return digest
+
+
 class RecentKeys:
-    """An LRU of digest -> (first message id, expiry), bounded in count and by the window."""
+    """Recently stored digests -> first message id, in two generations: bounded in count and by the window.
+
+    Each generation is a plain dict with the time it started; new keys go
+    to the current one, and when it holds half of `max_keys`, or is half a
+    window old, it becomes the previous one and the previous one is dropped
+    whole.  So a key is remembered for at least half a window (unless
+    `max_keys` newer ones came since) and never past its window: a
+    generation is dropped once its *start* is a window old.  Forgetting
+    early only costs a Redis round trip (Redis decides); answering late
+    would be wrong.  Cheaper than an LRU (`OrderedDict` with an expiry tuple
+    per key) on the hot path of unique keys: a miss is two dict lookups and
+    a put one insert, with no per-key tuple or linked-list node to
+    allocate, touch and free.  A hit does not refresh a key: repeats are
+    retries, they come soon after the first.
+    """
 
     def __init__(self, seconds: Callable[[], float], window: float, max_keys: int = RECENT_KEYS) -> None:
         self._seconds = seconds
         self._window = window
-        self._max = max_keys
-        self._keys: OrderedDict[bytes, Tuple[bytes, float]] = OrderedDict()
+        self._cap = max(1, max_keys // 2)  # keys per generation
+        self._keep_previous = max_keys >= 2
+        self._current: Dict[bytes, bytes] = {}
+        self._previous: Dict[bytes, bytes] = {}
+        self._current_start = self._previous_start = seconds()
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._current) + len(self._previous)
 
     def get(self, digest: bytes) -> Optional[bytes]:
         """The first id stored under `digest`, if this process saw it within the window."""
-        hit = self._keys.get(digest)
-        if hit is None:
+        first_id = self._current.get(digest)
+        if first_id is not None:
+            if self._seconds() >= self._current_start + self._window:
+                self._current, self._previous = {}, {}  # both generations are a window old
+                return None
+            return first_id
+        first_id = self._previous.get(digest)
+        if first_id is not None and self._seconds() >= self._previous_start + self._window:
+            self._previous = {}
             return None
-        first_id, expires = hit
-        if self._seconds() >= expires:
-            del self._keys[digest]
-            return None
-        self._keys.move_to_end(digest)
         return first_id
 
     def put(self, digest: bytes, first_id: bytes) -> None:
         """Remember that `digest` is stored as `first_id` (never extends an earlier expiry)."""
-        hit = self._keys.get(digest)
-        if hit is not None:
-            self._keys[digest] = (first_id, hit[1])
-            self._keys.move_to_end(digest)
+        current = self._current
+        if digest in current:
+            current[digest] = first_id
             return
-        self._keys[digest] = (first_id, self._seconds() + self._window)
-        if len(self._keys) > self._max:
-            self._keys.popitem(last=False)
+        previous = self._previous
+        if digest in previous:
+            previous[digest] = first_id
+            return
+        now = self._seconds()
+        if len(current) >= self._cap or now - self._current_start >= self._window / 2:
+            self._previous = current if self._keep_previous else {}
+            self._previous_start = self._current_start
+            self._current = current = {}
+            self._current_start = now
+        current[digest] = first_id

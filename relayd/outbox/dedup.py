@@ -2,7 +2,7 @@
 
 A request that carries an ``Idempotency-Key`` travels as one *bundle* (its
 key digest, its first message id and all its messages) to a
-`DedupListTarget`.  The target writes a batch of bundles with one ``EVAL``:
+`DedupListTarget`.  The target writes a batch of bundles with one ``EVALSHA``:
 for each bundle ``SET <marker> <first id> NX PX <window>``, and only when
 the SET won are its messages pushed (``LPUSH``, in order).  A repeat gets
 the first request's id back.  Because the SET and the push run in one
@@ -19,6 +19,11 @@ A script does not roll back: the SET comes first, so a script that fails
 half-way (out of memory) has marked bundles it did not push.  Redis only
 fails a script that way on OOM with ``maxmemory``; the retry then answers
 "duplicate" for them.  Documented in docs/idempotency.md.
+
+Cost (issue 14: at most 15 % slower than a POST without a key): one
+EVALSHA per batch, one-message bundles sliced rather than decoded, and a
+reply that is an empty array unless a bundle was a duplicate.  Figures and
+the benchmark: docs/benchmarks.md, "Idempotency-Key cost".
 """
 
 from __future__ import annotations
@@ -29,39 +34,66 @@ from typing import ClassVar, List, Optional, Sequence, Tuple
 import attrs
 
 from relayd.redis.keys import companion
+from relayd.redis.scripts import Script
 
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
+_U32_PAIR = struct.Struct("<II")  # message count + the first message's length
 _HEADER = struct.Struct("<Q")  # window in ms
 
-#: LPUSH at most this many values per call inside the script: Lua's unpack
-#: has a C-stack limit of ~8000 arguments.
-_SCRIPT = b"""
+#: KEYS: the list, then one marker per bundle.  ARGV: the window (ms), the
+#: bundles' message counts (empty when every bundle holds one message, the
+#: hot path: one POST, one message; else "n1,n2,.."), then per bundle its
+#: first id and its messages.  Returns an empty array when every bundle was
+#: stored (the common case: nothing to parse), else one entry per bundle: ''
+#: if stored, else the first copy's id.  LPUSH at most 1000 values per call:
+#: Lua's unpack has a C-stack limit of ~8000 arguments.  Run by EVALSHA
+#: (`Script`): a batch does not carry the script text, and Redis does not
+#: hash it per call.
+_SCRIPT = Script(
+    """
 local window = ARGV[1]
-local pos = 2
+local counts = {}
+if ARGV[2] ~= '' then
+  for c in string.gmatch(ARGV[2], '%d+') do counts[#counts + 1] = tonumber(c) end
+end
+local pos = 3
 local out = {}
+local dup = false
 local push = {}
+local np = 0
 for i = 2, #KEYS do
-  local id = ARGV[pos]
-  local n = tonumber(ARGV[pos + 1])
-  pos = pos + 2
-  if redis.call('SET', KEYS[i], id, 'NX', 'PX', window) then
-    for j = pos, pos + n - 1 do push[#push + 1] = ARGV[j] end
-    out[#out + 1] = ''
+  local n = counts[i - 1] or 1
+  if redis.call('SET', KEYS[i], ARGV[pos], 'NX', 'PX', window) then
+    for j = pos + 1, pos + n do
+      np = np + 1
+      push[np] = ARGV[j]
+    end
+    out[i - 1] = ''
   else
-    out[#out + 1] = redis.call('GET', KEYS[i]) or ''
+    dup = true
+    out[i - 1] = redis.call('GET', KEYS[i]) or ''
   end
-  pos = pos + n
+  pos = pos + 1 + n
 end
-for k = 1, #push, 1000 do
-  redis.call('LPUSH', KEYS[1], unpack(push, k, math.min(k + 999, #push)))
+for k = 1, np, 1000 do
+  redis.call('LPUSH', KEYS[1], unpack(push, k, math.min(k + 999, np)))
 end
-return out
+if dup then return out end
+return {}
 """
+)
 
 
 def encode_bundle(digest: bytes, first_id: bytes, items: Sequence[bytes]) -> bytes:
-    """One request's messages with its key digest and first id, as one buffer/spool item."""
+    """One request's messages with its key digest and first id, as one buffer/spool item.
+
+    Layout: ``u8 len, digest, u8 len, first id, u32 count, (u32 len, message)*``
+    (little endian).  Spools written by earlier releases hold this layout too.
+    """
+    if len(items) == 1:  # one POST, one message: the hot path
+        item = items[0]
+        return b"".join((_U8.pack(len(digest)), digest, _U8.pack(len(first_id)), first_id, _U32_PAIR.pack(1, len(item)), item))
     parts = [_U8.pack(len(digest)), digest, _U8.pack(len(first_id)), first_id, _U32.pack(len(items))]
     for item in items:
         parts.append(_U32.pack(len(item)))
@@ -96,11 +128,27 @@ def decode_bundle(bundle: bytes) -> Tuple[bytes, bytes, List[bytes]]:
     return digest, first_id, items
 
 
+def _count_at(bundle: bytes) -> int:
+    """Where a bundle's message count starts (after its digest and first id)."""
+    dlen = bundle[0]
+    return 2 + dlen + bundle[1 + dlen]
+
+
+def message_count(bundle: bytes) -> int:
+    """How many messages `bundle` holds, without decoding them."""
+    try:
+        return int(_U32.unpack_from(bundle, _count_at(bundle))[0])
+    except (IndexError, struct.error) as e:
+        raise ValueError(f"malformed bundle: {e}") from None
+
+
 @attrs.frozen(cache_hash=True)
 class DedupListTarget:
     """A list whose requests are stored once per idempotency key within `window_ms`."""
 
     KIND: ClassVar[int] = 2
+    #: The script of `commands`: the writer runs the command through it (EVAL after NOSCRIPT).
+    script: ClassVar[Script] = _SCRIPT
     key: bytes
     window_ms: int
 
@@ -109,21 +157,50 @@ class DedupListTarget:
         return companion(self.key, b"idem", digest)
 
     def commands(self, items: Sequence[bytes]) -> List[Tuple[bytes, ...]]:
-        """One EVAL for the whole batch of bundles."""
-        keys = [self.key]
-        argv: List[bytes] = [b"%d" % self.window_ms]
-        for bundle in items:
-            digest, first_id, messages = decode_bundle(bundle)
-            keys.append(self.marker(digest))
-            argv.append(first_id)
-            argv.append(b"%d" % len(messages))
-            argv.extend(messages)
-        return [(b"EVAL", _SCRIPT, b"%d" % len(keys), *keys, *argv)]
+        """One EVALSHA for the whole batch of bundles (the writer falls back to EVAL: `script`).
 
-    def outcomes(self, replies: Sequence[object]) -> List[Optional[bytes]]:
-        """Per bundle: None if it was stored now, else the id of the first copy."""
+        The hot path slices a one-message bundle in place instead of decoding
+        it; anything else (NDJSON bundles, a malformed one) goes through
+        `decode_bundle`, which validates.
+        """
+        prefix = self.marker(b"")
+        keys = [self.key]
+        argv: List[bytes] = [b"%d" % self.window_ms, b""]
+        counts: Optional[List[int]] = None  # stays None while every bundle holds one message
+        for bundle in items:
+            try:
+                dlen = bundle[0]
+                pos = 2 + dlen
+                ilen = bundle[pos - 1]
+                count, first_len = _U32_PAIR.unpack_from(bundle, pos + ilen)
+            except (IndexError, struct.error):
+                count = first_len = -1  # decode_bundle says what is wrong
+            if count == 1 and first_len == len(bundle) - pos - ilen - 8:
+                keys.append(prefix + bundle[1 : 1 + dlen])
+                argv.append(bundle[pos : pos + ilen])
+                argv.append(bundle[pos + ilen + 8 :])
+            else:
+                digest, first_id, messages = decode_bundle(bundle)
+                keys.append(prefix + digest)
+                argv.append(first_id)
+                argv.extend(messages)
+                count = len(messages)
+                if counts is None:
+                    counts = [1] * (len(keys) - 2)
+                counts.append(count)
+                continue
+            if counts is not None:
+                counts.append(1)
+        if counts is not None:
+            argv[1] = b",".join(b"%d" % c for c in counts)
+        return [_SCRIPT.command(keys, argv)]
+
+    def outcomes(self, replies: Sequence[object]) -> Optional[List[Optional[bytes]]]:
+        """Per bundle: None if it was stored now, else the id of the first copy (None: all stored)."""
         reply = replies[0]
         assert isinstance(reply, list), reply
+        if not reply:
+            return None
         return [r if r else None for r in reply]
 
     def pushed(self, items: Sequence[bytes], outcomes: Optional[List[Optional[bytes]]]) -> int:
@@ -131,7 +208,7 @@ class DedupListTarget:
         total = 0
         for i, bundle in enumerate(items):
             if outcomes is None or outcomes[i] is None:
-                total += len(decode_bundle(bundle)[2])
+                total += message_count(bundle)
         return total
 
     def spool_header(self) -> bytes:

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from relayd.ops.metrics import Metrics
 from relayd.outbox.targets import Target
+from relayd.redis.scripts import Script
 
 
 class CommandRunner(Protocol):
@@ -83,15 +84,21 @@ class RedisWriter:
         """
         started = self._clock.seconds()
         commands = target.commands(items)
-        execute = self._redis.execute
+        script: Optional[Script] = getattr(target, "script", None)
         if len(commands) == 1:
-            d = execute(*commands[0])
+            d = self._execute(commands[0], script)
             d.addCallback(_one)
         else:
-            d = gatherResults([execute(*c) for c in commands], consumeErrors=True)
+            d = gatherResults([self._execute(c, script) for c in commands], consumeErrors=True)
             d.addErrback(_first_error)
         d.addCallback(self._written, target, items, started, source)
         return d
+
+    def _execute(self, command: Tuple[bytes, ...], script: Optional[Script]) -> Deferred[Any]:
+        """One command; through `script` (EVAL after NOSCRIPT) for a scripted target."""
+        if script is None:
+            return self._redis.execute(*command)
+        return script.execute(self._redis, command)
 
     def _written(
         self, replies: List[object], target: Target, items: Sequence[bytes], started: float, source: str
