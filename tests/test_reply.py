@@ -16,7 +16,10 @@ import time
 import unittest
 from typing import Any, Dict, List, Tuple
 
-from relayd.reply.protocol import MalformedReply, parse_reply
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relayd.reply.protocol import MalformedReply, _is_token, parse_reply
 from tests.fault_tools import metric_values
 from tests.harness import REPO_ROOT, RedisServer, RelaydProcess, wait_for
 
@@ -73,6 +76,19 @@ class ReplyProtocolTests(unittest.TestCase):
             with self.assertRaises(MalformedReply) as caught:
                 parse_reply(raw)
             self.assertEqual(caught.exception.request_id, rid, raw)
+
+
+class HeaderNameTests(unittest.TestCase):
+    """Reply header names must be RFC 9110 tokens (the check is a regex now; this pins it to the grammar)."""
+
+    TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet=st.sampled_from(sorted(TCHAR) + list(" \t\r\n:;,\"()/<=>?@[]{}\x00\x7fé\u0100")), max_size=12)
+           | st.text(max_size=12))
+    def test_token_check_matches_the_grammar(self, name: str) -> None:
+        """A non-empty string of tchars is a token; anything else (empty, CR/LF, separators, non-ASCII) is not."""
+        self.assertEqual(_is_token(name), bool(name) and all(c in self.TCHAR for c in name))
 
 
 class RequestReplyTests(unittest.TestCase):
@@ -182,16 +198,35 @@ class RequestReplyTests(unittest.TestCase):
         self.assertTrue(relayd.alive())
 
     def test_client_disconnect_frees_the_waiter(self) -> None:
-        """A client that leaves while waiting frees its entry at once, not at the timeout."""
+        """A client that leaves while waiting frees its entry at once, not at the timeout, and its
+        request counts as finished: a graceful stop right after does not wait for it (it used to:
+        every disconnect kept the stop waiting for `shutdown_timeout` and logging "still open")."""
         redis = RedisServer(self)
         # A reply_timeout far beyond the wait below: freed within 60 s can only be the disconnect.
-        relayd = self.relayd(redis, {**ROUTE, "reply_timeout": "300s"})
+        relayd = RelaydProcess(self, routes=[{**ROUTE, "reply_timeout": "300s"}], redis_url=redis.url,
+                               server={"shutdown_timeout": 2.0})
+        wait_for(lambda: redis.command("ZCARD", "relayd:reply-lists") == 1, READY_WAIT, "the reply reader to start")
         s = socket.create_connection(("127.0.0.1", relayd.ingest_port))
         body = b'{"n": 1}'
         s.sendall(b"POST /quote HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_for(lambda: metric_values(relayd).get("relayd_reply_waiting") == 1.0, READY_WAIT, "the request to wait")
         s.close()
         wait_for(lambda: metric_values(relayd).get("relayd_reply_waiting") == 0.0, 60.0, "the waiter to be freed")
+        self.assertEqual(relayd.terminate(), 0)
+        self.assertNotIn("in-flight requests still open", relayd.log_text())
+
+    def test_reader_survives_a_refused_read(self) -> None:
+        """Redis refusing the reader's read (WRONGTYPE: the reply list overwritten by a string) is
+        logged and retried, not the end of the reader: once the key is a list again, replies flow."""
+        redis = RedisServer(self)
+        relayd = self.relayd(redis)
+        name = redis.command("ZRANGE", "relayd:reply-lists", 0, -1)[0]
+        redis.command("SET", name, "not a list")
+        wait_for(lambda: "reply reader: reading" in relayd.log_text(), 20.0, "the refused read to be logged")
+        redis.command("DEL", name)
+        self.worker(redis)
+        status, _, body = ask(relayd.ingest_port, {"n": 1})
+        self.assertEqual((status, body["echo"]), (200, {"n": 1}))
 
     def test_redis_outage(self) -> None:
         """Redis down: reply routes answer 503 at once (nothing spooled); Redis back: the reader

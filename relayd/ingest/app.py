@@ -524,12 +524,13 @@ class IngestApp:
         reply = self._inbox.wait(request_id, max(0.0, route.reply_timeout - (self._clock.seconds() - started)))
         if not self._buffer.offer(route.targets_for(getattr(request, "path_values", ()))[0], items, waiter):
             self._inbox.forget(request_id)
+            reply.addErrback(_ignore)  # nobody waits for it
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
         route.metrics.ingested.inc(1)
         self._pending_acks.append((started + self._ack_timeout, waiter, 1))
         d = waiter.deferred
         d.addCallback(lambda _: reply)
-        d.addCallbacks(self._relay_reply, _reply_problem, callbackArgs=(request, route, started), errbackArgs=(waiter,))
+        d.addCallbacks(self._relay_reply, _reply_problem, callbackArgs=(request, route, started), errbackArgs=(waiter, reply))
         return waiter
 
     def _relay_reply(self, reply: Reply, request: Request, route: IngestRoute, started: float) -> bytes:
@@ -635,12 +636,21 @@ class ReplyWaiter(Waiter):
         self._request_id = request_id
 
     def client_gone(self) -> None:
-        """Also free the reply entry at once (its reply, if any, will count as late)."""
-        super().client_gone()
-        self._inbox.forget(self._request_id)
+        """Free the reply entry at once and end the request (its reply, if any, will count as late).
+
+        The request's Deferred chain must end too, not just the entry: the
+        ingest counts it as in flight until then, and a graceful stop waits
+        for that count.  Nothing written yet: drop the message and fail the
+        request now.  Else: end its wait for the reply now (the chain picks
+        that up once the message is stored).
+        """
+        if self.untouched:
+            self.fail(CancelledError())
+        else:
+            self._inbox.forget(self._request_id)
 
 
-def _reply_problem(failure: Any, waiter: ReplyWaiter) -> Any:
+def _reply_problem(failure: Any, waiter: ReplyWaiter, reply: Deferred[Reply]) -> Any:
     """Not stored: 503 (and forget the reply); no reply: 504; a malformed reply: 502."""
     error = failure.value
     if isinstance(error, ReplyTimeout):
@@ -648,7 +658,12 @@ def _reply_problem(failure: Any, waiter: ReplyWaiter) -> Any:
     if isinstance(error, ReplyUnusable):
         raise BadGateway(f"the reply could not be relayed: {error.reason}")
     waiter._inbox.forget(waiter._request_id)
+    reply.addErrback(_ignore)  # not stored: nobody waits for the reply
     return _not_stored_problem(failure)
+
+
+def _ignore(failure: Any) -> None:
+    """Consume the failure of a Deferred nobody waits on (not an unhandled error)."""
 
 
 def _finish(request: Any, body: bytes, content_type: Optional[bytes] = None) -> None:

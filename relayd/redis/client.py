@@ -43,6 +43,12 @@ RECONNECT_INITIAL_DELAY = 0.1
 RECONNECT_MAX_DELAY = 5.0
 
 
+if txredisapi.hiredis is None:  # pragma: no cover - a broken install, not a runtime state
+    # HiredisProtocol would fail in connectionMade on every connection, which
+    # looks like a Redis that keeps refusing us: say what is wrong instead.
+    raise ImportError("relayd needs the hiredis package (a dependency in setup.py): pip install hiredis")
+
+
 class RelaydRedisProtocol(txredisapi.HiredisProtocol):  # type: ignore[misc]  # txredisapi has no type hints
     """txredisapi's protocol with hiredis's reply parser, a clock of our choosing and a lean encoder.
 

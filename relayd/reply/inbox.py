@@ -30,20 +30,22 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Dict, Generator, List, Optional, Tuple
+from typing import Any, Dict, Generator, Optional, Tuple
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.config import RedisConfig
 from relayd.ops.metrics import Metrics
+from relayd.redis.client import ConnectionError, TimeoutError
 from relayd.redis.factory import make_redis_client
 from relayd.reply.protocol import MalformedReply, Reply, parse_reply
+from relayd.reply.take import TAKE_PACKED, unpack_replies
 
 REGISTRY = b"relayd:reply-lists"
 BLOCK_SECONDS = 1  # BRPOP block: bounds how long a stop waits for the reader
@@ -87,6 +89,8 @@ class ReplyInbox(Service):
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self._logged_at = -LOG_INTERVAL
+        self._matched = metrics.replies.labels(outcome="matched")  # per reply: no label lookup
+        self._late = metrics.replies.labels(outcome="late")
         metrics.watch(metrics.reply_waiting, lambda: len(self._waiting))
 
     @property
@@ -117,13 +121,25 @@ class ReplyInbox(Service):
 
     def wait(self, request_id: str, timeout: float) -> Deferred[Reply]:
         """A Deferred of the `Reply` to `request_id`; fails `ReplyTimeout` or `ReplyUnusable`."""
-        d: Deferred[Reply] = Deferred()
+        d: Deferred[Reply] = Deferred(lambda _: self._drop(request_id))  # cancel() frees the entry too
         timer = self._reactor.callLater(timeout, self._expire, request_id)
         self._waiting[request_id] = (d, timer, self._reactor.seconds())
         return d
 
     def forget(self, request_id: str) -> None:
-        """The request went away (client gone, not stored): drop its entry now."""
+        """The request went away (client gone, not stored): drop its entry now.
+
+        Its Deferred is cancelled (fails with `CancelledError`) at once, so
+        that whatever waits on it ends (a request left hanging would hold a graceful stop
+        for the whole shutdown timeout); a Deferred nobody will wait on must
+        be given an errback by the caller.
+        """
+        entry = self._waiting.get(request_id)
+        if entry is not None:
+            entry[0].cancel()  # `_drop`, then CancelledError
+
+    def _drop(self, request_id: str) -> None:
+        """The canceller of a wait: drop the entry and its timer."""
         entry = self._waiting.pop(request_id, None)
         if entry is not None and entry[1].active():
             entry[1].cancel()
@@ -147,18 +163,31 @@ class ReplyInbox(Service):
 
     @inlineCallbacks
     def _read(self) -> Generator[Deferred[Any], Any, None]:
-        """BRPOP, then drain what else is there; until stopped or disconnected."""
+        """Take what is there (`TAKE_PACKED`), block (BRPOP) only when the list is empty.
+
+        Busy: one round trip, and one bulk string to parse, per burst of up
+        to `DRAIN_BATCH` replies.  Idle: the BRPOP's reply is delivered as
+        soon as it arrives, before the next take looks for more.  Until
+        stopped or disconnected.
+        """
+        redis, name = self._redis, self.list_name
+        drain, block = (b"%d" % DRAIN_BATCH,), b"%d" % BLOCK_SECONDS
         try:
-            while self.running and self._redis.ready:
+            while self.running and redis.ready:
                 try:
-                    popped = yield self._redis.execute(b"BRPOP", self.list_name, b"%d" % BLOCK_SECONDS)
-                    items: List[bytes] = [] if popped is None else [popped[1]]
-                    if popped is not None:
-                        more = yield self._redis.execute(b"RPOP", self.list_name, b"%d" % DRAIN_BATCH)
-                        if more:
-                            items.extend(more)
-                except Exception:
-                    break  # connection lost or reset: on_ready starts a new reader
+                    items = unpack_replies((yield TAKE_PACKED.run(redis, (name,), drain)))
+                    if not items:
+                        popped = yield redis.execute(b"BRPOP", name, block)
+                        if popped is not None:
+                            items = [popped[1]]
+                except Exception as e:
+                    if not self.running or not redis.ready or isinstance(e, (ConnectionError, TimeoutError)):
+                        break  # connection lost or reset: on_ready starts a new reader
+                    # Redis refused (e.g. WRONGTYPE: someone overwrote the list): keep reading, slowly.
+                    self._log.warn("reply reader: reading {name} failed ({error}); retrying in {s}s",
+                                   name=name.decode(), error=str(e), s=BLOCK_SECONDS)
+                    yield deferLater(self._reactor, BLOCK_SECONDS, lambda: None)
+                    continue
                 for raw in items:
                     self._deliver(raw)
         finally:
@@ -178,11 +207,11 @@ class ReplyInbox(Service):
             return
         entry = self._waiting.pop(reply.request_id, None)
         if entry is None:
-            self._metrics.replies.labels(outcome="late").inc()
+            self._late.inc()
             return
         d, timer, started = entry
         timer.cancel()
-        self._metrics.replies.labels(outcome="matched").inc()
+        self._matched.inc()
         self._metrics.reply_roundtrip.observe(self._reactor.seconds() - started)
         d.callback(reply)
 
