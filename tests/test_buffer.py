@@ -132,6 +132,24 @@ class WaiterTests(unittest.TestCase):
         w.stored()
         self.assertFalse(w.deferred.called)
 
+    def test_client_gone_before_any_write_ends_the_request(self):
+        """A client that leaves before any of its messages was written: the waiter fails with
+        CancelledError (the request's callback runs: ingest stops counting it in flight) and its
+        entries are dropped; once something was written, the waiter keeps waiting for the outcome."""
+        from twisted.internet.defer import CancelledError
+
+        untouched = Waiter(1)
+        failures = []
+        untouched.deferred.addErrback(failures.append)
+        untouched.client_gone()
+        self.assertTrue(untouched.cancelled)
+        self.assertEqual([f.check(CancelledError) for f in failures], [CancelledError])
+        exposed = Waiter(1)
+        exposed.exposed = True
+        exposed.client_gone()
+        self.assertFalse(exposed.deferred.called)
+        self.assertFalse(exposed.cancelled)
+
     def test_client_gone(self):
         """A waiter whose Deferred was cancelled (client left) tolerates a late store."""
         w = Waiter(1)

@@ -456,11 +456,12 @@ class IngestApp:
         """
         self._request_done(None)
         if isinstance(outcome, Failure):
+            if request.gone:
+                return None  # nobody to answer (a client that left: CancelledError)
             problem = _outcome_problem(outcome.value)
             if problem is None:
                 return outcome
-            if not request.gone:
-                _finish(request, write_problem(request, problem))
+            _finish(request, write_problem(request, problem))
             return None
         route, ids, started, batch, digest = waiter.context
         body = self._acknowledge(None, request, route, ids, started, batch, waiter, digest)

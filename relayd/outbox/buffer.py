@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 
 if TYPE_CHECKING:
     from relayd.outbox.targets import Target
@@ -89,9 +89,14 @@ class Waiter:
 
     def client_gone(self) -> None:
         """The client left while waiting: its messages are dropped if none
-        was written anywhere yet (like a 503), else stored, telling nobody."""
+        was written anywhere yet (like a 503), else stored, telling nobody.
+
+        Dropped means failed (`CancelledError`), not only cancelled: the
+        request's one callback must still run, or ingest would count it in
+        flight for ever and a graceful stop would wait out its timeout.
+        """
         if self.untouched:
-            self.cancel()
+            self.fail(CancelledError())
 
     def stored(self, count: int = 1) -> None:
         """Record that `count` of its messages are stored; fire when all are.
