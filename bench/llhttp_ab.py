@@ -1,0 +1,106 @@
+"""A/B: the raw twisted.web reference with twisted.web's parser vs llhttp.
+
+Issue 13, item 3: keep llhttp only if the raw path gains >= 1.25x.  Runs
+``bench/ref_twisted_web.py`` pinned to one core (``taskset -c SERVER_CPU``)
+and wrk pinned to the other, alternating ``--parser twisted`` and ``--parser
+llhttp`` for ROUNDS rounds, and reports per run:
+
+* req/s from wrk;
+* server CPU per request (the process's /proc utime+stime over the requests
+  wrk completed), the measure that survives a shared, noisy machine better
+  than throughput: it does not count the time the server was not scheduled.
+
+Ratios are llhttp over twisted within the same round.
+
+Usage: python bench/llhttp_ab.py [--rounds 3] [--seconds 8] [--connections 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"server on {port} did not start")
+
+
+def one_run(parser: str, seconds: int, connections: int, server_cpu: str, client_cpu: str) -> tuple[float, float]:
+    """(req/s, server CPU µs per request) for one parser."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    server = subprocess.Popen(
+        ["taskset", "-c", server_cpu, sys.executable, str(HERE / "ref_twisted_web.py"), str(port), "--parser", parser],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port)
+        url = f"http://127.0.0.1:{port}/leads"
+        wrk = ["taskset", "-c", client_cpu, "wrk", "-t1", f"-c{connections}", "-s", str(HERE / "post.lua")]
+        subprocess.run(wrk + ["-d2s", url], check=True, capture_output=True)  # warm-up
+        c0 = cpu_seconds(server.pid)
+        out = subprocess.run(wrk + [f"-d{seconds}s", url], check=True, capture_output=True, text=True).stdout
+        c1 = cpu_seconds(server.pid)
+    finally:
+        server.terminate()
+        server.wait()
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return rps, (c1 - c0) / requests * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--server-cpu", default="0")
+    ap.add_argument("--client-cpu", default="1")
+    args = ap.parse_args()
+    rps_ratios, cpu_ratios = [], []
+    for r in range(args.rounds):
+        res = {}
+        for parser in ("twisted", "llhttp") if r % 2 == 0 else ("llhttp", "twisted"):
+            res[parser] = one_run(parser, args.seconds, args.connections, args.server_cpu, args.client_cpu)
+            print(f"round {r + 1} {parser:8s} {res[parser][0]:9.0f} req/s  {res[parser][1]:6.1f} µs CPU/req", flush=True)
+        rps_ratios.append(res["llhttp"][0] / res["twisted"][0])
+        cpu_ratios.append(res["twisted"][1] / res["llhttp"][1])
+        print(f"round {r + 1} llhttp/twisted: throughput {rps_ratios[-1]:.3f}x, CPU per request {cpu_ratios[-1]:.3f}x less", flush=True)
+    print(
+        f"median over {args.rounds} rounds: throughput {statistics.median(rps_ratios):.3f}x, "
+        f"CPU/request gain {statistics.median(cpu_ratios):.3f}x (bar: 1.25x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
