@@ -12,7 +12,12 @@ llhttp`` for ROUNDS rounds, and reports per run:
 
 Ratios are llhttp over twisted within the same round.
 
-Usage: python bench/llhttp_ab.py [--rounds 3] [--seconds 8] [--connections 50]
+``--callgrind`` instead runs both servers under ``valgrind --tool=callgrind``
+(bench/callgrind_tools.py) and reports instructions per request, the figure
+a loaded machine cannot skew (a proxy: it misses cache misses and system-call
+latency).  Under valgrind a server answers a few hundred requests a second.
+
+Usage: python bench/llhttp_ab.py [--rounds 3] [--seconds 8] [--connections 50] [--callgrind]
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
-def wait_listening(port: int) -> None:
-    deadline = time.monotonic() + 15
+def wait_listening(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -79,6 +84,53 @@ def one_run(parser: str, seconds: int, connections: int, server_cpu: str, client
     return rps, (c1 - c0) / requests * 1e6
 
 
+def callgrind_rounds(rounds: int, seconds: int) -> None:
+    """Instructions per request of both parsers, under callgrind, rounds alternating."""
+    import tempfile
+    import urllib.request
+
+    sys.path.insert(0, str(ROOT))
+    from bench.callgrind_tools import Callgrind, wrk
+
+    workdir = tempfile.mkdtemp(prefix="llhttp-callgrind-")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    servers = []
+    try:
+        for parser in ("twisted", "llhttp"):
+            port = free_port()
+            argv = [sys.executable, str(HERE / "ref_twisted_web.py"), str(port), "--parser", parser]
+            servers.append((parser, Callgrind(f"ref-{parser}", argv, workdir, env), port))
+        for parser, _, port in servers:
+            wait_listening(port, 300)
+            wrk(str(HERE / "post.lua"), port, 3)  # warm-up
+
+        def poker(port: int):
+            def poke() -> None:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/leads", data=b"{}", method="POST")
+                urllib.request.urlopen(req, timeout=1).read()
+
+            return poke
+
+        per: dict = {"twisted": [], "llhttp": []}
+        for r in range(rounds):
+            for parser, proc, port in servers if r % 2 == 0 else list(reversed(servers)):
+                proc.zero()
+                n = wrk(str(HERE / "post.lua"), port, seconds)
+                per[parser].append(proc.instructions(f"{parser}-{r}", poke=poker(port)) / n)
+                print(f"round {r + 1} {parser:8s} {n} requests, {per[parser][-1]:,.0f} instructions/request", flush=True)
+        ratios = [t / ll for t, ll in zip(per["twisted"], per["llhttp"])]
+        print(
+            f"instructions per request: twisted {statistics.median(per['twisted']):,.0f}, llhttp "
+            f"{statistics.median(per['llhttp']):,.0f}; twisted/llhttp per round "
+            + ", ".join(f"{x:.3f}" for x in ratios)
+            + " (bar: 1.25x)"
+        )
+    finally:
+        for _, proc, _ in servers:
+            proc.stop()
+        print(f"profiles and logs: {workdir}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -86,7 +138,11 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--server-cpu", default="0")
     ap.add_argument("--client-cpu", default="1")
+    ap.add_argument("--callgrind", action="store_true", help="instructions per request under callgrind instead")
     args = ap.parse_args()
+    if args.callgrind:
+        callgrind_rounds(args.rounds, args.seconds)
+        return
     rps_ratios, cpu_ratios = [], []
     for r in range(args.rounds):
         res = {}

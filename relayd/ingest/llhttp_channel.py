@@ -50,6 +50,7 @@ class LLHTTPChannel(HTTPChannel):
     _head_fresh = False  # the incomplete head began in the buffer being parsed
     _busy = False  # inside feed_data
     _resuming = False
+    _replaying = False  # running a queued parser event
 
     def connectionMade(self) -> None:
         """Create the parser with the connection."""
@@ -78,13 +79,10 @@ class LLHTTPChannel(HTTPChannel):
             self._parser.feed_data(data)
         except _Stop:
             return
-        except HttpParserUpgrade:
-            # llhttp stops after a request with ``Upgrade``; twisted.web treats
-            # it as an ordinary request and so does relayd: no upgrades.
-            self._event(self._bad, ())
-            return
-        except HttpParserError:
-            self._event(self._bad, ())
+        except (HttpParserError, HttpParserUpgrade):
+            # Malformed framing; or ``Upgrade``, after which llhttp stops
+            # parsing: twisted.web has no upgrades for relayd either.
+            self._queue_or_run(self._bad, ())
             return
         finally:
             self._busy = False
@@ -96,46 +94,28 @@ class LLHTTPChannel(HTTPChannel):
                 return
             self._head_fed += len(data)
             if self._head_fed > self.MAX_LENGTH + 2 and self._head_fed > self.totalHeadersSize:
-                self._event(self._too_long, (data,))
+                self._queue_or_run(self.lineLengthExceeded, (data,))
 
-    def _event(self, handler: Callable[..., None], args: Tuple[Any, ...]) -> None:
-        """Run a parser event now, or queue it behind the request being answered."""
+    def _queue_or_run(self, handler: Callable[..., None], args: Tuple[Any, ...]) -> None:
         if self._handlingRequest or self._pending:
             self._pending.append((handler, args))
-            return
-        handler(*args)
-        if self._busy and self.transport.disconnecting:
-            raise _Stop()
+        else:
+            handler(*args)
 
     # -- llhttp callbacks (names fixed by httptools) --------------------------
+    #
+    # Each one first queues itself if an earlier request is being answered
+    # (`_replaying`: it is being run from that queue), and stops the parser
+    # if the channel has answered and is closing (as LineReceiver's loop
+    # stops on ``transport.disconnecting``).
 
     def on_message_begin(self) -> None:
-        """llhttp: a request starts."""
-        self._event(self._begin, ())
-
-    def on_url(self, url: bytes) -> None:
-        """llhttp: (a piece of) the request target."""
-        self._event(self._url_piece, (url,))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        """llhttp: one complete header field."""
-        self._event(self._header, (name, value))
-
-    def on_headers_complete(self) -> None:
-        """llhttp: end of the head."""
-        self._event(self._head_done, (self._parser.get_method(), self._parser.get_http_version()))
-
-    def on_body(self, body: bytes) -> None:
-        """llhttp: body bytes (chunked framing already removed)."""
-        self._event(self._body, (body,))
-
-    def on_message_complete(self) -> None:
-        """llhttp: the request is complete."""
-        self._event(self._complete, ())
-
-    # -- what twisted.web's lineReceived/headerReceived would do -------------
-
-    def _begin(self) -> None:
+        """llhttp: a request starts (twisted.web's first `lineReceived`)."""
+        if (self._handlingRequest or self._pending) and not self._replaying:
+            self._pending.append((self.on_message_begin, ()))
+            return
+        if self.transport.disconnecting:
+            raise _Stop()
         if not self.persistent:
             # twisted.web drops whatever a client sends after a non-persistent request.
             self.dataReceived = lambda data: None  # type: ignore[method-assign]
@@ -149,12 +129,25 @@ class LLHTTPChannel(HTTPChannel):
         self._head_fresh = True
         self._head_fed = 0
 
-    def _url_piece(self, piece: bytes) -> None:
-        url = self._url = self._url + piece
+    def on_url(self, url: bytes) -> None:
+        """llhttp: (a piece of) the request target."""
+        if (self._handlingRequest or self._pending) and not self._replaying:
+            self._pending.append((self.on_url, (url,)))
+            return
+        if self.transport.disconnecting:
+            raise _Stop()
+        url = self._url = self._url + url
         if len(url) > self.MAX_LENGTH:
             self.lineLengthExceeded(url)
 
-    def _header(self, name: bytes, value: bytes) -> None:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """llhttp: one complete header field (twisted.web's `headerReceived`)."""
+        if (self._handlingRequest or self._pending) and not self._replaying:
+            self._pending.append((self.on_header, (name, value)))
+            return
+        if self.transport.disconnecting:
+            raise _Stop()
+        value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace
         size = self._receivedHeaderSize = self._receivedHeaderSize + len(name) + len(value) + 2
         if size > self.totalHeadersSize:
             self._respondToBadRequestAndDisconnect()
@@ -167,10 +160,11 @@ class LLHTTPChannel(HTTPChannel):
         if len(value.translate(None, _NO_CTL)) != len(value):
             self._respondToBadRequestAndDisconnect()
             return
-        if name == b"Content-Length" or name == b"Transfer-Encoding":
-            if not self._framing(name, value):
-                return
-        self.requests[-1].requestHeaders.addRawHeader(name, value)
+        if (name == b"Content-Length" or name == b"Transfer-Encoding") and not self._framing(name, value):
+            return
+        # Headers.addRawHeader would canonicalise the name again and split
+        # the value on line breaks, which llhttp has already refused.
+        self.requests[-1].requestHeaders._rawHeaders.setdefault(name, []).append(value)
         count = self._receivedHeaderCount = self._receivedHeaderCount + 1
         if count > self.maxHeaders:
             self._respondToBadRequestAndDisconnect()
@@ -193,6 +187,16 @@ class LLHTTPChannel(HTTPChannel):
         self._transferDecoder = True  # marks "framing chosen" (llhttp decodes)
         return True
 
+    def on_headers_complete(self) -> None:
+        """llhttp: end of the head (twisted.web's empty line: `allHeadersReceived`)."""
+        parser = self._parser
+        if (self._handlingRequest or self._pending) and not self._replaying:
+            self._pending.append((self._head_done, (parser.get_method(), parser.get_http_version())))
+            return
+        if self.transport.disconnecting:
+            raise _Stop()
+        self._head_done(parser.get_method(), parser.get_http_version())
+
     def _head_done(self, method: bytes, version: str) -> None:
         self._in_head = False
         url = self._url
@@ -200,8 +204,8 @@ class LLHTTPChannel(HTTPChannel):
         if http_version is None or not url or url.translate(None, _TARGET_BYTES):
             self._respondToBadRequestAndDisconnect()
             return
-        self._receivedHeaderSize += len(method) + len(url) + 10
-        if self._receivedHeaderSize > self.totalHeadersSize:
+        size = self._receivedHeaderSize = self._receivedHeaderSize + len(method) + len(url) + 10
+        if size > self.totalHeadersSize:
             self._respondToBadRequestAndDisconnect()
             return
         self._command = method
@@ -209,18 +213,27 @@ class LLHTTPChannel(HTTPChannel):
         self._version = http_version
         self.allHeadersReceived()
 
-    def _body(self, data: bytes) -> None:
-        self.requests[-1].handleContentChunk(data)
+    def on_body(self, body: bytes) -> None:
+        """llhttp: body bytes, chunked framing removed (the transfer decoder's callback)."""
+        if (self._handlingRequest or self._pending) and not self._replaying:
+            self._pending.append((self.on_body, (body,)))
+            return
+        if self.transport.disconnecting:
+            raise _Stop()
+        self.requests[-1].handleContentChunk(body)
 
-    def _complete(self) -> None:
+    def on_message_complete(self) -> None:
+        """llhttp: the request is complete: `allContentReceived` hands it to the Request."""
+        if (self._handlingRequest or self._pending) and not self._replaying:
+            self._pending.append((self.on_message_complete, ()))
+            return
+        if self.transport.disconnecting:
+            raise _Stop()
         self.allContentReceived()
         self.line_mode = 1  # allContentReceived's setRawMode means nothing here
 
     def _bad(self) -> None:
         self._respondToBadRequestAndDisconnect()
-
-    def _too_long(self, data: bytes) -> None:
-        self.lineLengthExceeded(data)
 
     # -- requests done -------------------------------------------------------
 
@@ -248,7 +261,11 @@ class LLHTTPChannel(HTTPChannel):
             while not self._handlingRequest and not self.transport.disconnecting:
                 if self._pending:
                     handler, args = self._pending.popleft()
-                    handler(*args)
+                    self._replaying = True
+                    try:
+                        handler(*args)
+                    finally:
+                        self._replaying = False
                 elif self._dataBuffer and not self._busy:
                     data = b"".join(self._dataBuffer)
                     self._dataBuffer = []
