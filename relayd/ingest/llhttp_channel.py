@@ -77,9 +77,14 @@ class LLHTTPChannel(HTTPChannel):
         self._busy = True
         try:
             self._parser.feed_data(data)
-        except _Stop:
-            return
-        except (HttpParserError, HttpParserUpgrade):
+        except (HttpParserError, HttpParserUpgrade) as e:
+            # httptools turns an exception in a callback into a parser error
+            # whose __context__ it is.
+            cause = e.__context__
+            if isinstance(cause, _Stop) or self.transport.disconnecting:
+                return  # the channel answered and is closing: drop the rest
+            if cause is not None:
+                raise cause  # a bug above the parser: as twisted.web, let the reactor log it
             # Malformed framing; or ``Upgrade``, after which llhttp stops
             # parsing: twisted.web has no upgrades for relayd either.
             self._queue_or_run(self._bad, ())
@@ -274,3 +279,4 @@ class LLHTTPChannel(HTTPChannel):
                     break
         finally:
             self._resuming = False
+
