@@ -100,7 +100,7 @@ def callgrind_rounds(rounds: int, seconds: int) -> None:
             port = free_port()
             argv = [sys.executable, str(HERE / "ref_twisted_web.py"), str(port), "--parser", parser]
             servers.append((parser, Callgrind(f"ref-{parser}", argv, workdir, env), port))
-        for parser, _, port in servers:
+        for _name, _, port in servers:
             wait_listening(port, 300)
             wrk(str(HERE / "post.lua"), port, 3)  # warm-up
 

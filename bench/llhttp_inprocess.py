@@ -5,7 +5,7 @@ keep-alive connection on a StringTransport, fed wrk's request (bench/post.lua:
 ~200 B JSON POST, Host, Content-Length, Content-Type) N times.  Variants:
 
 * ``twisted``  -- twisted.web's HTTPChannel (LineReceiver parsing);
-* ``llhttp``   -- relayd.ingest.llhttp_channel.LLHTTPChannel;
+* ``llhttp``   -- bench.llhttp_channel.LLHTTPChannel;
 * ``noparse``  -- no parsing at all: the Request is built and fed by hand the
   way a parser would (requestHeaders, gotLength, handleContentChunk,
   requestReceived): the floor any parser can reach.
@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.web.http import HTTPChannel  # noqa: E402
 
+from bench.llhttp_channel import LLHTTPChannel  # noqa: E402
 from bench.ref_twisted_web import Ingest, QuietSite  # noqa: E402
-from relayd.ingest.llhttp_channel import LLHTTPChannel  # noqa: E402
 
 BODY = b'{"message":"this is a lead message ' + b"x" * 144 + b'","shop":"a23m07b23"}'
 REQUEST = (

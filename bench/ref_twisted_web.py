@@ -11,7 +11,7 @@ service should be:
   log to the global twisted log file).
 
 ``--parser llhttp`` swaps twisted.web's LineReceiver parsing for llhttp
-(``relayd.ingest.llhttp_channel.LLHTTPChannel``, issue 13 item 3); everything
+(``bench.llhttp_channel.LLHTTPChannel``, issue 13 item 3); everything
 else (Site, Request, the HTTP/2-negotiation wrapper) stays the same.
 
 Usage: python bench/ref_twisted_web.py PORT [--parser twisted|llhttp]
@@ -57,9 +57,12 @@ def main():
         logPath=None,
     )
     if parser == "llhttp":
+        import os
+
         from twisted.web.http import _GenericHTTPChannelProtocol
 
-        from relayd.ingest.llhttp_channel import LLHTTPChannel
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from bench.llhttp_channel import LLHTTPChannel
 
         site.protocol = lambda: _GenericHTTPChannelProtocol(LLHTTPChannel())
     elif parser != "twisted":

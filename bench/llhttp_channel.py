@@ -1,8 +1,12 @@
-"""HTTP/1.1 request heads parsed by llhttp (``httptools``) under twisted.web.
+"""HTTP/1.1 requests parsed by llhttp (``httptools``) under twisted.web: an experiment.
 
-EXPERIMENT (issue 13, item 3): measured, not wired into relayd.  See
-docs/benchmarks.md ("llhttp under HTTPChannel") for the figures and
-``bench/ref_twisted_web.py --parser llhttp`` to re-run them.
+Issue 13, item 3: measured and LEFT OUT of relayd (the raw path gains
+~1.15x, the bar was 1.25x); figures and differences in docs/benchmarks.md
+("llhttp under twisted.web's HTTPChannel").  Kept here, bench-only, so the
+experiment can be re-run: ``bench/llhttp_ab.py`` (raw reference, via
+``bench/ref_twisted_web.py --parser llhttp``), ``bench/llhttp_inprocess.py``
+and ``bench/llhttp_relayd_ab.py`` (relayd, via ``bench/relayd_llhttp.py``).
+httptools is in bench/requirements.txt, not a relayd dependency.
 
 `LLHTTPChannel` is an `HTTPChannel` whose byte parsing (LineReceiver's
 lines, `headerReceived`, the transfer decoders) is replaced by one
@@ -84,7 +88,7 @@ class LLHTTPChannel(HTTPChannel):
             if isinstance(cause, _Stop) or self.transport.disconnecting:
                 return  # the channel answered and is closing: drop the rest
             if cause is not None:
-                raise cause  # a bug above the parser: as twisted.web, let the reactor log it
+                raise cause from None  # a bug above the parser: as twisted.web, let the reactor log it
             # Malformed framing; or ``Upgrade``, after which llhttp stops
             # parsing: twisted.web has no upgrades for relayd either.
             self._queue_or_run(self._bad, ())
@@ -279,4 +283,5 @@ class LLHTTPChannel(HTTPChannel):
                     break
         finally:
             self._resuming = False
+
 
