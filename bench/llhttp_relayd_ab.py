@@ -9,7 +9,12 @@ Reported: minimum, 25th percentile and median of the windows, in µs of CPU
 per stored request, per run; the pairs (same round) are what to compare on a
 shared machine.
 
-Usage: python bench/llhttp_relayd_ab.py [--rounds 3] [--windows 10]
+``--callgrind``: both relayds run at once under ``valgrind --tool=callgrind``
+(bench/callgrind_tools.py; Redis runs natively) and the figure is relayd's
+instructions per stored request over SECONDS-long wrk rounds, alternating:
+what a loaded box cannot skew (a proxy: no cache misses, no kernel time).
+
+Usage: python bench/llhttp_relayd_ab.py [--rounds 3] [--windows 10] [--callgrind [--seconds 15]]
 """
 
 from __future__ import annotations
@@ -39,15 +44,7 @@ def redis_llen(port: int) -> int:
 
 
 def one_run(parser: str, rport: int, workdir: str, windows: int) -> list:
-    port, admin = free_port(), free_port()
-    spool = os.path.join(workdir, f"spool-{parser}-{time.monotonic_ns()}")
-    conf = os.path.join(workdir, f"{parser}.conf")
-    Path(conf).write_text(
-        f'[server]\nlisten = "tcp:{port}:interface=127.0.0.1"\nadmin = "tcp:{admin}:interface=127.0.0.1"\nworkers = 1\n'
-        f'[redis]\nurl = "redis://127.0.0.1:{rport}/0"\n'
-        f'[spool]\ndir = "{spool}"\nmax_bytes = "1GiB"\nfsync = "batch"\n'
-        f'[[route]]\npath = "/leads"\nlist = "leads"\nack = "stored"\n'
-    )
+    conf, port, admin = _conf(workdir, f"{parser}-{time.monotonic_ns()}", rport)
     log = open(os.path.join(workdir, f"{parser}.log"), "ab")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "relayd_llhttp.py"), parser, "-n", "--pidfile=", "relayd", "--config", conf],
@@ -84,10 +81,54 @@ def one_run(parser: str, rport: int, workdir: str, windows: int) -> list:
     return sorted(per_request)
 
 
+def _conf(workdir: str, name: str, rport: int, redis_extra: str = "") -> tuple:
+    port, admin = free_port(), free_port()
+    conf = os.path.join(workdir, f"{name}.conf")
+    Path(conf).write_text(
+        f'[server]\nlisten = "tcp:{port}:interface=127.0.0.1"\nadmin = "tcp:{admin}:interface=127.0.0.1"\nworkers = 1\n'
+        f'[redis]\nurl = "redis://127.0.0.1:{rport}/0"\n{redis_extra}'
+        f'[spool]\ndir = "{workdir}/spool-{name}"\nmax_bytes = "1GiB"\nfsync = "batch"\n'
+        f'[[route]]\npath = "/leads"\nlist = "leads"\nack = "stored"\n'
+    )
+    return conf, port, admin
+
+
+def callgrind_rounds(rport: int, workdir: str, rounds: int, seconds: int) -> None:
+    """relayd instructions per stored request, both parsers under callgrind, rounds alternating."""
+    from bench.callgrind_tools import Callgrind, wrk
+    from tests.harness import wait_for
+
+    relayds = []
+    try:
+        for parser in ("twisted", "llhttp"):
+            conf, port, admin = _conf(workdir, f"cg-{parser}", rport, "reply_timeout = 30.0\n")
+            argv = [sys.executable, str(HERE / "relayd_llhttp.py"), parser, "-n", "--pidfile=", "relayd", "--config", conf]
+            proc = Callgrind(f"relayd-{parser}", argv, workdir, dict(os.environ))
+            relayds.append((parser, proc, port))
+            wait_for(lambda a=admin: urllib.request.urlopen(f"http://127.0.0.1:{a}/readyz", timeout=30).status == 200,
+                     300, f"relayd {parser} ready under valgrind")  # fmt: skip
+            wrk(str(HERE / "post.lua"), port, 5)  # warm-up
+        per: dict = {"twisted": [], "llhttp": []}
+        for r in range(rounds):
+            for parser, proc, port in relayds if r % 2 == 0 else list(reversed(relayds)):
+                proc.zero()
+                n = wrk(str(HERE / "post.lua"), port, seconds)
+                per[parser].append(proc.instructions(f"{parser}-{r}") / n)
+                print(f"round {r + 1} {parser:8s} {n} requests, relayd {per[parser][-1]:,.0f} instructions/request", flush=True)
+        ratios = [t / ll for t, ll in zip(per["twisted"], per["llhttp"])]
+        print(f"relayd instructions per stored POST: twisted {statistics.median(per['twisted']):,.0f}, llhttp "
+              f"{statistics.median(per['llhttp']):,.0f}; twisted/llhttp per round " + ", ".join(f"{x:.3f}" for x in ratios))  # fmt: skip
+    finally:
+        for _, proc, _ in relayds:
+            proc.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--windows", type=int, default=10)
+    ap.add_argument("--callgrind", action="store_true", help="instructions per request under callgrind instead")
+    ap.add_argument("--seconds", type=int, default=15, help="wrk seconds per callgrind round")
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="llhttp-relayd-")
     rport = free_port()
@@ -98,6 +139,9 @@ def main() -> None:
     p25s: dict = {"twisted": [], "llhttp": []}
     try:
         time.sleep(0.5)
+        if args.callgrind:
+            callgrind_rounds(rport, workdir, args.rounds, args.seconds)
+            return
         for r in range(args.rounds):
             for parser in ("twisted", "llhttp") if r % 2 == 0 else ("llhttp", "twisted"):
                 w = one_run(parser, rport, workdir, args.windows)
