@@ -44,8 +44,14 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid`, in seconds."""
+    return sum(user_sys_seconds(pid))
+
+
+def user_sys_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of `pid`, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def wait_listening(port: int, timeout: float = 15) -> None:
@@ -59,8 +65,8 @@ def wait_listening(port: int, timeout: float = 15) -> None:
     raise SystemExit(f"server on {port} did not start")
 
 
-def one_run(parser: str, seconds: int, connections: int, server_cpu: str, client_cpu: str) -> tuple[float, float]:
-    """(req/s, server CPU µs per request) for one parser."""
+def one_run(parser: str, seconds: int, connections: int, server_cpu: str, client_cpu: str) -> tuple[float, float, float]:
+    """(req/s, server CPU µs per request, of which in the kernel) for one parser."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     server = subprocess.Popen(
@@ -73,15 +79,15 @@ def one_run(parser: str, seconds: int, connections: int, server_cpu: str, client
         url = f"http://127.0.0.1:{port}/leads"
         wrk = ["taskset", "-c", client_cpu, "wrk", "-t1", f"-c{connections}", "-s", str(HERE / "post.lua")]
         subprocess.run(wrk + ["-d2s", url], check=True, capture_output=True)  # warm-up
-        c0 = cpu_seconds(server.pid)
+        u0, s0 = user_sys_seconds(server.pid)
         out = subprocess.run(wrk + [f"-d{seconds}s", url], check=True, capture_output=True, text=True).stdout
-        c1 = cpu_seconds(server.pid)
+        u1, s1 = user_sys_seconds(server.pid)
     finally:
         server.terminate()
         server.wait()
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return rps, (c1 - c0) / requests * 1e6
+    return rps, (u1 - u0 + s1 - s0) / requests * 1e6, (s1 - s0) / requests * 1e6
 
 
 def callgrind_rounds(rounds: int, seconds: int) -> None:
@@ -148,7 +154,7 @@ def main() -> None:
         res = {}
         for parser in ("twisted", "llhttp") if r % 2 == 0 else ("llhttp", "twisted"):
             res[parser] = one_run(parser, args.seconds, args.connections, args.server_cpu, args.client_cpu)
-            print(f"round {r + 1} {parser:8s} {res[parser][0]:9.0f} req/s  {res[parser][1]:6.1f} µs CPU/req", flush=True)
+            print(f"round {r + 1} {parser:8s} {res[parser][0]:9.0f} req/s  {res[parser][1]:6.1f} µs CPU/req ({res[parser][2]:5.1f} in the kernel)", flush=True)
         rps_ratios.append(res["llhttp"][0] / res["twisted"][0])
         cpu_ratios.append(res["twisted"][1] / res["llhttp"][1])
         print(f"round {r + 1} llhttp/twisted: throughput {rps_ratios[-1]:.3f}x, CPU per request {cpu_ratios[-1]:.3f}x less", flush=True)
