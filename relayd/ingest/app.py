@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from relayd.codec import EncodeError, encode_envelopes
+from relayd.compat import header_map
 from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
@@ -348,29 +349,30 @@ class IngestApp:
 
     def _accept(self, request: Request, route: IngestRoute, started: float) -> Any:
         headers = request.requestHeaders
+        raw = header_map(headers)  # by canonical name: one dict lookup per header
         client = None
         if route.tokens is not None:
-            auth = headers.getRawHeaders(b"authorization")
+            auth = raw.get(b"Authorization")
             client = route.tokens.check(auth[0] if auth else None)
-        if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
+        if b"Content-Length" not in raw and b"Transfer-Encoding" not in raw:
             raise LengthRequired("a POST needs Content-Length (or chunked transfer encoding)")
         assert request.content is not None  # IngestRequest.gotLength always sets it
         body = request.content.read()
         if route.webhook is not None:
             route.webhook.check(headers, body)
         stored = route.stored
-        ack = headers.getRawHeaders(b"relayd-ack")
-        if ack is not None:
+        ack = raw.get(b"Relayd-Ack")
+        if ack:
             stored = _ack_level(ack[0], route.stored)
         digest = None
-        idem = headers.getRawHeaders(b"idempotency-key")
-        if idem is not None:
+        idem = raw.get(b"Idempotency-Key")
+        if idem:
             digest = route.key_digest(parse_key(idem[0]))
             first_id = route.recent.get(digest)
             if first_id is not None:
                 self._metrics.duplicates.labels(where="memory").inc()
                 return self._duplicate(request, route, first_id, started)
-        ctype = headers.getRawHeaders(b"content-type")
+        ctype = raw.get(b"Content-Type")
         parsed = route.parser.parse(body, ctype[0] if ctype else None)
         count = len(parsed.values)
         if route.limiter is not None:
@@ -565,7 +567,7 @@ class IngestApp:
         later = []
         while pending:
             deadline, waiter, count = pending[0]
-            if waiter.answered or waiter.cancelled:
+            if waiter.settled is not None or waiter.cancelled or waiter.answered:
                 pending.popleft()
                 continue
             if deadline > now:

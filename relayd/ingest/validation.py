@@ -17,6 +17,7 @@ failing value and whose ``keyword`` names the schema keyword that failed.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
@@ -53,6 +54,7 @@ class Parsed(NamedTuple):
     batch: bool = False  # NDJSON: answered with "accepted" and "ids"
 
 
+@functools.lru_cache(maxsize=64)  # pure; a few distinct values in practice, bounded against churn
 def media_type(header: Optional[bytes]) -> Optional[str]:
     """``b"Application/JSON; charset=utf-8"`` -> ``"application/json"``."""
     if not header:
