@@ -1,7 +1,8 @@
 """HTTP/1.1 requests parsed by llhttp (``httptools``) under twisted.web: an experiment.
 
 Issue 13, item 3: measured and LEFT OUT of relayd (the raw path gains
-~1.15x, the bar was 1.25x); figures and differences in docs/benchmarks.md
+1.12-1.18x, the bar was 1.25x; known behaviour differences, e.g. Upgrade
+requests, listed with the figures); figures and differences in docs/benchmarks.md
 ("llhttp under twisted.web's HTTPChannel").  Kept here, bench-only, so the
 experiment can be re-run: ``bench/llhttp_ab.py`` (raw reference, via
 ``bench/ref_twisted_web.py --parser llhttp``), ``bench/llhttp_inprocess.py``
@@ -12,7 +13,7 @@ httptools is in bench/requirements.txt, not a relayd dependency.
 lines, `headerReceived`, the transfer decoders) is replaced by one
 ``HttpRequestParser.feed_data`` per read.  Everything above the parser is
 twisted.web's own: `requestFactory(self, queued)`, ``requestHeaders``
-filled with `addRawHeader`, `allHeadersReceived` (``gotLength``, Expect:
+keyed by canonical name (as `addRawHeader` would), `allHeadersReceived` (``gotLength``, Expect:
 100-continue, persistence), ``handleContentChunk``, `allContentReceived`
 (``requestReceived``), `requestDone`, the idle timeout and producer plumbing.
 So Klein, `Request` and subclasses overriding those hooks keep working.
