@@ -259,10 +259,24 @@ def parse_take_reply(reply: Sequence[bytes]) -> Optional[Framed]:
     if not reply:
         return None
     batch_id, header, body = reply
-    lengths = list(map(int, header.split(b",")))
+    lengths = _uniform_lengths(header, len(body))
+    if lengths is None:
+        lengths = list(map(int, header.split(b",")))
     if sum(lengths) != len(body) or min(lengths) < 0:
         raise ValueError("malformed TAKE reply: item lengths do not add up")
     return Framed(batch_id.decode("ascii"), lengths, body)
+
+
+def _uniform_lengths(header: bytes, total: int) -> Optional[List[int]]:
+    """``b"182,182,...,182"`` -> ``[182] * n`` without parsing each number, when every item has one length; else None."""
+    first = header.partition(b",")[0]
+    if not first.isdigit() or first.startswith(b"0"):
+        return None
+    size = int(first)
+    n = total // size
+    if n * size != total or header != b",".join([first] * n):
+        return None
+    return [size] * n
 
 
 def pack(items: Sequence[bytes]) -> bytes:

@@ -76,30 +76,51 @@ def parse_uniform(body: bytes, lengths: List[int], patterns: Sequence[Tuple[Patt
         m = pattern.fullmatch(body, 0, size)
         if m is None:
             continue
-        (s1, e1), (s2, e2), _head, (s4, e4), (s5, e5) = (m.span(g) for g in range(1, 6))
-        unpack = struct.Struct(
-            "%dx%ds%dx%ds%dx%ds%dx%ds%dx" % (s1, e1 - s1, s2 - e1, e2 - s2, s4 - e2, e4 - s4, s5 - e4, e5 - s5, size - e5)
-        ).iter_unpack
-        ids, tss, first, second = zip(*unpack(body))
-        c0, c1, c2, c3, c4 = body[:s1], body[e1:s2], body[e2:s4], body[e4:s5], body[e5:size]
-        # 2. the constants are the first item's in every item
-        parts = [c1] * (8 * n + 1)
-        parts[0] = c0
-        parts[1::8] = ids
-        parts[3::8] = tss
-        parts[4::8] = [c2] * n
-        parts[5::8] = first
-        parts[6::8] = [c3] * n
-        parts[7::8] = second
-        parts[8::8] = [c4 + c0] * n
-        parts[-1] = c4
-        if b"".join(parts) != body:
+        # groups 1 id, 2 ts, (3 head: constant), 4 and 5 the body's fields; the value is 5 or 4
+        spans = [m.span(g) for g in (1, 2, 4, 5)]
+        value_at = 3 if order == 0 else 2
+        vs, ve = spans[value_at]
+        # values all "1" (the usual increment): the value is part of the constant text, not a field
+        ones = ve - vs == 1 and body[vs::size] == b"1" * n
+        cut = [span for i, span in enumerate(spans) if not (ones and i == value_at)]
+        columns = _cut(body, n, size, cut)
+        if columns is None:
             return None
+        if ones:
+            columns.insert(value_at, [b"1"] * n)
+        ids, tss, first, second = columns
         keys, values = (first, second) if order == 0 else (second, first)
-        if not (_ids_ok(ids) and _tss_ok(tss) and _keys_ok(keys) and _values_ok(values)):
+        if not (_ids_ok(ids) and _tss_ok(tss) and _keys_ok(keys) and (ones or _values_ok(values))):
             return None
         return Columns(ids, tss, keys, values)
     return None
+
+
+def _cut(body: bytes, n: int, size: int, spans: List[Tuple[int, int]]) -> Optional[List[Sequence[bytes]]]:
+    """The fields at `spans` (offsets in an item) of every item, if the text around them is the first item's in every item.
+
+    One `struct` unpack cuts the fields; the batch rebuilt from the first
+    item's constant text and the cut fields must equal the body.
+    """
+    fmt, at = [], 0
+    for start, end in spans:
+        fmt.append("%dx%ds" % (start - at, end - start))
+        at = end
+    fmt.append("%dx" % (size - at))
+    columns: List[Sequence[bytes]] = list(zip(*struct.Struct("".join(fmt)).iter_unpack(body)))
+    constants = [body[a:b] for a, b in zip([0] + [e for _, e in spans], [s for s, _ in spans] + [size])]
+    k = len(spans)
+    parts: List[bytes] = [b""] * (2 * k * n + 1)
+    parts[0] = constants[0]
+    for j, column in enumerate(columns):
+        parts[1 + 2 * j :: 2 * k] = column
+        if j < k - 1:
+            parts[2 + 2 * j :: 2 * k] = [constants[j + 1]] * n
+    parts[2 * k :: 2 * k] = [constants[k] + constants[0]] * n
+    parts[-1] = constants[k]
+    if b"".join(parts) != body:
+        return None
+    return columns
 
 
 def _ids_ok(ids: Sequence[bytes]) -> bool:
