@@ -50,6 +50,8 @@ _DIGITS = b"0123456789"
 #: The lean pattern's ts and value grammars, for whole columns (each element followed by a comma).
 _TS_COLUMN = re.compile(rb"(?:-?(?:0|[1-9][0-9]{0,17}+)(?:\.[0-9]{1,17}+)?,)*+")
 _VALUE_COLUMN = re.compile(rb"(?:-?(?:0|[1-9][0-9]{0,14}+),)*+")
+#: Items rebuilt and compared at a time (~50 KB: stays in the cache, no fresh pages per batch).
+_CHUNK_ITEMS = 256
 
 
 class Columns(NamedTuple):
@@ -118,9 +120,15 @@ def _cut(body: bytes, n: int, size: int, spans: List[Tuple[int, int]]) -> Option
             parts[2 + 2 * j :: 2 * k] = [constants[j + 1]] * n
     parts[2 * k :: 2 * k] = [constants[k] + constants[0]] * n
     parts[-1] = constants[k]
-    if b"".join(parts) != body:
-        return None
-    return columns
+    # compared a few hundred items at a time: a rebuilt copy of the whole batch (megabytes, fresh
+    # pages from the kernel for every batch) cost 4x more than the rebuilding itself (measured)
+    step, at, join, starts = 2 * k * _CHUNK_ITEMS, 0, b"".join, body.startswith
+    for i in range(0, len(parts), step):
+        piece = join(parts[i : i + step])
+        if not starts(piece, at):
+            return None
+        at += len(piece)
+    return columns if at == len(body) else None
 
 
 def _ids_ok(ids: Sequence[bytes]) -> bool:
