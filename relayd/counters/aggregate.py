@@ -31,6 +31,10 @@ same sums) from the same items.
   a repeated id, non-UTF-8) makes the whole batch take the general parser
   (`aggregate`: ``ujson.loads`` per item, every misfit dead-lettered with
   its reason).  The lean path costs ~0.6 us an item against ~3 us.
+- Before the pattern, a *uniform* batch (every item one length and
+  layout: what ingest writes for one route, fixed-width ids and ts) is cut
+  at fixed offsets by uniform.py (~0.3 us an item), with the same
+  exactness argument: same columns as the pattern, or None.
 """
 
 from __future__ import annotations
