@@ -22,6 +22,9 @@ What relayd needs and why:
 * `exit_status_zero` (``reactor._exitSignal``): twistd re-raises the stop
   signal on exit (status 143 for SIGTERM); the contract promises 0 after a
   lossless stop.
+* `header_map` (``Headers._rawHeaders``): the parsed request headers as
+  the dict they are, keyed by canonical name, for the ingest hot path's
+  five lookups (each ``getRawHeaders`` canonicalizes its name again).
 * `HookedHTTPChannel`: `HTTPChannel`'s bad-request path
   (``_respondToBadRequestAndDisconnect``) and its header counters
   (``_receivedHeaderSize``, ``_receivedHeaderCount``) and the current
@@ -32,11 +35,12 @@ What relayd needs and why:
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 
 #: The private attributes relied on, as (owner, name): what tests/test_compat.py checks exists.
 PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
@@ -48,6 +52,7 @@ PRIVATE_NAMES: Tuple[Tuple[str, str], ...] = (
     ("twisted.web.http.HTTPChannel", "_receivedHeaderSize"),
     ("twisted.web.http.HTTPChannel", "_receivedHeaderCount"),
     ("twisted.web.http.HTTPChannel", "_path"),
+    ("twisted.web.http_headers.Headers", "_rawHeaders"),
 )
 
 
@@ -118,3 +123,13 @@ class HookedHTTPChannel(HTTPChannel):
         """The path of the request being received (set once its request line is parsed)."""
         path: bytes = self._path
         return path
+
+
+def header_map(headers: Headers) -> Mapping[bytes, List[bytes]]:
+    """Header values by canonical name (``b"Content-Type"``), as `Headers` keeps them (read only).
+
+    One dict lookup per header instead of `Headers.getRawHeaders`'s name
+    canonicalization and two lookups: the ingest hot path reads five.
+    """
+    raw: Mapping[bytes, List[bytes]] = headers._rawHeaders
+    return raw

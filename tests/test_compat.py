@@ -46,11 +46,29 @@ class PrivateNamesTests(unittest.TestCase):
         missing = []
         for owner, name in compat.PRIVATE_NAMES:
             obj = _owner(owner)
-            if name == "_path":  # an instance attribute set per request: checked by ChannelTests
+            if name in ("_path", "_rawHeaders"):  # instance attributes: checked by ChannelTests, HeaderMapTests
                 continue
             if not hasattr(obj, name):
                 missing.append(f"{owner}.{name}")
         self.assertEqual(missing, [], "Twisted privates gone; adapt relayd/compat.py")
+
+
+class HeaderMapTests(unittest.TestCase):
+    """`header_map` is the parsed headers by canonical name, as `getRawHeaders` reads them."""
+
+    def test_canonical_names(self):
+        """Headers added in any case are found under their canonical name, values in order."""
+        from twisted.web.http_headers import Headers
+
+        headers = Headers()
+        headers.addRawHeader(b"content-type", b"application/json")
+        headers.addRawHeader(b"IDEMPOTENCY-KEY", b"a")
+        headers.addRawHeader(b"idempotency-key", b"b")
+        raw = compat.header_map(headers)
+        self.assertEqual(raw.get(b"Content-Type"), [b"application/json"])
+        self.assertEqual(raw.get(b"Idempotency-Key"), [b"a", b"b"])
+        self.assertEqual(raw.get(b"Idempotency-Key"), headers.getRawHeaders(b"idempotency-key"))
+        self.assertIsNone(raw.get(b"Relayd-Ack"))
 
 
 class ParseEndpointTests(unittest.TestCase):
