@@ -150,16 +150,15 @@ def fill(redis: RedisServer, key: str, items: int, keys: int) -> None:
 
 def counting_stage(cleanup: _Cleanup, items: int, keys: int) -> Dict[str, Any]:
     """relayd's Aggregator vs a per-increment HINCRBY consumer, same items, same process."""
+    import gc
+
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
 
     from relayd.config import CounterConfig, RedisConfig
     from relayd.counters.aggregator import Aggregator
-    from relayd.redis.client import RedisClient
-
-    import gc
-
     from relayd.ops.gctune import GEN0_THRESHOLD
+    from relayd.redis.client import RedisClient
 
     # relayd's own collector settings (relayd/ops/gctune.py), so the counting path pays what it pays there
     gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
