@@ -88,6 +88,15 @@ class UniformParserTests(unittest.TestCase):
             self.assertIsNone(parse_uniform(f.body, f.lengths, PATTERNS))
             self.assertTrue(assert_same_as_general(self, items))
 
+    def test_a_comma_inside_a_cut_field(self) -> None:
+        """A value or ts holding a comma (same width) is not read as two numbers: the lean result, if any, is ujson's."""
+        items = ingest_batch(4, value=123)
+        items[2] = items[2].replace(b'"value":123', b'"value":1,2')
+        assert_same_as_general(self, items)
+        items = ingest_batch(4)
+        items[2] = items[2].replace(b"1796060018.417325", b"1796060018,417325")
+        assert_same_as_general(self, items)
+
     def test_odd_ts_shapes(self) -> None:
         """Integer, negative and leading-zero-free small ts go through the ts grammar; all agree with ujson."""
         for ts in (0.5, 60.0, 7.25):
@@ -109,6 +118,17 @@ class UniformParserTests(unittest.TestCase):
             items = ingest_batch(3)
             items[1] = items[1].replace(b"1796060018.417325", ts)
             assert_same_as_general(self, items)
+
+    def test_every_byte_of_an_item_replaced(self) -> None:
+        """Exhaustive: each byte of the middle item of a uniform batch replaced by each of `MUTANTS`: the lean result, if any, is exactly ujson's."""
+        taken = 0
+        for value in (3, 123):
+            for at in range(len(ingest_batch(1, value=value)[0])):
+                for byte in MUTANTS:
+                    items = ingest_batch(3, value=value)
+                    items[1] = items[1][:at] + bytes([byte]) + items[1][at + 1 :]
+                    taken += assert_same_as_general(self, items)
+        self.assertGreater(taken, 100)  # the harmless replacements (a digit for a digit, ...) are still taken lean
 
     @settings(max_examples=400, deadline=None)
     @given(

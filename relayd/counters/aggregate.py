@@ -403,7 +403,7 @@ def _scan(body: bytes, item_lengths: List[int], patterns: Sequence[Tuple[Pattern
 
 def _lean_batch(batch_id: str, columns: Columns) -> Optional[Batch]:
     """The `Batch` of parsed columns; None when the general parser must decide (a repeated id, a sum out of range)."""
-    ids, tss, keys, raw_values = columns
+    ids, tss, keys, raw_values = columns[:4]
     n = len(ids)
     if len(set(ids)) != n:
         return None  # a message twice in the batch: the general parser counts it once
@@ -419,7 +419,7 @@ def _lean_batch(batch_id: str, columns: Columns) -> Optional[Batch]:
             by_key[key] = get(key, 0) + value
     if max(by_key.values()) >= MAX_MAGNITUDE or min(by_key.values()) <= -MAX_MAGNITUDE:
         return None  # a batch sum out of range: the general parser dead-letters the overflow
-    low, high = _ts_range(tss)
+    low, high = (float(min(tss)), float(max(tss))) if columns.ts_fixed_point else _ts_range(tss)
     return Batch(
         id=batch_id,
         sums=None,

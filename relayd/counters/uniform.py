@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import List, NamedTuple, Optional, Pattern, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Pattern, Sequence, Tuple
 
 #: Bytes an id may hold (the lean pattern's id group).
 _ID_CHARS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-"
@@ -61,6 +61,8 @@ class Columns(NamedTuple):
     tss: Sequence[bytes]
     keys: Sequence[bytes]
     values: Sequence[bytes]
+    #: True when every ts has the first one's fixed-point shape (text order = numeric order).
+    ts_fixed_point: bool = False
 
 
 def parse_uniform(body: bytes, lengths: List[int], patterns: Sequence[Tuple[Pattern[bytes], int]]) -> Optional[Columns]:
@@ -92,9 +94,15 @@ def parse_uniform(body: bytes, lengths: List[int], patterns: Sequence[Tuple[Patt
             columns.insert(value_at, [b"1"] * n)
         ids, tss, first, second = columns
         keys, values = (first, second) if order == 0 else (second, first)
-        if not (_ids_ok(ids) and _tss_ok(tss) and _keys_ok(keys) and (ones or _values_ok(values))):
+        fixed_point = _fixed_point(tss)
+        if not (
+            _ids_ok(ids)
+            and (fixed_point or _ts_grammar_ok(tss))
+            and _keys_ok(keys)
+            and (ones or _values_ok(values))
+        ):
             return None
-        return Columns(ids, tss, keys, values)
+        return Columns(ids, tss, keys, values, fixed_point)
     return None
 
 
@@ -131,35 +139,52 @@ def _cut(body: bytes, n: int, size: int, spans: List[Tuple[int, int]]) -> Option
     return columns if at == len(body) else None
 
 
+def _joined(column: Sequence[bytes]) -> Iterator[bytes]:
+    """`column` joined `_CHUNK_ITEMS` * 8 entries at a time (small pieces: no fresh pages per batch)."""
+    step, join = 8 * _CHUNK_ITEMS, b"".join
+    for i in range(0, len(column), step):
+        yield join(column[i : i + step])
+
+
 def _ids_ok(ids: Sequence[bytes]) -> bool:
     """Every id is of the id alphabet (all have the first one's width, 1-64)."""
-    return not b"".join(ids).translate(None, _ID_CHARS)
+    return not any(piece.translate(None, _ID_CHARS) for piece in _joined(ids))
 
 
-def _tss_ok(tss: Sequence[bytes]) -> bool:
-    """Every ts is a JSON number of the lean grammar."""
-    width, n = len(tss[0]), len(tss)
-    joined = b"".join(tss)
+def _ts_grammar_ok(tss: Sequence[bytes]) -> bool:
+    """Every ts is a JSON number of the lean grammar (any shape: integers, signs, other widths)."""
+    joined = b",".join(tss) + b","
+    # a comma cut out with a field would split it in two valid numbers: one comma per field exactly
+    return joined.count(b",") == len(tss) and _TS_COLUMN.fullmatch(joined) is not None
+
+
+def _fixed_point(tss: Sequence[bytes]) -> bool:
+    """True if every ts is ``%.Nf``-shaped like the first: digits, the point at one place, no sign, no
+    leading zero; then their text order is their numeric order."""
+    width = len(tss[0])
     dot = tss[0].find(b".")
-    if dot > 0 and not tss[0].startswith(b"-"):
-        # the usual %.6f: digits, the point where the first one has it, no leading zero
-        return (
-            joined.count(b".") == n
-            and joined[dot::width].count(b".") == n
-            and not joined.translate(None, _DIGITS + b".")
-            and (dot == 1 or joined[0::width].count(b"0") == 0)
-        )
-    return _TS_COLUMN.fullmatch(b",".join(tss) + b",") is not None
+    if dot <= 0 or tss[0].startswith(b"-"):
+        return False
+    for piece in _joined(tss):
+        m = len(piece) // width
+        if not (
+            piece.count(b".") == m
+            and piece[dot::width].count(b".") == m
+            and not piece.translate(None, _DIGITS + b".")
+            and (dot == 1 or piece[0::width].count(b"0") == 0)
+        ):
+            return False
+    return True
 
 
 def _keys_ok(keys: Sequence[bytes]) -> bool:
     """No key holds a quote, a backslash or a control character."""
-    joined = b"".join(keys)
-    return len(joined.translate(None, _KEY_BAD)) == len(joined)
+    return all(len(piece.translate(None, _KEY_BAD)) == len(piece) for piece in _joined(keys))
 
 
 def _values_ok(values: Sequence[bytes]) -> bool:
     """Every value is an integer of the lean grammar (fast when all are ``1``)."""
     if values.count(b"1") == len(values):
         return True
-    return _VALUE_COLUMN.fullmatch(b",".join(values) + b",") is not None
+    joined = b",".join(values) + b","
+    return joined.count(b",") == len(values) and _VALUE_COLUMN.fullmatch(joined) is not None
