@@ -8,8 +8,8 @@ Usage: python bench/counters_bench.py [--seconds S] [--keys K] [--items N] [--js
    for S seconds; the clock stops when the hash holds every acknowledged
    increment.  Reported: increments/s wall-clock, and per relayd CPU-second
    (= per core; the machine's other core runs wrk and Redis).
-2. Counting stage, same process, same N envelopes in a Redis list, run
-   one after the other: relayd's `Aggregator` (batches of 10k, one Lua apply
+2. Counting stage, same process (with relayd's garbage-collector settings),
+   same N envelopes in a Redis list, run one after the other: relayd's `Aggregator` (batches of 10k, one Lua apply
    each; with the seen-id dedupe and with ``dedupe_window = 0``) against the seed's design, a consumer doing one ``HINCRBY`` per
    increment (RPOP 1000 at a time, the HINCRBYs pipelined).  Reported as
    increments/s and the ratio.
@@ -77,12 +77,18 @@ def hash_total(redis: RedisServer, key: str) -> int:
         return sum(int(v) for v in c.command("HVALS", key))
 
 
-def end_to_end(cleanup: _Cleanup, seconds: float, keys: int, profile: str | None = None) -> Dict[str, Any]:
-    """wrk -> relayd (ingest + counter) -> hash; `profile`: py-spy raw output file."""
+def end_to_end(
+    cleanup: _Cleanup, seconds: float, keys: int, profile: str | None = None, schema: bool = False
+) -> Dict[str, Any]:
+    """wrk -> relayd (ingest + counter) -> hash; `profile`: py-spy raw output file; `schema`: the route
+    validates every increment with etc/schemas/increment.json, as etc/relayd.conf's does."""
     redis = RedisServer(cleanup)  # type: ignore[arg-type]
+    route: Dict[str, Any] = {"path": "/increments", "list": "increments", "max_body": "4MiB"}
+    if schema:
+        route["schema"] = os.path.join(ROOT, "etc", "schemas", "increment.json")
     relayd = RelaydProcess(
         cleanup,  # type: ignore[arg-type]
-        routes=[{"path": "/increments", "list": "increments", "max_body": "4MiB"}],
+        routes=[route],
         redis_url=redis.url,
         counters=[{"name": "hits", "list": "increments", "hash": "counts:hits", "flush_interval": "1s"}],
         buffer={"max_messages": 400_000, "max_bytes": "256MiB"},
@@ -126,6 +132,7 @@ def end_to_end(cleanup: _Cleanup, seconds: float, keys: int, profile: str | None
         "relayd_cpu_seconds": round(cpu, 2),
         "per_cpu_second": round(counted / cpu) if cpu else None,
         "non2xx": stats["err_status"],
+        "schema": schema,
     }
 
 
@@ -143,13 +150,19 @@ def fill(redis: RedisServer, key: str, items: int, keys: int) -> None:
 
 def counting_stage(cleanup: _Cleanup, items: int, keys: int) -> Dict[str, Any]:
     """relayd's Aggregator vs a per-increment HINCRBY consumer, same items, same process."""
+    import gc
+
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
 
     from relayd.config import CounterConfig, RedisConfig
     from relayd.counters.aggregator import Aggregator
+    from relayd.ops.gctune import GEN0_THRESHOLD
     from relayd.redis.client import RedisClient
 
+    # relayd's own collector settings (relayd/ops/gctune.py), so the counting path pays what it pays there
+    gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
+    gc.freeze()
     redis = RedisServer(cleanup)  # type: ignore[arg-type]
     result: Dict[str, Any] = {"items": items, "keys": keys}
 
@@ -284,6 +297,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--only", choices=["e2e", "stage", "pg"])
     p.add_argument("--profile", help="py-spy raw profile of relayd during the end-to-end run, to this file")
+    p.add_argument("--schema", action="store_true",
+                   help="end to end: the route validates with etc/schemas/increment.json (uuid key, value >= 1)")
     args = p.parse_args()
     cleanup = _Cleanup()
     tempfile.tempdir = tempfile.gettempdir()
@@ -294,7 +309,7 @@ def main() -> None:
         if args.only in (None, "pg"):
             report["postgres_flush"] = pg_flush(cleanup, args.keys)
         if args.only in (None, "e2e"):
-            report["end_to_end"] = end_to_end(cleanup, args.seconds, args.keys, args.profile)
+            report["end_to_end"] = end_to_end(cleanup, args.seconds, args.keys, args.profile, args.schema)
     finally:
         cleanup.run()
     print(json.dumps(report, indent=None if args.json else 2))

@@ -31,6 +31,10 @@ same sums) from the same items.
   a repeated id, non-UTF-8) makes the whole batch take the general parser
   (`aggregate`: ``ujson.loads`` per item, every misfit dead-lettered with
   its reason).  The lean path costs ~0.6 us an item against ~3 us.
+- Before the pattern, a *uniform* batch (every item one length and
+  layout: what ingest writes for one route, fixed-width ids and ts) is cut
+  at fixed offsets by uniform.py (~0.3 us an item), with the same
+  exactness argument: same columns as the pattern, or None.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Pattern, Sequence, Set
 
 import attrs
 import ujson
+
+from relayd.counters.uniform import Columns, parse_uniform
 
 #: Values and per-batch sums stay below this magnitude (exact in Lua's doubles).
 MAX_MAGNITUDE = 2**53
@@ -126,15 +132,19 @@ class Batch:
     The counted messages are kept as columns (ids, keys, values, ts), the
     shape the lean parser produces without a Python object per message;
     `counted` builds `Counted` tuples on demand (duplicates, exclusions:
-    rare paths).
+    rare paths).  The lean parser's sums stay keyed by the keys' UTF-8
+    bytes (`field_args` sends them to Redis as they are); `sums`, keyed by
+    str, is built on first use (PostgreSQL summaries, duplicates).
     """
 
-    __slots__ = ("id", "sums", "dead", "min_ts", "size", "ids", "_keys", "_values", "_tss", "ts_range", "_counted")
+    __slots__ = (
+        "id", "_sums", "_raw_sums", "dead", "min_ts", "size", "ids", "_keys", "_values", "_tss", "ts_range", "_counted"
+    )
 
     def __init__(
         self,
         id: str,
-        sums: Dict[str, int],
+        sums: Optional[Dict[str, int]],
         dead: Tuple[Dead, ...],
         min_ts: Optional[float],
         size: int,
@@ -143,9 +153,13 @@ class Batch:
         values: Sequence[int],
         tss: Sequence[Any],
         ts_range: Optional[Tuple[float, float]] = None,
+        raw_sums: Optional[Dict[bytes, int]] = None,
     ) -> None:
         self.id = id  # the batch id (TAKE's, or frame(items).id)
-        self.sums = sums  # key -> sum of the counted messages' values (zeros dropped)
+        if sums is None and raw_sums is None:
+            raise TypeError("a Batch needs sums or raw_sums")
+        self._sums = sums  # key -> sum of the counted messages' values (zeros dropped)
+        self._raw_sums = raw_sums  # the same keyed by UTF-8 bytes, zeros kept (lean parser)
         self.dead = dead
         self.min_ts = min_ts  # ts of the oldest item (counted or dead), for staleness
         self.size = size  # items in the batch
@@ -156,6 +170,35 @@ class Batch:
         #: (lowest, highest) ts of the counted messages; None when there are none.
         self.ts_range = ts_range if ts_range is not None else ((min(tss), max(tss)) if tss else None)
         self._counted: Optional[Tuple[Counted, ...]] = None
+
+    @property
+    def sums(self) -> Dict[str, int]:
+        """Key -> sum of the counted messages' values, zero sums left out (built on first use)."""
+        if self._sums is None:
+            assert self._raw_sums is not None
+            self._sums = {k.decode("utf-8"): v for k, v in self._raw_sums.items() if v != 0}
+        return self._sums
+
+    def field_args(self) -> List[bytes]:
+        """``field, sum, field, sum, ...`` as bytes for APPLY: non-zero sums, fields sorted.
+
+        The order is `sorted(self.sums)`'s: UTF-8 byte order is code point
+        order, so sorting the lean parser's bytes keys needs no decoding.
+        """
+        raw = self._raw_sums
+        if raw is None:
+            sums = self.sums
+            fields = sorted(sums)
+            pairs: List[bytes] = [b""] * (2 * len(fields))
+            pairs[0::2] = [f.encode("utf-8") for f in fields]
+            pairs[1::2] = [b"%d" % sums[f] for f in fields]
+            return pairs
+        keys = sorted(raw) if 0 not in raw.values() else sorted(k for k, v in raw.items() if v != 0)
+        values = list(map(raw.__getitem__, keys))
+        pairs = [b""] * (2 * len(keys))
+        pairs[0::2] = keys
+        pairs[1::2] = list(map(_SMALL_INTS.__getitem__, values)) if values and min(values) >= 0 and max(values) < len(_SMALL_INTS) else [b"%d" % v for v in values]
+        return pairs
 
     @property
     def tss(self) -> Sequence[float]:
@@ -184,6 +227,10 @@ class Batch:
                     sums[c.key] -= c.value
                     dups.discard(c.id)  # a batch counts an id once
         return {k: v for k, v in sums.items() if v != 0}
+
+
+#: ``b"%d" % i`` for the small sums most keys have in a batch.
+_SMALL_INTS = [b"%d" % i for i in range(1024)]
 
 
 class Framed(NamedTuple):
@@ -216,10 +263,24 @@ def parse_take_reply(reply: Sequence[bytes]) -> Optional[Framed]:
     if not reply:
         return None
     batch_id, header, body = reply
-    lengths = list(map(int, header.split(b",")))
+    lengths = _uniform_lengths(header, len(body))
+    if lengths is None:
+        lengths = list(map(int, header.split(b",")))
     if sum(lengths) != len(body) or min(lengths) < 0:
         raise ValueError("malformed TAKE reply: item lengths do not add up")
     return Framed(batch_id.decode("ascii"), lengths, body)
+
+
+def _uniform_lengths(header: bytes, total: int) -> Optional[List[int]]:
+    """``b"182,182,...,182"`` -> ``[182] * n`` without parsing each number, when every item has one length; else None."""
+    first = header.partition(b",")[0]
+    if not first.isdigit() or first.startswith(b"0"):
+        return None
+    size = int(first)
+    n = total // size
+    if n * size != total or header != b",".join([first] * n):
+        return None
+    return [size] * n
 
 
 def pack(items: Sequence[bytes]) -> bytes:
@@ -297,7 +358,11 @@ _PATTERNS: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], Tuple[Tuple[Pattern[byt
 
 
 def _aggregate_lean(framed: Framed, key_pointer: Tuple[str, ...], value_pointer: Tuple[str, ...]) -> Optional[Batch]:
-    """The lean parser (module docstring); None when the batch needs the general one."""
+    """The lean parser (module docstring); None when the batch needs the general one.
+
+    A uniform batch (every item one length and layout: the usual one) is
+    cut at fixed offsets (uniform.py); any other goes through the pattern.
+    """
     body = framed.body
     if not body:
         return None
@@ -309,9 +374,19 @@ def _aggregate_lean(framed: Framed, key_pointer: Tuple[str, ...], value_pointer:
             body.decode("utf-8")  # ujson refuses invalid UTF-8: let the general parser say so
         except UnicodeDecodeError:
             return None
+    columns = parse_uniform(body, framed.lengths, patterns)
+    if columns is None:
+        columns = _scan(body, framed.lengths, patterns)
+        if columns is None:
+            return None
+    return _lean_batch(framed.id, columns)
+
+
+def _scan(body: bytes, item_lengths: List[int], patterns: Sequence[Tuple[Pattern[bytes], int]]) -> Optional[Columns]:
+    """The columns of any lean-shaped batch: one pattern scan, then the tiling check; None if it does not fit."""
     for order, (pattern, fixed) in enumerate(patterns):
         rows = pattern.findall(body)
-        if len(rows) != len(framed.lengths):
+        if len(rows) != len(item_lengths):
             continue
         ids, tss, heads, first, second = columns = tuple(zip(*rows))
         # The matches tile the batch: as many as items, match i exactly item i's length
@@ -319,35 +394,45 @@ def _aggregate_lean(framed: Framed, key_pointer: Tuple[str, ...], value_pointer:
         lengths = list(map(len, ids))
         for column in columns[1:]:
             lengths = list(map(add, lengths, map(len, column)))
-        if list(map(sub, framed.lengths, lengths)) != [fixed] * len(rows):
+        if list(map(sub, item_lengths, lengths)) != [fixed] * len(rows):
             continue
-        if len(set(ids)) != len(ids):
-            return None  # a message twice in the batch: the general parser counts it once
         keys, raw_values = (first, second) if order == 0 else (second, first)
-        values = list(map(int, raw_values))
-        if raw_values.count(b"1") == len(raw_values):
-            by_key: Dict[bytes, int] = Counter(keys)
-        else:
-            by_key = {}
-            get = by_key.get
-            for key, value in zip(keys, values):
-                by_key[key] = get(key, 0) + value
-        if max(by_key.values()) >= MAX_MAGNITUDE or min(by_key.values()) <= -MAX_MAGNITUDE:
-            return None  # a batch sum out of range: the general parser dead-letters the overflow
-        low, high = _ts_range(tss)
-        return Batch(
-            id=framed.id,
-            sums={k.decode("utf-8"): v for k, v in by_key.items() if v != 0},
-            dead=(),
-            min_ts=low,
-            size=len(rows),
-            ids=ids,
-            keys=keys,
-            values=values,
-            tss=tss,
-            ts_range=(low, high),
-        )
+        return Columns(ids, tss, keys, raw_values)
     return None
+
+
+def _lean_batch(batch_id: str, columns: Columns) -> Optional[Batch]:
+    """The `Batch` of parsed columns; None when the general parser must decide (a repeated id, a sum out of range)."""
+    ids, tss, keys, raw_values = columns[:4]
+    n = len(ids)
+    if len(set(ids)) != n:
+        return None  # a message twice in the batch: the general parser counts it once
+    by_key: Dict[bytes, int]
+    if raw_values.count(b"1") == n:
+        values: List[int] = [1] * n
+        by_key = Counter(keys)
+    else:
+        values = list(map(int, raw_values))
+        by_key = {}
+        get = by_key.get
+        for key, value in zip(keys, values):
+            by_key[key] = get(key, 0) + value
+    if max(by_key.values()) >= MAX_MAGNITUDE or min(by_key.values()) <= -MAX_MAGNITUDE:
+        return None  # a batch sum out of range: the general parser dead-letters the overflow
+    low, high = (float(min(tss)), float(max(tss))) if columns.ts_fixed_point else _ts_range(tss)
+    return Batch(
+        id=batch_id,
+        sums=None,
+        dead=(),
+        min_ts=low,
+        size=n,
+        ids=ids,
+        keys=keys,
+        values=values,
+        tss=tss,
+        ts_range=(low, high),
+        raw_sums=by_key,
+    )
 
 
 def _ts_range(tss: Sequence[bytes]) -> Tuple[float, float]:
@@ -368,7 +453,8 @@ def _ts_range(tss: Sequence[bytes]) -> Tuple[float, float]:
         and joined.count(b".") == len(tss)
     ):
         return float(min(tss)), float(max(tss))
-    times = list(map(float, tss))
+    # ujson reads a number without a point as an int: keep it one (a float would round past 2**53)
+    times: List[float] = [float(t) if b"." in t else int(t) for t in tss]
     return min(times), max(times)
 
 

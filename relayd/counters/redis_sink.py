@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import attrs
 from twisted.internet.defer import inlineCallbacks
 
 from relayd.counters.aggregate import Batch
@@ -39,14 +38,42 @@ _APPLY = Script(APPLY)
 MAX_APPLY_ROUNDS = 4
 
 
-@attrs.frozen
 class Applied:
-    """What applying a batch did: messages not counted, keys left out, final sums."""
+    """What applying a batch did: messages not counted, keys left out, final sums.
 
-    duplicates: Tuple[str, ...]  # ids already counted by an earlier batch
-    excluded: Tuple[str, ...]  # keys whose stored total could not take the sum
-    sums: Dict[str, int]  # what the hash received (and PostgreSQL must)
-    first: bool  # False when the marker said it was applied before
+    `sums` (what the hash received, and PostgreSQL must) is built on first
+    use from the batch when the batch went in whole: counting into the hash
+    alone never needs it keyed by str.
+    """
+
+    __slots__ = ("duplicates", "excluded", "first", "_sums", "_batch")
+
+    def __init__(
+        self,
+        duplicates: Tuple[str, ...],  # ids already counted by an earlier batch
+        excluded: Tuple[str, ...],  # keys whose stored total could not take the sum
+        sums: Optional[Dict[str, int]],  # None: the batch's own sums
+        first: bool,  # False when the marker said it was applied before
+        batch: Optional[Batch] = None,
+    ) -> None:
+        if sums is None and batch is None:
+            raise TypeError("Applied needs sums or the batch")
+        self.duplicates = duplicates
+        self.excluded = excluded
+        self.first = first
+        self._sums = sums
+        self._batch = batch
+
+    @property
+    def sums(self) -> Dict[str, int]:
+        """Key -> what the hash received for it."""
+        if self._sums is None:
+            assert self._batch is not None
+            self._sums = self._batch.sums
+        return self._sums
+
+    def __repr__(self) -> str:
+        return f"Applied(duplicates={self.duplicates!r}, excluded={self.excluded!r}, first={self.first!r})"
 
 
 def _buckets(batch: Batch, dedupe_window: int) -> Dict[int, Sequence[bytes]]:
@@ -76,12 +103,20 @@ def apply_args(
     so a recovery that only knows the duplicates (from the marker) derives
     the same field order (`fields_of`).
     """
-    fields = fields_of(batch.sums if sums is None else sums)
     source = batch.sums if sums is None else sums
-    argv: List[Any] = [b"%d" % marker_ttl, b"%d" % len(fields)]
+    fields = fields_of(source)
     pairs: List[bytes] = [b""] * (2 * len(fields))
     pairs[0::2] = [f.encode("utf-8") for f in fields]
     pairs[1::2] = [b"%d" % source[f] for f in fields]
+    buckets, argv = _argv(batch, marker_ttl, dedupe_window, pairs, declared)
+    return buckets, argv, fields
+
+
+def _argv(
+    batch: Batch, marker_ttl: int, dedupe_window: int, pairs: List[bytes], declared: Sequence[str]
+) -> Tuple[List[bytes], List[Any]]:
+    """(bucket numbers, ARGV) for scripts.APPLY given the ``field, sum`` pairs."""
+    argv: List[Any] = [b"%d" % marker_ttl, b"%d" % (len(pairs) // 2)]
     argv.extend(pairs)
     buckets = _buckets(batch, dedupe_window)
     extra = sorted(buckets)
@@ -92,7 +127,7 @@ def apply_args(
         argv.extend(members)
     argv.append(b"%d" % len(declared))
     argv.extend(d.encode("ascii") for d in declared)
-    return [b"%d" % b for b in extra], argv, fields
+    return [b"%d" % b for b in extra], argv
 
 
 def fields_of(sums: Dict[str, int]) -> List[str]:
@@ -123,10 +158,13 @@ class HashSink:
     @inlineCallbacks
     def apply(self, redis: Any, batch: Batch) -> Any:
         """Apply `batch`; fires with `Applied` (same answer on every rerun)."""
-        sums: Dict[str, int] = batch.sums
+        sums: Optional[Dict[str, int]] = None  # None: the batch's own (sent as `Batch.field_args`)
         declared: Tuple[str, ...] = ()
         for _ in range(MAX_APPLY_ROUNDS):
-            buckets, argv, fields = apply_args(batch, self._marker_ttl, self._dedupe_window, sums, declared)
+            if sums is None:
+                buckets, argv = _argv(batch, self._marker_ttl, self._dedupe_window, batch.field_args(), declared)
+            else:
+                buckets, argv, _fields = apply_args(batch, self._marker_ttl, self._dedupe_window, sums, declared)
             keys = [self._keys.hash, self._keys.marker(batch.id)] + [self._keys.seen(int(b)) for b in buckets]
             status, marker = yield _APPLY(redis, keys, argv)
             if int(status) != 2:
@@ -135,13 +173,16 @@ class HashSink:
             sums = batch.without(declared)
         else:
             raise RuntimeError(f"counter batch {batch.id}: the seen-id sets kept changing under APPLY")
-        dups_text = marker.partition(b"\n")[0]
+        dups_text, _, excluded_text = marker.partition(b"\n")
         dups = parse_ids(dups_text)
         if dups != declared:
             sums = batch.without(dups)  # the marker of an earlier run: rebuild what it applied
-        dups, excluded = parse_marker(marker, fields_of(sums))
-        if excluded:
+        excluded: Tuple[str, ...] = ()
+        if excluded_text.strip(b","):
+            if sums is None:
+                sums = batch.sums
+            dups, excluded = parse_marker(marker, fields_of(sums))
             sums = dict(sums)
             for k in excluded:
                 sums.pop(k, None)
-        return Applied(dups, excluded, sums, int(status) == 1)
+        return Applied(dups, excluded, sums, int(status) == 1, batch)

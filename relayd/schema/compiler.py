@@ -18,6 +18,7 @@ import jsonschema_rs
 from relayd.config import ConfigError
 from relayd.schema import schema_errors
 from relayd.schema.drafts import UnknownDraft, draft_of
+from relayd.schema.engine import engine_for, without_schema_uri
 from relayd.schema.formats import borrowed_formats, email_options
 from relayd.schema.metaschemas import metaschema_resources
 from relayd.schema.offline import LocalRetriever, Refused, load_json_file, top_level_id
@@ -57,11 +58,12 @@ def compile_schema(schema: Any, key: str = "schema", path: Optional[str] = None)
     else:
         base_uri = INLINE_BASE_URI
         retriever = LocalRetriever(None, top_level_id(schema))
+    borrowed = borrowed_formats(draft)
     try:
         registry = jsonschema_rs.Registry(metaschema_resources(), retriever=retriever)
         validator = draft.validator_cls(
             schema,
-            formats=borrowed_formats(draft) or None,
+            formats=borrowed or None,
             validate_formats=True,
             ignore_unknown_formats=False,
             retriever=retriever,
@@ -74,4 +76,20 @@ def compile_schema(schema: Any, key: str = "schema", path: Optional[str] = None)
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
         # Not seen with any schema of the official suite; kept one line all the same.
         raise ConfigError(f"{where}: invalid schema: {schema_errors.first_line(str(e))}") from None
+    engine = engine_for(schema, draft, borrowed)
+    if engine is not draft and isinstance(schema, dict):
+        # the same test on the 2020-12 class, where the borrowed formats are native (engine.py);
+        # compiled after the draft's own, so a schema's errors are always its own draft's
+        try:
+            validator = engine.validator_cls(
+                without_schema_uri(schema),
+                validate_formats=True,
+                ignore_unknown_formats=False,
+                retriever=retriever,
+                registry=registry,
+                base_uri=base_uri,
+                email_options=email_options(),
+            )
+        except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, Refused, ValueError, TypeError):
+            pass  # keep the draft's own validator
     return RouteSchema(validator, draft, path or "inline schema")
