@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import importlib.util
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Any, Callable, Dict, List, Tuple
