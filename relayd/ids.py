@@ -45,8 +45,11 @@ class IdGenerator:
         if ms < self._last_ms:
             ms = self._last_ms
         self._last_ms = ms
-        prefix = "%012x%s" % (ms, self._node)
+        template = "%012x%s%%010x" % (ms, self._node)
         seq = self._seq
-        ids = ["%s%010x" % (prefix, (seq + i) & _SEQ_MASK) for i in range(1, count + 1)]
+        if seq + count <= _SEQ_MASK:
+            ids = list(map(template.__mod__, range(seq + 1, seq + count + 1)))  # C-level, no wrap
+        else:
+            ids = [template % ((seq + i) & _SEQ_MASK) for i in range(1, count + 1)]
         self._seq = (seq + count) & _SEQ_MASK
         return ids

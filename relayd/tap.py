@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReac
 from twisted.logger import Logger
 from twisted.python import usage
 
-from relayd.compat import exit_status_zero
+from relayd.compat import exit_status_zero, lean_dispatch
 from relayd.config import Config, ConfigError, ConfigOverrides, LoadedConfig, RedisConfig, load_config, resolve_workers
 from relayd.counters.service import CounterService
 from relayd.deliver.admin import DeliverAdmin
@@ -99,6 +99,11 @@ class RelayService(MultiService):
             # SIGTERM); the contract promises 0 after a lossless stop.
             exit_status_zero(self._reactor)
         self._log.info("relayd stopped (clean={clean})", clean=clean)
+
+    def startService(self) -> None:
+        """Start the children on a lean poll loop (`relayd.compat.lean_dispatch`)."""
+        lean_dispatch(self._reactor)
+        super().startService()
 
     def stopService(self) -> Deferred[None]:
         """Stop children sequentially; fires when all have drained."""

@@ -20,8 +20,9 @@ class BufferMachine(RuleBasedStateMachine):
         self.in_flight = []  # batches taken, not yet released or requeued
         self.counter = 0
         self.waiters = []
+        self.stored = {}  # waiter -> messages settled as stored
 
-    @rule(count=st.integers(1, 6), size=st.integers(0, 16), key=st.sampled_from([b"a", b"b"]), stored=st.booleans())
+    @rule(count=st.integers(1, 12), size=st.integers(0, 16), key=st.sampled_from([b"a", b"b"]), stored=st.booleans())
     def offer(self, count, size, key, stored):
         """Offers are all-or-nothing and refused exactly when over a bound."""
         items = []
@@ -39,16 +40,23 @@ class BufferMachine(RuleBasedStateMachine):
             if waiter is not None:
                 self.waiters.append(waiter)
 
-    @rule(n=st.integers(1, 8))
-    def take(self, n):
-        """Take returns the oldest live entries in order, dropping cancelled ones it passes."""
-        batch = self.buffer.take(n, 10**9)
+    @rule(n=st.integers(1, 24), max_bytes=st.sampled_from([10**9, 1, 40, 150]))
+    def take(self, n, max_bytes):
+        """Take returns the oldest live entries in order, dropping cancelled ones it passes.
+
+        An entry is taken while the bytes taken before it are under
+        `max_bytes` (so at least one); batches of 8 or more go through the
+        bulk path (`BULK_MIN`), which must take exactly the same.
+        """
+        batch = self.buffer.take(n, max_bytes)
         expected = []
-        while self.model and len(expected) < n:
+        size = 0
+        while self.model and len(expected) < n and size < max_bytes:
             entry = self.model.pop(0)
             if entry[2] is not None and entry[2].cancelled:
                 continue
             expected.append(entry)
+            size += len(entry[1])
         assert batch == expected
         if batch:
             self.in_flight.append(batch)
@@ -59,6 +67,9 @@ class BufferMachine(RuleBasedStateMachine):
         """A stored batch leaves the accounting."""
         batch = self.in_flight.pop(i % len(self.in_flight))
         self.buffer.settle_stored(batch)
+        for entry in batch:
+            if entry[2] is not None:
+                self.stored[entry[2]] = self.stored.get(entry[2], 0) + 1
 
     @precondition(lambda self: self.in_flight)
     @rule(i=st.integers(0, 10))
@@ -84,6 +95,14 @@ class BufferMachine(RuleBasedStateMachine):
     def cancel(self, i):
         """A cancelled waiter's queued entries are never taken again."""
         self.waiters[i % len(self.waiters)].cancelled = True
+
+    @invariant()
+    def waiters_fire_when_all_stored(self):
+        """A waiter counts every stored message; a live one fires exactly when all are stored."""
+        for waiter in self.waiters:
+            assert waiter.remaining == waiter.count - self.stored.get(waiter, 0)
+            if not waiter.cancelled:
+                assert waiter.deferred.called == (waiter.remaining == 0), (waiter.remaining, waiter.deferred.called)
 
     @invariant()
     def bounded(self):

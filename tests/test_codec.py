@@ -8,7 +8,7 @@ import unittest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.codec import EncodeError, decode_envelope, encode_envelope, split_ndjson
+from relayd.codec import EncodeError, decode_envelope, encode_envelope, encode_envelopes, split_ndjson
 from tests.strategies import json_values
 
 
@@ -32,6 +32,39 @@ class EnvelopeTests(unittest.TestCase):
         for body in (float("nan"), float("inf"), {"a": "\ud800"}):
             with self.subTest(body=body), self.assertRaises(EncodeError):
                 encode_envelope("id", 1.0, "/r", None, body)
+
+    @given(
+        st.lists(
+            st.one_of(
+                st.dictionaries(st.sampled_from(["a", "},{", "b}", "{c"]), json_values(), max_size=4),
+                json_values(),
+            ),
+            max_size=12,
+        ),
+        st.sampled_from(["/r", "/r%s", "/%%"]),
+    )
+    def test_batch_equals_one_by_one(self, bodies, route):
+        """A batch's envelopes are byte for byte those encoded one at a time.
+
+        Batches of objects take the one-ujson-call path (`_encode_objects`),
+        which cuts the list at its ``},{`` boundaries; strings and nested
+        objects holding ``},{`` must send it back to the per-body path.
+        """
+        ids = ["%030x" % i for i in range(len(bodies))]
+        try:
+            expected = [encode_envelope(i, 7.25, route, "application/json", b) for i, b in zip(ids, bodies)]
+        except EncodeError:
+            with self.assertRaises(EncodeError):
+                encode_envelopes(ids, 7.25, route, "application/json", bodies)
+            return
+        self.assertEqual(encode_envelopes(ids, 7.25, route, "application/json", bodies), expected)
+
+    def test_batch_refuses_what_one_by_one_refuses(self):
+        """NaN or a lone surrogate in one object of a batch: EncodeError, as for a single body."""
+        for bad in ({"x": float("nan")}, {"x": "\ud800"}, {"x": [float("inf")]}):
+            bodies = [{"a": i} for i in range(6)] + [bad]
+            with self.subTest(bad=bad), self.assertRaises(EncodeError):
+                encode_envelopes(["%030x" % i for i in range(7)], 1.0, "/r", None, bodies)
 
     def test_decode_rejects_other_json(self):
         """A JSON value that is not an envelope is an error."""

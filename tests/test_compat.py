@@ -46,11 +46,103 @@ class PrivateNamesTests(unittest.TestCase):
         missing = []
         for owner, name in compat.PRIVATE_NAMES:
             obj = _owner(owner)
-            if name == "_path":  # an instance attribute set per request: checked by ChannelTests
+            if name in ("_path", "_rawHeaders", "_poller", "_selectables"):  # instance attributes: checked behaviourally below
                 continue
             if not hasattr(obj, name):
                 missing.append(f"{owner}.{name}")
         self.assertEqual(missing, [], "Twisted privates gone; adapt relayd/compat.py")
+
+
+class HeaderMapTests(unittest.TestCase):
+    """`header_map` is the parsed headers by canonical name, as `getRawHeaders` reads them."""
+
+    def test_canonical_names(self):
+        """Headers added in any case are found under their canonical name, values in order."""
+        from twisted.web.http_headers import Headers
+
+        headers = Headers()
+        headers.addRawHeader(b"content-type", b"application/json")
+        headers.addRawHeader(b"IDEMPOTENCY-KEY", b"a")
+        headers.addRawHeader(b"idempotency-key", b"b")
+        raw = compat.header_map(headers)
+        self.assertEqual(raw.get(b"Content-Type"), [b"application/json"])
+        self.assertEqual(raw.get(b"Idempotency-Key"), [b"a", b"b"])
+        self.assertEqual(raw.get(b"Idempotency-Key"), headers.getRawHeaders(b"idempotency-key"))
+        self.assertIsNone(raw.get(b"Relayd-Ack"))
+
+
+class LeanDispatchTests(unittest.TestCase):
+    """`lean_dispatch`: the epoll loop still delivers data, and a protocol's error still disconnects it."""
+
+    def _run(self, server_protocol):
+        """Run a fresh (not installed) epoll reactor with lean dispatch: one client sends b"ping"."""
+        from twisted.internet.epollreactor import EPollReactor
+        from twisted.internet.protocol import ClientFactory
+
+        reactor = EPollReactor()
+        self.assertTrue(compat.lean_dispatch(reactor))
+        seen = {"client_lost": False}
+        factory = Factory.forProtocol(server_protocol)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+        class Client(Protocol):
+            def connectionMade(self):
+                self.transport.write(b"ping")
+
+            def dataReceived(self, data):
+                seen["reply"] = data
+                self.transport.loseConnection()
+
+            def connectionLost(self, reason):
+                seen["client_lost"] = True
+                reactor.stop()
+
+        client_factory = ClientFactory.forProtocol(Client)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, client_factory)
+        reactor.callLater(20, reactor.stop)  # a hang fails below, not forever
+        reactor.run(installSignalHandlers=False)
+        port.stopListening()
+        return seen
+
+    def test_round_trip(self):
+        """Bytes go both ways through the lean loop."""
+
+        class Echo(Protocol):
+            def dataReceived(self, data):
+                self.transport.write(data)
+
+        seen = self._run(Echo)
+        self.assertEqual(seen.get("reply"), b"ping")
+        self.assertTrue(seen["client_lost"])
+
+    def test_protocol_error_disconnects(self):
+        """An exception in dataReceived is logged and drops that connection, as with Twisted's own loop."""
+        from twisted.logger import globalLogPublisher
+
+        errors = []
+
+        def observer(event):
+            if event.get("isError") or event.get("log_failure") is not None:
+                errors.append(event)
+
+        class Broken(Protocol):
+            def dataReceived(self, data):
+                raise RuntimeError("boom")
+
+        globalLogPublisher.addObserver(observer)
+        try:
+            seen = self._run(Broken)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        self.assertTrue(seen["client_lost"])
+        self.assertNotIn("reply", seen)
+        self.assertTrue(errors)
+
+    def test_other_reactors_untouched(self):
+        """A select reactor (or a test clock) is left as it is."""
+        reactor = SelectReactor()
+        self.assertFalse(compat.lean_dispatch(reactor))
+        self.assertNotIn("doIteration", vars(reactor))
 
 
 class ParseEndpointTests(unittest.TestCase):

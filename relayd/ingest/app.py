@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from relayd.codec import EncodeError, encode_envelopes
+from relayd.compat import header_map
 from relayd.config import RouteConfig
 from relayd.ids import IdGenerator
 from relayd.ingest.auth import BearerTokens, WebhookVerifier, read_secret
@@ -337,7 +338,7 @@ class IngestApp:
         if isinstance(result, Waiter):
             request.gone_waiter = result  # type: ignore[attr-defined]  # IngestRequest.connectionLost frees it if the client leaves
             if route.reply_timeout is None:
-                result.deferred.addBoth(self._settled, request, result)  # one callback per stored request
+                result.on_settled = self._settled  # one plain call per stored request, no Deferred
             else:  # the reply chain (`_request_reply`) gives the body and its headers
                 result.deferred.addBoth(self._request_done)
                 result.deferred.addCallbacks(
@@ -348,29 +349,30 @@ class IngestApp:
 
     def _accept(self, request: Request, route: IngestRoute, started: float) -> Any:
         headers = request.requestHeaders
+        raw = header_map(headers)  # by canonical name: one dict lookup per header
         client = None
         if route.tokens is not None:
-            auth = headers.getRawHeaders(b"authorization")
+            auth = raw.get(b"Authorization")
             client = route.tokens.check(auth[0] if auth else None)
-        if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
+        if b"Content-Length" not in raw and b"Transfer-Encoding" not in raw:
             raise LengthRequired("a POST needs Content-Length (or chunked transfer encoding)")
         assert request.content is not None  # IngestRequest.gotLength always sets it
         body = request.content.read()
         if route.webhook is not None:
             route.webhook.check(headers, body)
         stored = route.stored
-        ack = headers.getRawHeaders(b"relayd-ack")
-        if ack is not None:
+        ack = raw.get(b"Relayd-Ack")
+        if ack:
             stored = _ack_level(ack[0], route.stored)
         digest = None
-        idem = headers.getRawHeaders(b"idempotency-key")
-        if idem is not None:
+        idem = raw.get(b"Idempotency-Key")
+        if idem:
             digest = route.key_digest(parse_key(idem[0]))
             first_id = route.recent.get(digest)
             if first_id is not None:
                 self._metrics.duplicates.labels(where="memory").inc()
                 return self._duplicate(request, route, first_id, started)
-        ctype = headers.getRawHeaders(b"content-type")
+        ctype = raw.get(b"Content-Type")
         parsed = route.parser.parse(body, ctype[0] if ctype else None)
         count = len(parsed.values)
         if route.limiter is not None:
@@ -437,37 +439,39 @@ class IngestApp:
                 raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
             route.metrics.ingested.inc(count)
             self._pending_acks.append((started + self._ack_timeout, waiter, count))
-            waiter.context = (route, ids, started, batch, digest)  # read by `_settled` / `_settled_klein`
+            waiter.context = (route, ids, started, batch, digest, request)  # read by `_settled` / `_settled_klein`
             return waiter
         if not self._buffer.offer(target, items, None):
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
         route.metrics.ingested.inc(count)
         if digest is not None:
             route.recent.put(digest, ids[0].encode())
-        return self._acknowledge(None, request, route, ids, started, batch)
+        return self._acknowledge(request, route, ids, started, batch)
 
-    def _settled(self, outcome: Any, request: Any, waiter: Waiter) -> Any:
+    def _settled(self, waiter: Waiter, error: Optional[Exception]) -> None:
         """A stored-ack request's outcome: its ack or its problem, answered unless the client left.
 
-        The one callback on a stored request's `Waiter` (the hot path): the
-        ack's side effects (latency, the idempotency memory) happen even when
-        the client is gone.  A failure that is not a problem stays a failure
-        (logged as unhandled: a bug, not a client's fault).
+        The one callback of a stored request (`Waiter.on_settled`, the hot
+        path): the ack's side effects (latency, the idempotency memory)
+        happen even when the client is gone.  An error that is not a
+        problem is a bug, not a client's fault: logged, as an unhandled
+        Deferred failure was before.
         """
         self._request_done(None)
-        if isinstance(outcome, Failure):
+        route, ids, started, batch, digest, request = waiter.context
+        waiter.context = None  # no request <-> waiter cycle left for the GC (request.gone_waiter)
+        if error is not None:
             if request.gone:
-                return None  # nobody to answer (a client that left: CancelledError)
-            problem = _outcome_problem(outcome.value)
+                return  # nobody to answer (a client that left: CancelledError)
+            problem = _outcome_problem(error)
             if problem is None:
-                return outcome
+                self._log.failure("stored-ack request failed", Failure(error))
+                return
             _finish(request, write_problem(request, problem))
-            return None
-        route, ids, started, batch, digest = waiter.context
-        body = self._acknowledge(None, request, route, ids, started, batch, waiter, digest)
+            return
+        body = self._acknowledge(request, route, ids, started, batch, waiter, digest)
         if not request.gone:
             _finish(request, body, JSON_CONTENT_TYPE)
-        return None
 
     def _settled_klein(self, outcome: Any, request: Request, waiter: Waiter) -> Any:
         """`_settled` for a request answered through Klein: the body, or the problem raised."""
@@ -477,12 +481,12 @@ class IngestApp:
             if problem is None:
                 return outcome
             raise problem
-        route, ids, started, batch, digest = waiter.context
-        return _klein_ack(self._acknowledge(None, request, route, ids, started, batch, waiter, digest), request)
+        route, ids, started, batch, digest, _ = waiter.context
+        waiter.context = None
+        return _klein_ack(self._acknowledge(request, route, ids, started, batch, waiter, digest), request)
 
     def _acknowledge(
         self,
-        _: object,
         request: Request,
         route: IngestRoute,
         ids: List[str],
@@ -563,7 +567,7 @@ class IngestApp:
         later = []
         while pending:
             deadline, waiter, count = pending[0]
-            if waiter.deferred.called or waiter.cancelled:
+            if waiter.settled is not None or waiter.cancelled or waiter.answered:
                 pending.popleft()
                 continue
             if deadline > now:

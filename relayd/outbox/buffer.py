@@ -24,10 +24,14 @@ the request that created one (to cancel it).
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_left
+from collections import Counter, deque
+from itertools import accumulate, islice, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 
 if TYPE_CHECKING:
     from relayd.outbox.targets import Target
@@ -35,6 +39,19 @@ if TYPE_CHECKING:
 # Rough per-message memory beyond the payload (tuple, bytes header, deque
 # slot); counting it keeps max_bytes honest for floods of tiny messages.
 ENTRY_OVERHEAD = 120
+
+#: When the first this-many entries share a waiter (a stored NDJSON request,
+#: up to 10,000 entries with one waiter), `take` and `settle_stored` work on
+#: the whole batch with C-level helpers (islice, accumulate, Counter)
+#: instead of a Python loop per entry (-30% for a 1000-line request).  Not
+#: for single-message requests nor for accepted acks (no waiter): measured,
+#: the helpers are dearer than the loop there.
+BULK_MIN = 8
+
+_log = Logger()
+
+_ITEM = itemgetter(1)
+_WAITER = itemgetter(2)
 
 
 class NotStored(Exception):
@@ -53,12 +70,21 @@ class NotStored(Exception):
 
 
 class Waiter:
-    """Completion of one stored-ack request: fires once all its messages are stored."""
+    """Completion of one stored-ack request: fires once all its messages are stored.
 
-    __slots__ = ("deferred", "count", "remaining", "taken", "cancelled", "exposed", "duplicate_of", "context")
+    The outcome reaches whoever waits in one of two ways: `on_settled`, a
+    plain callable (the ingest hot path: a Deferred, its callback and its
+    firing cost ~1.5 us per request, ~2% of a stored POST), or `deferred`,
+    made on first use (and fired at once if the outcome is already known).
+    """
+
+    __slots__ = (
+        "_deferred", "count", "remaining", "taken", "cancelled", "exposed", "duplicate_of", "context",
+        "on_settled", "settled",
+    )  # fmt: skip
 
     def __init__(self, count: int) -> None:
-        self.deferred: Deferred[None] = Deferred()
+        self._deferred: Optional[Deferred[None]] = None
         self.count = count
         self.remaining = count  # not yet stored
         self.taken = 0  # taken from the queue and not yet settled or requeued
@@ -71,6 +97,47 @@ class Waiter:
         #: What the request needs to answer once settled (opaque here): its
         #: one callback reads it instead of a chain of callbacks with arguments.
         self.context: Any = None
+        #: ``on_settled(waiter, error)``, called once with None (all stored)
+        #: or the exception; errors it raises are logged, never propagated
+        #: into the forwarder's settlement.
+        self.on_settled: Optional[Callable[[Waiter, Optional[Exception]], None]] = None
+        #: The outcome, once known: None until then, else (error or None,).
+        self.settled: Optional[Tuple[Optional[Exception]]] = None
+
+    @property
+    def deferred(self) -> Deferred[None]:
+        """A Deferred of the outcome (made on first use; Klein routes and request/reply chain on it)."""
+        d = self._deferred
+        if d is None:
+            d = self._deferred = Deferred()
+            if self.settled is not None:
+                error = self.settled[0]
+                if error is None:
+                    d.callback(None)
+                else:
+                    d.errback(error)
+        return d
+
+    @property
+    def answered(self) -> bool:
+        """The outcome is out (or the Deferred was fired elsewhere: Klein cancels it when the client leaves)."""
+        return self.settled is not None or (self._deferred is not None and self._deferred.called)
+
+    def _settle(self, error: Optional[Exception]) -> None:
+        self.settled = (error,)
+        callback = self.on_settled
+        if callback is not None:
+            self.on_settled = None
+            try:
+                callback(self, error)
+            except Exception:  # noqa: BLE001 - a bug in the answer must not stop the settlement of others
+                _log.failure("answering a settled request failed")
+        d = self._deferred
+        if d is not None and not d.called:
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(error)
 
     @property
     def untouched(self) -> bool:
@@ -80,8 +147,8 @@ class Waiter:
     def fail(self, error: Exception) -> None:
         """Give up: entries not yet taken are dropped; the request gets `error`."""
         self.cancelled = True
-        if not self.deferred.called:
-            self.deferred.errback(error)
+        if not self.answered:
+            self._settle(error)
 
     def cancel(self) -> None:
         """Drop what was not taken yet, answer nothing."""
@@ -105,8 +172,8 @@ class Waiter:
         client went away and the request cancelled it.
         """
         self.remaining -= count
-        if self.remaining == 0 and not self.cancelled and not self.deferred.called:
-            self.deferred.callback(None)
+        if self.remaining == 0 and not self.cancelled and not self.answered:
+            self._settle(None)
 
 
 Entry = Tuple["Target", bytes, Optional[Waiter]]
@@ -142,10 +209,7 @@ class RingBuffer:
     def offer(self, target: Target, items: List[bytes], waiter: Optional[Waiter]) -> bool:
         """Append all `items` for `target`, or none of them; False when full."""
         count = len(items)
-        size = 0
-        for item in items:
-            size += len(item)
-        size += count * ENTRY_OVERHEAD
+        size = sum(map(len, items)) + count * ENTRY_OVERHEAD
         if self.messages + count > self.max_messages or self.bytes + size > self.max_bytes:
             return False
         self.messages += count
@@ -154,7 +218,7 @@ class RingBuffer:
         if count == 1:
             queue.append((target, items[0], waiter))
         else:
-            queue.extend([(target, item, waiter) for item in items])
+            queue.extend(zip(repeat(target), items, repeat(waiter)))
         if self._listener is not None:
             self._listener()
         return True
@@ -165,6 +229,11 @@ class RingBuffer:
         Entries of cancelled waiters are dropped and un-accounted here.
         """
         queue = self._queue
+        n = min(len(queue), max_messages)
+        if n >= BULK_MIN and queue[0][2] is not None and queue[0][2] is queue[BULK_MIN - 1][2]:  # a long request
+            bulk = self._take_bulk(n, max_bytes)
+            if bulk is not None:
+                return bulk
         batch: List[Entry] = []
         size = 0
         while queue and len(batch) < max_messages and size < max_bytes:
@@ -180,10 +249,36 @@ class RingBuffer:
             size += len(entry[1])
         return batch
 
+    def _take_bulk(self, n: int, max_bytes: int) -> Optional[List[Entry]]:
+        """`take` for a long queue: what the loop would take, or None if a waiter was cancelled.
+
+        The loop takes an entry while the bytes taken before it are under
+        `max_bytes`; on the running sums that is a bisection.
+        """
+        queue = self._queue
+        batch = list(islice(queue, n))
+        waiters = Counter(map(_WAITER, batch))
+        waiters.pop(None, None)
+        for waiter in waiters:
+            if waiter.cancelled:
+                return None  # the loop drops its entries one by one
+        k = min(n, bisect_left(list(accumulate(map(len, map(_ITEM, batch)))), max_bytes) + 1)
+        if k < n:
+            batch = batch[:k]
+            waiters = Counter(map(_WAITER, batch))
+            waiters.pop(None, None)
+        if k == len(queue):
+            queue.clear()
+        else:
+            popleft = queue.popleft
+            for _ in repeat(None, k):
+                popleft()
+        for waiter, count in waiters.items():
+            waiter.taken += count
+        return batch
+
     def _release(self, entries: List[Entry]) -> None:
-        size = 0
-        for entry in entries:
-            size += len(entry[1])
+        size = sum(map(len, map(_ITEM, entries)))
         self.messages -= len(entries)
         self.bytes -= size + len(entries) * ENTRY_OVERHEAD
 
@@ -194,6 +289,18 @@ class RingBuffer:
         the earlier copy when the entry was a duplicate and was dropped.
         """
         self._release(entries)
+        if (
+            outcomes is None
+            and len(entries) >= BULK_MIN
+            and entries[0][2] is not None
+            and entries[0][2] is entries[BULK_MIN - 1][2]
+        ):
+            # Per waiter, not per entry (waiters fire in order of first entry).
+            for waiter, count in Counter(map(_WAITER, entries)).items():
+                if waiter is not None:
+                    waiter.taken -= count
+                    waiter.stored(count)
+            return
         for i, entry in enumerate(entries):
             waiter = entry[2]
             if waiter is not None:

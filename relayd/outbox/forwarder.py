@@ -53,6 +53,7 @@ reply_timeout`` (1 s by default) before it fails and spills.
 from __future__ import annotations
 
 import random
+from operator import itemgetter
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.application.service import Service
@@ -63,13 +64,15 @@ from twisted.python.failure import Failure
 
 from relayd.ops.metrics import Metrics
 from relayd.outbox.backlog import SpoolBacklog
-from relayd.outbox.buffer import Entry, NotStored, RingBuffer
+from relayd.outbox.buffer import BULK_MIN, Entry, NotStored, RingBuffer
 from relayd.outbox.replay import Replayer
 from relayd.outbox.spooler import RETRY_AFTER_ERROR, Spooler
 from relayd.outbox.targets import Target, encode_payload
 from relayd.outbox.writer import RedisWriter
 from relayd.redis.client import ResponseError, TimeoutError
 from relayd.spool.errors import SpoolFull, SpoolWriteError
+
+_TARGET, _ITEM, _WAITER = itemgetter(0), itemgetter(1), itemgetter(2)
 
 HIGH_WATER = 0.5  # spill once the buffer is half full: Redis is slower than ingest
 SPILL_RETRY = 0.1  # seconds before retrying a spill the spool refused
@@ -380,14 +383,20 @@ class Forwarder(Service):
         back at the front of the buffer); the rest was sent.
         """
         groups: dict[Target, List[Entry]] = {}
-        for entry in batch:
-            group = groups.get(entry[0])
-            if group is None:
-                groups[entry[0]] = [entry]
-            else:
-                group.append(entry)
-            if entry[2] is not None:
-                entry[2].exposed = True
+        if len(batch) >= BULK_MIN and len(targets := set(map(_TARGET, batch))) == 1:
+            groups[targets.pop()] = batch  # one target (one route): no grouping per entry
+            for waiter in set(map(_WAITER, batch)):
+                if waiter is not None:
+                    waiter.exposed = True
+        else:
+            for entry in batch:
+                group = groups.get(entry[0])
+                if group is None:
+                    groups[entry[0]] = [entry]
+                else:
+                    group.append(entry)
+                if entry[2] is not None:
+                    entry[2].exposed = True
         sent = True
         backlog = self._backlog
         if backlog or not self._writer.ready:
@@ -407,7 +416,7 @@ class Forwarder(Service):
         write = self._writer.write
         for target, entries in groups.items():
             self._seq += 1
-            d = write(target, [e[1] for e in entries])
+            d = write(target, list(map(_ITEM, entries)))
             d.addCallbacks(
                 self._pushed,
                 self._push_failed,
