@@ -4,8 +4,8 @@
 
 relayd (one process) and a local redis-server on core 0 (as in bench/run.py: the load generator
 owns core 1), wrk -t1 -c50 on core 1; rounds alternate plain / keyed so that drift hits both alike.
-``--redis-core 1`` moves redis-server next to wrk instead (see docs/benchmarks.md, "Idempotency-Key
-cost": the script's work on relayd's core makes relayd itself slower).
+``--redis-core 1`` moves redis-server next to wrk instead, to test whether the script's work on
+relayd's core makes relayd itself slower (an open question: docs/benchmarks.md, "Idempotency-Key cost").
 Issue 14's target: keyed >= 0.85x plain.
 
 Besides requests/s, each row gives the CPU time relayd and redis-server spent per request
