@@ -10,7 +10,11 @@ service should be:
 * no access log (``Site.log`` is a no-op; ``logPath=None`` alone would still
   log to the global twisted log file).
 
-Usage: python bench/ref_twisted_web.py PORT
+``--parser llhttp`` swaps twisted.web's LineReceiver parsing for llhttp
+(``bench.llhttp_channel.LLHTTPChannel``, issue 13 item 3); everything
+else (Site, Request, the HTTP/2-negotiation wrapper) stays the same.
+
+Usage: python bench/ref_twisted_web.py PORT [--parser twisted|llhttp]
 """
 
 import functools
@@ -44,13 +48,27 @@ class QuietSite(server.Site):
 
 def main():
     port = int(sys.argv[1])
+    parser = "twisted"
+    if sys.argv[2:4] and sys.argv[2] == "--parser":
+        parser = sys.argv[3]
     site = QuietSite(
         Ingest(),
         requestFactory=functools.partial(server.Request, parsePOSTFormSubmission=False),
         logPath=None,
     )
+    if parser == "llhttp":
+        import os
+
+        from twisted.web.http import _GenericHTTPChannelProtocol
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from bench.llhttp_channel import LLHTTPChannel
+
+        site.protocol = lambda: _GenericHTTPChannelProtocol(LLHTTPChannel())
+    elif parser != "twisted":
+        raise SystemExit(f"unknown parser {parser!r}")
     reactor.listenTCP(port, site, interface="127.0.0.1", backlog=1024)
-    print(f"ref_twisted_web listening on 127.0.0.1:{port} reactor={type(reactor).__name__}", flush=True)
+    print(f"ref_twisted_web listening on 127.0.0.1:{port} reactor={type(reactor).__name__} parser={parser}", flush=True)
     reactor.run()
 
 
