@@ -4,6 +4,8 @@
 
 relayd (one process) and a local redis-server on core 0 (as in bench/run.py: the load generator
 owns core 1), wrk -t1 -c50 on core 1; rounds alternate plain / keyed so that drift hits both alike.
+``--redis-core 1`` moves redis-server next to wrk instead, to test whether the script's work on
+relayd's core makes relayd itself slower (an open question: docs/benchmarks.md, "Idempotency-Key cost").
 Issue 14's target: keyed >= 0.85x plain.
 
 Besides requests/s, each row gives the CPU time relayd and redis-server spent per request
@@ -94,6 +96,11 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--baseline-code", help="another checkout to measure in the same run (before/after)")
     ap.add_argument("--profile", help="directory for py-spy raw profiles of one round per relayd and mode")
+    ap.add_argument(
+        "--redis-core", default="0",
+        help="core for redis-server (default 0, relayd's: both count, as the target is defined); 1 puts it with wrk, "
+        "to see how much of relayd's keyed cost comes from sharing its core with the script",
+    )  # fmt: skip
     args = ap.parse_args()
 
     class _Case:  # RedisServer wants a TestCase-like owner for cleanups
@@ -106,7 +113,7 @@ def main() -> None:
     case = _Case()
     redis = RedisServer(case)  # type: ignore[arg-type]
     assert redis.proc is not None
-    subprocess.run(["taskset", "-p", "-c", "0", str(redis.proc.pid)], check=True, capture_output=True)
+    subprocess.run(["taskset", "-p", "-c", args.redis_core, str(redis.proc.pid)], check=True, capture_output=True)
     relayds: List[Relayd] = []
     # (relayd, mode) -> list of (req/s, relayd us/req, redis us/req)
     rows: Dict[Tuple[str, str], List[Tuple[float, float, float]]] = {}

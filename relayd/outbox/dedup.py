@@ -50,37 +50,64 @@ _HEADER = struct.Struct("<Q")  # window in ms
 #: Lua's unpack has a C-stack limit of ~8000 arguments.  Run by EVALSHA
 #: (`Script`): a batch does not carry the script text, and Redis does not
 #: hash it per call.
+#:
+#: Two loops, one semantics.  The hot path (one message per bundle, Redis >=
+#: 7.0, which is when ``redis.REDIS_VERSION_NUM`` exists and SET takes NX
+#: with GET) marks and reads a repeat's first id in one call whose reply is
+#: nil when the SET won (no reply table to build), reads the id and the
+#: message at fixed places (2i-1, 2i) and builds the answer only once a
+#: repeat shows up: ~7 % fewer instructions in Redis per keyed request than
+#: the general loop (docs/benchmarks.md, "Idempotency-Key cost").  The
+#: general loop serves NDJSON bundles and Redis < 7.0.
 _SCRIPT = Script(
     """
 local window = ARGV[1]
-local counts = {}
-if ARGV[2] ~= '' then
-  for c in string.gmatch(ARGV[2], '%d+') do counts[#counts + 1] = tonumber(c) end
-end
-local pos = 3
-local out = {}
-local dup = false
+local out = nil
 local push = {}
 local np = 0
-for i = 2, #KEYS do
-  local n = counts[i - 1] or 1
-  if redis.call('SET', KEYS[i], ARGV[pos], 'NX', 'PX', window) then
-    for j = pos + 1, pos + n do
+if ARGV[2] == '' and redis.REDIS_VERSION_NUM then
+  for i = 2, #KEYS do
+    local first = redis.call('SET', KEYS[i], ARGV[i + i - 1], 'NX', 'GET', 'PX', window)
+    if first then
+      if not out then
+        out = {}
+        for k = 1, i - 2 do out[k] = '' end
+      end
+      out[i - 1] = first
+    else
       np = np + 1
-      push[np] = ARGV[j]
+      push[np] = ARGV[i + i]
+      if out then out[i - 1] = '' end
     end
-    out[i - 1] = ''
-  else
-    dup = true
-    out[i - 1] = redis.call('GET', KEYS[i]) or ''
   end
-  pos = pos + 1 + n
+else
+  local counts = {}
+  if ARGV[2] ~= '' then
+    for c in string.gmatch(ARGV[2], '%d+') do counts[#counts + 1] = tonumber(c) end
+  end
+  local dup = false
+  local pos = 3
+  out = {}
+  for i = 2, #KEYS do
+    local n = counts[i - 1] or 1
+    if redis.call('SET', KEYS[i], ARGV[pos], 'NX', 'PX', window) then
+      for j = pos + 1, pos + n do
+        np = np + 1
+        push[np] = ARGV[j]
+      end
+      out[i - 1] = ''
+    else
+      dup = true
+      out[i - 1] = redis.call('GET', KEYS[i]) or ''
+    end
+    pos = pos + 1 + n
+  end
+  if not dup then out = nil end
 end
 for k = 1, np, 1000 do
   redis.call('LPUSH', KEYS[1], unpack(push, k, math.min(k + 999, np)))
 end
-if dup then return out end
-return {}
+return out or {}
 """
 )
 
