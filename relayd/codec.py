@@ -57,8 +57,17 @@ def _encode_objects(bodies: List[Any]) -> Optional[List[bytes]]:
         data = _dumps(bodies).encode("utf-8")
     except (OverflowError, UnicodeEncodeError, ValueError):
         return None
-    parts = data[2:-2].split(b"},{")  # "[{" ... "}]"
-    return parts if len(parts) == n else None
+    parts = data.split(b"},{")
+    if len(parts) != n:
+        return None
+    # "[{" ... "}]": trimmed on the two end pieces, not by slicing the whole
+    # (a second copy of a batch-sized buffer, fresh pages each time).
+    if n == 1:
+        parts[0] = parts[0][2:-2]
+    else:
+        parts[0] = parts[0][2:]
+        parts[-1] = parts[-1][:-2]
+    return parts
 
 
 @functools.lru_cache(maxsize=256)
