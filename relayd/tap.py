@@ -29,8 +29,9 @@ from relayd.deliver.admin import DeliverAdmin
 from relayd.deliver.manager import DeliverManager
 from relayd.fanout.subscribe import Subscriptions
 from relayd.ids import IdGenerator
-from relayd.ingest.app import IngestApp, IngestRoute, IngestService
+from relayd.ingest.app import IngestApp, IngestRoute
 from relayd.ingest.http_layer import IngestSite
+from relayd.ingest.service import IngestService
 from relayd.ingest.validation import compile_schema_file
 from relayd.listener import ListenerService
 from relayd.ops.admin import AdminApp, AdminSite

@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -46,7 +46,6 @@ from relayd.ingest.problems import (
 )
 from relayd.ingest.ratelimit import RateLimiter
 from relayd.ingest.validation import BodyParser, Validator
-from relayd.listener import ListenerService
 from relayd.ops.metrics import Metrics, RouteMetrics
 from relayd.outbox.buffer import NotStored, RingBuffer, Waiter
 from relayd.outbox.dedup import DedupListTarget, encode_bundle
@@ -58,7 +57,6 @@ from relayd.reply.protocol import Reply
 JSON_CONTENT_TYPE = b"application/json"
 RETRY_AFTER_OVERLOAD = 1  # seconds: the forwarder drains a full buffer in well under that
 RETRY_AFTER_NOT_READY = 5  # seconds: Redis reconnect backoff is capped at 5 s
-DRAIN_GRACE = 0.25  # seconds idle keep-alives get to send one last request at stop
 ACK_SWEEP_INTERVAL = 0.25  # seconds: granularity of the stored-ack timeout
 #: Targets remembered per template route: a thousand teams' targets stay
 #: built, while a flood of distinct segment values costs at most this many.
@@ -707,53 +705,3 @@ def write_problem(request: Request, problem: Problem) -> bytes:
     body = render_problem(problem, instance=request.path.decode("utf-8", "replace"))
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return body
-
-
-class IngestService(ListenerService):
-    """Listens for ingest traffic; stops gracefully.
-
-    Stop order: stop listening, refuse new requests on open connections,
-    close idle keep-alives, wait for in-flight requests (stored acks need the
-    forwarder, which is stopped after this), then close what remains.
-    """
-
-    def __init__(self, endpoint: Any, site: Any, app: IngestApp, timeout: float, clock: Any) -> None:
-        super().__init__(endpoint, site, "ingest")
-        self._site = site
-        self.app = app
-        self._timeout = timeout
-        self._clock = clock
-
-    def startService(self) -> None:
-        """Bind (if not yet) and start the ack-timeout sweeper."""
-        super().startService()
-        self.app.start()
-
-    async def _stop(self) -> None:
-        await ListenerService.stopService(self)
-        self.app.begin_stop()
-        if any(channel.idle for channel in self._site.channels):
-            # Closing an idle keep-alive races with a request the client is
-            # sending right now (a broken pipe for it).  Busy clients send
-            # their next request within this grace and get it answered with
-            # Connection: close; only connections idle through it are closed.
-            await deferLater(self._clock, DRAIN_GRACE, lambda: None)
-        for channel in list(self._site.channels):
-            if channel.idle:
-                channel.loseConnection()
-        drained = self.app.wait_idle()
-        timeout = self._clock.callLater(self._timeout, drained.cancel)
-        try:
-            await drained
-        except CancelledError:
-            self._log.warn("shutdown: in-flight requests still open after {t}s", t=self._timeout)
-        else:
-            if timeout.active():
-                timeout.cancel()
-        for channel in list(self._site.channels):
-            channel.loseConnection()
-        self.app.stop()
-
-    def stopService(self) -> Deferred:
-        """Stop listening and drain in-flight requests."""
-        return Deferred.fromCoroutine(self._stop())
