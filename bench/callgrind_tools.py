@@ -14,9 +14,10 @@ import os
 import re
 import subprocess
 import time
-from typing import Any, Callable, Dict, List, Optional
+import urllib.request
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from tests.harness import wait_for
+from tests.harness import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VALGRIND = ["valgrind", "--tool=callgrind"]
@@ -96,3 +97,34 @@ class Callgrind:
             self.proc.wait(120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def relayd_under_callgrind(
+    name: str, code: str, workdir: str, redis_port: int, ack: str = "stored", list_name: str = "leads",
+    extra_conf: str = "",
+) -> Tuple[Callgrind, int]:
+    """``twistd -n relayd`` running `code` (a checkout) under callgrind with one route ``/leads``; ready.
+
+    Generous reply and ack timeouts: under valgrind a process runs ~50x
+    slower.  Returns the process and its ingest port.
+    """
+    port, admin = free_port(), free_port()
+    conf = os.path.join(workdir, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f'[server]\nlisten = "tcp:{port}:interface=127.0.0.1"\nadmin = "tcp:{admin}:interface=127.0.0.1"\n'
+            f'[redis]\nurl = "redis://127.0.0.1:{redis_port}/0"\nreply_timeout = 30.0\n{extra_conf}'
+            f'[spool]\ndir = "{workdir}/spool-{name}"\n'
+            f'[[route]]\npath = "/leads"\nlist = "{list_name}"\nack = "{ack}"\n'
+        )
+    venv = os.path.join(ROOT, ".venv", "bin")
+    proc = Callgrind(f"relayd-{name}", [os.path.join(venv, "python"), os.path.join(venv, "twistd"), "-n",
+                                        "--pidfile=", "relayd", "--config", conf],
+                     workdir, dict(os.environ, PYTHONPATH=code))  # fmt: skip
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=30).status == 200,
+                 300, f"relayd {name} ready under valgrind")  # fmt: skip
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port

@@ -23,14 +23,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.callgrind_tools import Callgrind  # noqa: E402
-from tests.harness import free_port, wait_for  # noqa: E402
+from bench.callgrind_tools import Callgrind, relayd_under_callgrind  # noqa: E402
+from tests.harness import free_port  # noqa: E402
 
 
 def wrk(script: str, port: int, seconds: int, connections: int) -> int:
@@ -62,22 +61,8 @@ def main() -> None:
     try:
         relayds: List[Tuple[str, Callgrind, int]] = []
         for name, code in (("this", ROOT), ("baseline", os.path.abspath(args.baseline_code))):
-            port, admin = free_port(), free_port()
-            conf = os.path.join(workdir, f"{name}.conf")
-            with open(conf, "w") as f:
-                f.write(
-                    f'[server]\nlisten = "tcp:{port}:interface=127.0.0.1"\nadmin = "tcp:{admin}:interface=127.0.0.1"\n'
-                    f'[redis]\nurl = "redis://127.0.0.1:{rport}/0"\nreply_timeout = 30.0\n'
-                    f'[spool]\ndir = "{workdir}/spool-{name}"\n'
-                    f'[[route]]\npath = "/leads"\nlist = "leads"\nack = "{args.ack}"\n'
-                )
-            venv = os.path.join(ROOT, ".venv", "bin")
-            proc = Callgrind(f"relayd-{name}", [os.path.join(venv, "python"), os.path.join(venv, "twistd"), "-n",
-                                                "--pidfile=", "relayd", "--config", conf],
-                             workdir, dict(os.environ, PYTHONPATH=code))  # fmt: skip
+            proc, port = relayd_under_callgrind(name, code, workdir, rport, ack=args.ack)
             procs.append(proc)
-            wait_for(lambda a=admin: urllib.request.urlopen(f"http://127.0.0.1:{a}/readyz", timeout=30).status == 200,
-                     300, f"relayd {name} ready under valgrind")  # fmt: skip
             wrk(args.script, port, 4, args.connections)  # warm-up: imports, first batches
             relayds.append((name, proc, port))
         rows: Dict[str, List[float]] = {}

@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.callgrind_tools import Callgrind, wrk  # noqa: E402
+from bench.callgrind_tools import Callgrind, relayd_under_callgrind, wrk  # noqa: E402
 from tests.harness import free_port, wait_for  # noqa: E402
 
 SCRIPT = "bench/post.lua"
@@ -60,23 +60,10 @@ def main() -> None:
         for code_name, code in codes:
             for ack in ("stored", "accepted"):
                 name = f"relayd {ack} ({code_name})"
-                port, admin = free_port(), free_port()
-                conf = os.path.join(workdir, f"{code_name}-{ack}.conf")
-                with open(conf, "w") as f:
-                    f.write(
-                        f'[server]\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
-                        f'admin = "tcp:{admin}:interface=127.0.0.1"\n'
-                        f'[redis]\nurl = "redis://127.0.0.1:{rport}/0"\nreply_timeout = 30.0\n'
-                        f'[buffer]\nack_timeout = 60.0\n'
-                        f'[spool]\ndir = "{workdir}/spool-{code_name}-{ack}"\n'
-                        f'[[route]]\npath = "/leads"\nlist = "leads-{code_name}-{ack}"\nack = "{ack}"\n'
-                    )
-                proc = Callgrind(name.replace(" ", "-").replace("(", "").replace(")", ""),
-                                 [os.path.join(venv, "python"), os.path.join(venv, "twistd"), "-n", "--pidfile=",
-                                  "relayd", "--config", conf], workdir, dict(os.environ, PYTHONPATH=code))  # fmt: skip
+                proc, port = relayd_under_callgrind(f"{code_name}-{ack}", code, workdir, rport, ack=ack,
+                                                    list_name=f"leads-{code_name}-{ack}",
+                                                    extra_conf="[buffer]\nack_timeout = 60.0\n")  # fmt: skip
                 procs.append(proc)
-                wait_for(lambda a=admin: urllib.request.urlopen(f"http://127.0.0.1:{a}/readyz", timeout=30).status == 200,
-                         300, f"{name} ready under valgrind")  # fmt: skip
                 wrk(SCRIPT, port, 5)  # warm-up: imports, first batches
                 servers.append((name, proc, port, True))
         rows: Dict[str, List[float]] = {}
