@@ -60,13 +60,10 @@ def _encode_objects(bodies: List[Any]) -> Optional[List[bytes]]:
     parts = data.split(b"},{")
     if len(parts) != n:
         return None
-    # "[{" ... "}]": trimmed on the two end pieces, not by slicing the whole
-    # (a second copy of a batch-sized buffer, fresh pages each time).
-    if n == 1:
-        parts[0] = parts[0][2:-2]
-    else:
-        parts[0] = parts[0][2:]
-        parts[-1] = parts[-1][:-2]
+    # "[{" ... "}]": trimmed on the end pieces (one piece when n is 1), not
+    # by slicing the whole (a second copy of a batch-sized buffer).
+    parts[0] = parts[0][2:]
+    parts[-1] = parts[-1][:-2]
     return parts
 
 

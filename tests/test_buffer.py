@@ -144,6 +144,36 @@ class WaiterTests(unittest.TestCase):
         w.stored()
         self.assertEqual(fired, [None])
 
+    def test_on_settled_is_called_once_and_its_error_stays_inside(self):
+        """The plain callback gets the outcome once; if it raises, the error is logged, not
+        raised into the forwarder's settlement, and a Deferred asked for later still fires."""
+        from twisted.logger import globalLogPublisher
+
+        seen, logged = [], []
+
+        def broken(waiter, error):
+            seen.append((waiter, error))
+            raise RuntimeError("bug in the answer")
+
+        def observer(event):
+            if event.get("log_failure") is not None:
+                logged.append(event)
+
+        w = Waiter(1)
+        w.on_settled = broken
+        globalLogPublisher.addObserver(observer)
+        try:
+            w.stored()  # must not raise
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        self.assertEqual(seen, [(w, None)])
+        self.assertEqual(len(logged), 1)
+        fired = []
+        w.deferred.addCallback(fired.append)  # made after the outcome: fires at once
+        self.assertEqual(fired, [None])
+        w.fail(RuntimeError("late"))  # already answered: no second call
+        self.assertEqual(len(seen), 1)
+
     def test_cancelled_never_fires(self):
         """A cancelled waiter stays silent when its messages land later."""
         w = Waiter(1)

@@ -269,13 +269,14 @@ class RingBuffer:
         """
         queue = self._queue
         batch = list(islice(queue, n))
-        for waiter in set(map(_WAITER, batch)):
+        waiters = _per_waiter(batch)
+        for waiter in waiters:
             if waiter is not None and waiter.cancelled:
                 return None  # the loop drops its entries one by one
         k = min(n, bisect_left(list(accumulate(map(len, map(_ITEM, batch)))), max_bytes) + 1)
         if k < n:
             batch = batch[:k]
-        waiters = _per_waiter(batch)
+            waiters = _per_waiter(batch)
         if k == len(queue):
             queue.clear()
         else:
