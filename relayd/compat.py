@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import errno
 import types
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorCore
@@ -166,11 +166,15 @@ def _lean_do_poll(self: Any, timeout: Optional[float]) -> None:
             dispatch(selectable, fd, event)
 
 
-def lean_dispatch(reactor: Any) -> bool:
+def lean_dispatch(reactor: Any, turn_end: Optional[Callable[[], None]] = None) -> bool:
     """Run `reactor`'s poll loop without the per-event legacy log context (epoll only).
 
+    `turn_end`, if given, is called after the events of each poll were
+    dispatched, and before each poll (for what timed calls did since):
+    `relayd.wire.TurnSends` sends the answers a turn made there, back to back.
+
     True if applied; any other reactor (a test's Clock, select, asyncio) is
-    left as it is.
+    left as it is, and `turn_end` is never called.
     """
     try:
         from twisted.internet.epollreactor import EPollReactor
@@ -178,5 +182,15 @@ def lean_dispatch(reactor: Any) -> bool:
         return False
     if not isinstance(reactor, EPollReactor):
         return False
-    reactor.doIteration = types.MethodType(_lean_do_poll, reactor)  # type: ignore[method-assign]
+    if turn_end is None:
+        reactor.doIteration = types.MethodType(_lean_do_poll, reactor)  # type: ignore[method-assign]
+        return True
+    end = turn_end
+
+    def do_iteration(timeout: Optional[float]) -> None:
+        end()
+        _lean_do_poll(reactor, timeout)
+        end()
+
+    reactor.doIteration = do_iteration  # type: ignore[method-assign]
     return True

@@ -49,6 +49,7 @@ from relayd.redis.cluster import ClusterClient
 from relayd.redis.factory import make_redis_client as redis_client_for
 from relayd.redis.probe import probe_cluster
 from relayd.reply.inbox import ReplyInbox
+from relayd.wire import TurnSends
 
 #: /readyz says "can store" when a message of this size could be stored now:
 #: a spool with less room than one ordinary message is as good as full.
@@ -77,9 +78,10 @@ class RelayService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, reactor: IReactorCore) -> None:
+    def __init__(self, reactor: IReactorCore, sends: Optional[TurnSends] = None) -> None:
         super().__init__()
         self._reactor = reactor
+        self._sends = sends
         self.metrics: Optional[Metrics] = None  # set by build_service (workers report it)
         self.worker_index: Optional[int] = None
         self.clean = False
@@ -102,8 +104,16 @@ class RelayService(MultiService):
         self._log.info("relayd stopped (clean={clean})", clean=clean)
 
     def startService(self) -> None:
-        """Start the children on a lean poll loop (`relayd.compat.lean_dispatch`)."""
-        lean_dispatch(self._reactor)
+        """Start the children on a lean poll loop (`relayd.compat.lean_dispatch`).
+
+        Ingest's answers are held to the end of each reactor turn only when
+        that loop flushes them (`relayd.wire.TurnSends`).
+        """
+        sends = self._sends
+        if sends is None:
+            lean_dispatch(self._reactor)
+        elif lean_dispatch(self._reactor, sends.flush):
+            sends.enabled = True
         super().startService()
 
     def stopService(self) -> Deferred[None]:
@@ -187,7 +197,8 @@ def build_service(
     if any(r.stream is not None for r in config.routes):
         fanout = Subscriptions(reactor, config.redis, redis, metrics)
         app.fanout = fanout
-    site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits)
+    sends = TurnSends()  # the ingest answers of a reactor turn, sent when it ends (RelayService enables it)
+    site = IngestSite(app, metrics, config.server.idle_timeout, reactor, config.limits, sends)
     ingest = IngestService(
         listen_endpoint or serverFromString(reactor, config.server.listen), site, app, shutdown_timeout, reactor
     )
@@ -223,7 +234,7 @@ def build_service(
         config.spool.fsync,
     )
 
-    root = RelayService(IReactorCore(reactor))
+    root = RelayService(IReactorCore(reactor), sends)
     root.metrics = metrics
     root.worker_index = worker_index
     counters: List[Tuple[str, Any]] = []

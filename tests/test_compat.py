@@ -74,13 +74,13 @@ class HeaderMapTests(unittest.TestCase):
 class LeanDispatchTests(unittest.TestCase):
     """`lean_dispatch`: the epoll loop still delivers data, and a protocol's error still disconnects it."""
 
-    def _run(self, server_protocol):
+    def _run(self, server_protocol, turn_end=None):
         """Run a fresh (not installed) epoll reactor with lean dispatch: one client sends b"ping"."""
         from twisted.internet.epollreactor import EPollReactor
         from twisted.internet.protocol import ClientFactory
 
         reactor = EPollReactor()
-        self.assertTrue(compat.lean_dispatch(reactor))
+        self.assertTrue(compat.lean_dispatch(reactor, turn_end))
         seen = {"client_lost": False}
         factory = Factory.forProtocol(server_protocol)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -114,6 +114,29 @@ class LeanDispatchTests(unittest.TestCase):
         seen = self._run(Echo)
         self.assertEqual(seen.get("reply"), b"ping")
         self.assertTrue(seen["client_lost"])
+
+    def test_turn_end_sends_held_answers(self):
+        """With a turn-end hook, an answer held by `relayd.wire.TurnSends` reaches the client after the turn."""
+        from relayd.wire import TurnSends
+
+        sends = TurnSends()
+        sends.enabled = True
+        calls = []
+
+        def turn_end():
+            calls.append(len(sends._held))
+            sends.flush()
+
+        class HeldEcho(Protocol):
+            def connectionMade(self):
+                self.send = sends.writer(self.transport)
+
+            def dataReceived(self, data):
+                self.send(data)
+
+        seen = self._run(HeldEcho, turn_end)
+        self.assertEqual(seen.get("reply"), b"ping")
+        self.assertIn(1, calls)  # the hook found the held answer after the turn that read the request
 
     def test_protocol_error_disconnects(self):
         """An exception in dataReceived is logged and drops that connection, as with Twisted's own loop."""

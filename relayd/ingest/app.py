@@ -331,7 +331,7 @@ class IngestApp:
         try:
             result = self.post(request, route)
         except Problem as p:
-            _finish(request, write_problem(request, p))
+            _finish(request, write_problem(request, p), at_turn_end=True)
             return
         if isinstance(result, Waiter):
             request.gone_waiter = result  # type: ignore[attr-defined]  # IngestRequest.connectionLost frees it if the client leaves
@@ -342,8 +342,8 @@ class IngestApp:
                 result.deferred.addCallbacks(
                     _finish_unless_gone, _fail_unless_gone, callbackArgs=(request, None), errbackArgs=(request,)
                 )
-        else:
-            _finish(request, result, JSON_CONTENT_TYPE)
+        else:  # answered while the request is read: with the turn's other answers (relayd.wire.TurnSends)
+            _finish(request, result, JSON_CONTENT_TYPE, at_turn_end=True)
 
     def _accept(self, request: Request, route: IngestRoute, started: float) -> Any:
         headers = request.requestHeaders
@@ -669,8 +669,8 @@ def _ignore(failure: Any) -> None:
     """Consume the failure of a Deferred nobody waits on (not an unhandled error)."""
 
 
-def _finish(request: Any, body: bytes, content_type: Optional[bytes] = None) -> None:
-    request.respond(body, content_type)  # IngestRequest: one buffer, Content-Length computed
+def _finish(request: Any, body: bytes, content_type: Optional[bytes] = None, at_turn_end: bool = False) -> None:
+    request.respond(body, content_type, at_turn_end)  # IngestRequest: one buffer, Content-Length computed
 
 
 def _finish_unless_gone(body: bytes, request: Any, content_type: Optional[bytes]) -> None:

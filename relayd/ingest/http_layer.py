@@ -42,7 +42,7 @@ from relayd.ingest.problems import (
     render_problem,
 )
 from relayd.ops.metrics import Metrics
-from relayd.wire import direct_writer
+from relayd.wire import TurnSends, direct_writer
 
 DEADLINE_SWEEP = 0.25  # seconds: resolution of head/body deadlines
 _COMPUTED_HEADERS = frozenset((b"Date", b"Content-Length"))  # `IngestRequest.respond` writes its own
@@ -112,7 +112,7 @@ class IngestRequest(Request):
         """The connection was lost before the response was finished."""
         return bool(self._disconnected)
 
-    def respond(self, body: bytes, content_type: Optional[bytes] = None) -> None:
+    def respond(self, body: bytes, content_type: Optional[bytes] = None, at_turn_end: bool = False) -> None:
         """Write the whole response as one buffer and finish (the hot path).
 
         The bytes twisted.web sends for a response with a Content-Length
@@ -120,7 +120,9 @@ class IngestRequest(Request):
         body), built in one pass instead of through `Headers`, `writeHeaders`
         (a sequence of ~20 small writes) and a second write for the body.
         Content-Length is always computed here; a Date or Content-Length set
-        on the request is not sent twice.
+        on the request is not sent twice.  `at_turn_end`: an answer given
+        while its request is read (accepted acks, problems) leaves when the
+        reactor turn ends, with the turn's others (`relayd.wire.TurnSends`).
         """
         if self.startedWriting or self.finished or self._disconnected:
             self.write(body)  # twisted.web's own checks and errors
@@ -138,7 +140,8 @@ class IngestRequest(Request):
         head.append(body)
         self.startedWriting = 1
         self.sentLength = len(body)
-        self.channel.send_now(b"".join(head))
+        channel = self.channel
+        (channel.send_at_turn_end if at_turn_end else channel.send_now)(b"".join(head))
         self.finish()
 
     def process(self) -> None:
@@ -193,9 +196,12 @@ class IngestChannel(HookedHTTPChannel):
         # getsockname() syscall plus an address object (~10% of a request).
         self._host_address = self.transport.getHost()
         self._peer_address = self.transport.getPeer()
-        # A whole response is one write; sent at once when nothing is pending
+        # A whole response is one write, sent at once when nothing is pending
         # (relayd/wire.py): no epoll_ctl pair and reactor turn per request.
+        # An answer given while the request is read waits for the turn's end,
+        # to leave with that turn's other answers (`TurnSends`).
         self.send_now = direct_writer(self.transport)
+        self.send_at_turn_end = self.site.sends.writer(self.transport)
         super().connectionMade()
         limits = self.site.limits
         self.maxHeaders = limits.max_headers
@@ -318,9 +324,18 @@ class IngestSite(Site):
     requestFactory = IngestRequest
 
     def __init__(
-        self, app: IngestApp, metrics: Metrics, idle_timeout: float, reactor: IReactorTime, limits: Optional[LimitsConfig] = None
+        self,
+        app: IngestApp,
+        metrics: Metrics,
+        idle_timeout: float,
+        reactor: IReactorTime,
+        limits: Optional[LimitsConfig] = None,
+        sends: Optional[TurnSends] = None,
     ) -> None:
         super().__init__(app.resource(), timeout=idle_timeout, reactor=reactor)
+        #: How answers are written: held to the end of the reactor turn once
+        #: the reactor flushes it (`relayd.tap.RelayService`), else at once.
+        self.sends = sends if sends is not None else TurnSends()
         self.limits = limits if limits is not None else LimitsConfig()
         self._per_peer: Dict[str, int] = {}
         self.app = app
