@@ -17,6 +17,9 @@ import os
 from typing import Callable, List, Optional
 
 _SEQ_MASK = (1 << 40) - 1
+#: The last three hex digits of a sequence number, for every value: a batch's
+#: ids are a shared head plus these suffixes (`IdGenerator.next_ids`).
+_LOW_DIGITS = tuple("%03x" % i for i in range(4096))
 
 
 class IdGenerator:
@@ -45,11 +48,20 @@ class IdGenerator:
         if ms < self._last_ms:
             ms = self._last_ms
         self._last_ms = ms
-        template = "%012x%s%%010x" % (ms, self._node)
+        head = "%012x%s" % (ms, self._node)
         seq = self._seq
-        if seq + count <= _SEQ_MASK:
-            ids = list(map(template.__mod__, range(seq + 1, seq + count + 1)))  # C-level, no wrap
-        else:
-            ids = [template % ((seq + i) & _SEQ_MASK) for i in range(1, count + 1)]
         self._seq = (seq + count) & _SEQ_MASK
+        if seq + count > _SEQ_MASK:  # the sequence wraps inside this batch (once in 2**40 ids)
+            template = head + "%010x"
+            return [template % ((seq + i) & _SEQ_MASK) for i in range(1, count + 1)]
+        # Formatting "%010x" per id was ~0.17 us of an NDJSON line's ~2.9 us.
+        # Consecutive numbers share all but their last three hex digits within
+        # a block of 4096, so each block is one formatted head joined to a
+        # slice of the precomputed suffixes, at C level (~0.06 us an id).
+        ids: List[str] = []
+        first, last = seq + 1, seq + count
+        while first <= last:
+            block_last = min(last, first | 0xFFF)
+            ids.extend(map(("%s%07x" % (head, first >> 12)).__add__, _LOW_DIGITS[first & 0xFFF : (block_last & 0xFFF) + 1]))
+            first = block_last + 1
         return ids

@@ -36,6 +36,16 @@ class IdGeneratorTests(unittest.TestCase):
         self.assertEqual(sorted(ids), ids)
         self.assertTrue(all(len(i) == 30 for i in ids))
 
+    @given(st.integers(0, (1 << 40) - 1), st.integers(1, 10_000), st.integers(0, 0xFFFFFFFF))
+    def test_batch_ids_are_the_per_id_format(self, seq, count, node):
+        """`next_ids` (a head plus precomputed suffixes) gives exactly the ids formatted one by one, across
+        4096-blocks and the 40-bit wrap."""
+        gen = IdGenerator(lambda: 1700000000.5, node=node)
+        gen._seq = seq
+        expected = ["%012x%08x%010x" % (1700000000500, node, (seq + i) & ((1 << 40) - 1)) for i in range(1, count + 1)]
+        self.assertEqual(gen.next_ids(count), expected)
+        self.assertEqual(gen.next_id(), "%012x%08x%010x" % (1700000000500, node, (seq + count + 1) & ((1 << 40) - 1)))
+
     def test_time_prefix(self):
         """The first 12 hex digits are the millisecond timestamp."""
         gen = IdGenerator(lambda: 1700000000.1234, node=1)
