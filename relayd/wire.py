@@ -24,9 +24,10 @@ its error handling apply unchanged.  Transports that are not plain TCP
 
 This reads attributes of ``twisted.internet.tcp.Connection`` that are not
 documented API (``dataBuffer``, ``offset``, ``_tempDataLen``,
-``_writeDisconnected``); `direct_writer` checks they exist and falls back
-to ``transport.write`` otherwise, and tests/test_fanout_units.py checks the
-fast path against a real connection.
+``_writeDisconnected``; `TurnSends` also appends to ``_tempDataBuffer``);
+`direct_writer` and `TurnSends.writer` check they exist and fall back to
+``transport.write`` otherwise, and tests/test_fanout_units.py and
+tests/test_wire.py check both paths against a real connection.
 """
 
 from __future__ import annotations
