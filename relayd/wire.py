@@ -145,3 +145,27 @@ class TurnSends:
             t._tempDataBuffer[0] = data[sent:]
             t._tempDataLen -= sent
             t.startWriting()
+
+
+#: Bytes one ``send`` may carry on a connection where `lift_send_limit` was applied.
+BIG_SEND_LIMIT = 4 << 20
+
+
+def lift_send_limit(transport: Any, limit: int = BIG_SEND_LIMIT) -> bool:
+    """Let each ``send`` of a Twisted TCP transport carry up to `limit` bytes; True if applied.
+
+    Why (the Redis connection): Twisted sends at most ``SEND_LIMIT`` (128
+    KiB) per writable event, and once less than that is left it copies the
+    rest together with everything queued behind it into a new buffer.  A
+    1000-message ``LPUSH`` is ~330 KB and up to four are in flight, so an
+    NDJSON load sent each command over three reactor turns and copied
+    megabytes per batch: relayd spent 17 % less CPU per NDJSON message with
+    the limit lifted (docs/benchmarks.md, "Redis commands in one send").
+    Linux takes what its socket buffer holds from a send of any size; the
+    limit exists for Windows.  ``SEND_LIMIT`` is a class attribute of
+    ``FileDescriptor``; set on the instance, it changes only this connection.
+    """
+    if not isinstance(transport, tcp.Connection) or not isinstance(getattr(transport, "SEND_LIMIT", None), int):
+        return False
+    transport.SEND_LIMIT = limit
+    return True

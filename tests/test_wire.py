@@ -12,7 +12,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial import unittest
 
-from relayd.wire import TurnSends
+from relayd.wire import TurnSends, lift_send_limit
 
 
 def connection(case: unittest.TestCase) -> Tuple[Any, socket.socket, MemoryReactor]:
@@ -161,3 +161,35 @@ class TurnSendsTests(unittest.TestCase):
         finally:
             ours.close()
             peer.close()
+
+
+class SendLimitTests(unittest.TestCase):
+    """`lift_send_limit`: one writable event sends more than Twisted's 128 KiB, order and bytes intact."""
+
+    def test_one_send_carries_more_than_128_kib(self) -> None:
+        conn, peer, reactor = connection(self)
+        conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.assertTrue(lift_send_limit(conn))
+        big = bytes(range(256)) * 2048  # 512 KiB, as a 1000-message LPUSH is ~330 KB
+        conn.write(big)
+        conn.doWrite()  # one writable event
+        first = drain(peer)
+        self.assertGreater(len(first), 128 * 1024)
+        received = first
+        while conn in reactor.writers and len(received) < len(big):
+            conn.doWrite()
+            received += drain(peer)
+        self.assertEqual(received, big)
+
+    def test_twisted_default_is_128_kib(self) -> None:
+        """What the lift changes: without it, one writable event sends at most 128 KiB."""
+        conn, peer, _ = connection(self)
+        conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        conn.write(bytes(512 * 1024))
+        conn.doWrite()
+        self.assertEqual(len(drain(peer)), 128 * 1024)
+
+    def test_not_tcp(self) -> None:
+        """A test double (or TLS) is left alone."""
+        self.assertFalse(lift_send_limit(StringTransport()))

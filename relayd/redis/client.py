@@ -32,6 +32,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from relayd.config import RedisConfig
+from relayd.wire import lift_send_limit
 
 ConnectionError = txredisapi.ConnectionError
 ResponseError = txredisapi.ResponseError
@@ -62,9 +63,11 @@ class RelaydRedisProtocol(txredisapi.HiredisProtocol):  # type: ignore[misc]  # 
 
     def connectionMade(self) -> Any:
         """Disable Nagle: with several small LPUSHes in flight, Nagle plus
-        delayed ACKs holds the second one for up to 40 ms."""
+        delayed ACKs holds the second one for up to 40 ms.  And let one send
+        carry a whole batch (`relayd.wire.lift_send_limit`)."""
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
+        lift_send_limit(self.transport)
         result = super().connectionMade()  # no AUTH/SELECT here: completes at once
         self.factory.connection_made(self)
         return result
