@@ -26,7 +26,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from hypothesis import strategies as st
 
@@ -181,25 +181,42 @@ def read_response(sock: socket.socket, timeout: float = 10.0, buffered: bytes = 
     Raises AssertionError if neither happens within `timeout` seconds (the
     server hung on the request).
     """
+    responses, closed = read_responses(sock, 1, timeout, buffered)
+    return responses[0] if responses else closed
+
+
+def read_responses(
+    sock: socket.socket, count: int, timeout: float = 10.0, buffered: bytes = b""
+) -> Tuple[List[RawResponse], Optional[Closed]]:
+    """Up to `count` responses in arrival order (pipelining), and `Closed` if the server closed first.
+
+    Raises AssertionError if neither happens within `timeout` seconds.
+    """
     data = buffered
+    responses: List[RawResponse] = []
     deadline = time.monotonic() + timeout
-    while True:
+    while len(responses) < count:
         parsed = parse_response(data)
         if parsed is not None:
-            return parsed
+            responses.append(parsed)
+            data = data[len(parsed.raw) :]
+            continue
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"no response and no close within {timeout:.1f}s; got {data[:300]!r}")
+            raise AssertionError(
+                f"{len(responses)} of {count} responses and no close within {timeout:.1f}s; got {data[:300]!r}"
+            )
         sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
         except socket.timeout:
             continue
         except ConnectionResetError:
-            return Closed(data)
+            return responses, Closed(data)
         if not chunk:
-            return Closed(data)
+            return responses, Closed(data)
         data += chunk
+    return responses, None
 
 
 def send_all(sock: socket.socket, data: bytes) -> bool:

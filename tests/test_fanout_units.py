@@ -21,7 +21,6 @@ from relayd.fanout.sse import Subscriber
 from relayd.ops.metrics import Metrics
 from relayd.outbox.streams import ListAndStreamTarget, StreamTarget
 from relayd.outbox.targets import decode_payload, encode_payload
-from relayd.wire import direct_writer
 
 
 class EventTests(unittest.TestCase):
@@ -258,61 +257,3 @@ class HeartbeatTests(unittest.TestCase):
             self.assertLess(clock.seconds() - last_event, HEARTBEAT_INTERVAL + 1)
         self.assertLessEqual(clock.seconds() - last_event, HEARTBEAT_INTERVAL + 2 * tick)
         subs._heartbeat.stop()
-
-
-class DirectWriteTests(unittest.TestCase):
-    """relayd/wire.py against a real socket: sent at once when nothing is pending, else Twisted's buffer, in order."""
-
-    def connection(self) -> tuple:  # type: ignore[type-arg]
-        """A twisted tcp.Connection over one end of a socket pair (a MemoryReactor records writers); the other end."""
-        import socket
-
-        from twisted.internet import tcp
-        from twisted.internet.protocol import Protocol
-        from twisted.internet.testing import MemoryReactor
-
-        ours, peer = socket.socketpair()
-        self.addCleanup(ours.close)
-        self.addCleanup(peer.close)
-        reactor = MemoryReactor()
-        conn = tcp.Connection(ours, Protocol(), reactor)
-        conn.connected = True
-        return conn, peer, reactor
-
-    def drain(self, peer: Any) -> bytes:
-        """Everything the peer end can read now."""
-        peer.setblocking(False)
-        chunks = []
-        while True:
-            try:
-                chunk = peer.recv(1 << 20)
-            except BlockingIOError:
-                return b"".join(chunks)
-            chunks.append(chunk)
-
-    def test_sent_at_once_without_registering_for_writes(self) -> None:
-        """An idle connection: the bytes are in the peer's socket before any reactor turn, no writer registered."""
-        conn, peer, reactor = self.connection()
-        write = direct_writer(conn)
-        write(b"id: 1-0\ndata: x\n\n")
-        self.assertEqual(self.drain(peer), b"id: 1-0\ndata: x\n\n")
-        self.assertNotIn(conn, reactor.writers)
-
-    def test_what_the_kernel_refuses_is_buffered_and_order_kept(self) -> None:
-        """Past the kernel buffer the rest goes to Twisted's buffer; later writes queue behind it, never overtake."""
-        conn, peer, reactor = self.connection()
-        write = direct_writer(conn)
-        big = bytes(range(256)) * 8192  # 2 MiB: more than a socket pair's buffer
-        write(big)
-        self.assertIn(conn, reactor.writers)  # the rest waits for writability
-        write(b"tail")
-        received = self.drain(peer)
-        while len(received) < len(big) + 4:
-            conn.doWrite()  # what the reactor does when the socket is writable
-            received += self.drain(peer)
-        self.assertEqual(received, big + b"tail")
-
-    def test_other_transports_use_their_own_write(self) -> None:
-        """A transport that is not plain TCP (a test double, TLS) is written through its write()."""
-        transport = StringTransport()
-        self.assertEqual(direct_writer(transport), transport.write)

@@ -120,6 +120,17 @@ class BinarySafetyTests(RedisClientTestCase):
         self.assertEqual([type(v) for v in read_back], [bytes] * len(self.VALUES))
         self.assertEqual(list(reversed(read_back)), self.VALUES)
 
+    async def test_one_send_may_carry_a_whole_batch(self) -> None:
+        """The connection to Redis lifts Twisted's 128 KiB send cap (`relayd.wire.lift_send_limit`), and a
+        batch larger than the old cap still arrives whole."""
+        from relayd.wire import BIG_SEND_LIMIT
+
+        client = await self.ready_client()
+        self.assertEqual(client._proto.transport.SEND_LIMIT, BIG_SEND_LIMIT)
+        values = [b"%06d" % i + b"x" * 330 for i in range(1000)]  # ~340 KB: a 1000-message LPUSH
+        await client.lpush(b"big", values)
+        self.assertEqual(self.redis.items("big"), values)
+
     async def test_lpush_order_is_fifo_for_rpop(self) -> None:
         """Values of one LPUSH, and of successive LPUSHes, come out of RPOP in the order they were pushed."""
         client = await self.ready_client()

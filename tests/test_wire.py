@@ -1,4 +1,4 @@
-"""relayd/wire.py's `TurnSends` against real sockets: answers held to the turn's end arrive whole, in order."""
+"""relayd/wire.py against real sockets: direct writes, answers held to the turn's end, and the lifted send limit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial import unittest
 
-from relayd.wire import TurnSends, lift_send_limit
+from relayd.wire import TurnSends, direct_writer, lift_send_limit
 
 
 def connection(case: unittest.TestCase) -> Tuple[Any, socket.socket, MemoryReactor]:
@@ -193,3 +193,34 @@ class SendLimitTests(unittest.TestCase):
     def test_not_tcp(self) -> None:
         """A test double (or TLS) is left alone."""
         self.assertFalse(lift_send_limit(StringTransport()))
+
+
+class DirectWriteTests(unittest.TestCase):
+    """`direct_writer` against a real socket: sent at once when nothing is pending, else Twisted's buffer, in order."""
+
+    def test_sent_at_once_without_registering_for_writes(self) -> None:
+        """An idle connection: the bytes are in the peer's socket before any reactor turn, no writer registered."""
+        conn, peer, reactor = connection(self)
+        write = direct_writer(conn)
+        write(b"id: 1-0\ndata: x\n\n")
+        self.assertEqual(drain(peer), b"id: 1-0\ndata: x\n\n")
+        self.assertNotIn(conn, reactor.writers)
+
+    def test_what_the_kernel_refuses_is_buffered_and_order_kept(self) -> None:
+        """Past the kernel buffer the rest goes to Twisted's buffer; later writes queue behind it, never overtake."""
+        conn, peer, reactor = connection(self)
+        write = direct_writer(conn)
+        big = bytes(range(256)) * 8192  # 2 MiB: more than a socket pair's buffer
+        write(big)
+        self.assertIn(conn, reactor.writers)  # the rest waits for writability
+        write(b"tail")
+        received = drain(peer)
+        while len(received) < len(big) + 4:
+            conn.doWrite()  # what the reactor does when the socket is writable
+            received += drain(peer)
+        self.assertEqual(received, big + b"tail")
+
+    def test_other_transports_use_their_own_write(self) -> None:
+        """A transport that is not plain TCP (a test double, TLS) is written through its write()."""
+        transport = StringTransport()
+        self.assertEqual(direct_writer(transport), transport.write)
