@@ -32,7 +32,7 @@ tests/test_wire.py check both paths against a real connection.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List
 
 from twisted.internet import tcp
 

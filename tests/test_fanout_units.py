@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import unittest
 from types import SimpleNamespace
-from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import struct
 import threading
 import time
 import unittest
@@ -71,43 +72,65 @@ class HeaderRulesTests(unittest.TestCase):
         """A remembered key answers until its window ends; the LRU keeps at most max_keys."""
         now = [0.0]
         recent = RecentKeys(lambda: now[0], window=10.0, max_keys=2)
-        recent.put(b"a", b"1")
+        recent.put(b"a", b"1", now[0])
         self.assertEqual(recent.get(b"a"), b"1")
         now[0] = 10.0
         self.assertIsNone(recent.get(b"a"))
         for k in (b"x", b"y", b"z"):
-            recent.put(k, k)
+            recent.put(k, k, now[0])
         self.assertEqual((len(recent), recent.get(b"x")), (2, None))
+
+    def test_recent_keys_file_a_key_by_when_its_request_started(self) -> None:
+        """A key whose request started before the current generation is not filed there: that generation would
+        answer for it up to (answer time - start) past its marker's expiry."""
+        now = [0.0]
+        recent = RecentKeys(lambda: now[0], window=10.0, max_keys=100)
+        recent.put(b"a", b"1", 0.0)
+        now[0] = 6.0
+        recent.put(b"b", b"2", 6.0)  # half a window on: a new generation that started at 6
+        recent.put(b"late", b"3", 4.0)  # started at 4 (Redis marked it at >= 4), answered now
+        now[0] = 13.9
+        self.assertEqual(recent.get(b"late"), None)  # filed with "a" (started at 0): dropped by 10
+        self.assertEqual(recent.get(b"b"), b"2")
 
     @given(
         max_keys=st.integers(1, 8),
-        ops=st.lists(st.tuples(st.sampled_from(["put", "get", "wait"]), st.integers(0, 11)), max_size=60),
+        ops=st.lists(
+            st.tuples(st.sampled_from(["put", "get", "wait"]), st.integers(0, 11), st.sampled_from([0.0, 0.0, 1.0, 4.0])),
+            max_size=60,
+        ),
     )
-    def test_recent_keys_never_answer_late_and_remember_recent_ones(self, max_keys: int, ops: List[Tuple[str, int]]) -> None:
-        """Against a model of when each key was first put: a key is never answered a window or more after its
-        first put (a late answer would drop a legitimate retry); one put less than half a window ago, with
-        fewer than max_keys // 2 new keys since, is answered; at most max_keys are held."""
+    def test_recent_keys_never_answer_late_and_remember_recent_ones(
+        self, max_keys: int, ops: List[Tuple[str, int, float]]
+    ) -> None:
+        """Against a model of when each key's request started (its marker is set no earlier): a key is never
+        answered a window or more after that (a late answer would drop a legitimate retry); one put at once
+        (no lag between start and put) less than half a window ago, with fewer than max_keys // 2 new keys
+        since, is answered; at most max_keys are held."""
         now = [0.0]
         window = 10.0
         recent = RecentKeys(lambda: now[0], window=window, max_keys=max_keys)
-        first_put: Dict[bytes, float] = {}
+        first_put: Dict[bytes, float] = {}  # when the request that stored it started
+        lagged: Dict[bytes, bool] = {}
         new_keys: List[bytes] = []  # keys in the order they were first put
-        for op, n in ops:
+        for op, n, lag in ops:
             key = b"k%d" % n
             if op == "wait":
                 now[0] += n * 0.75
             elif op == "put":
-                if key not in first_put or now[0] >= first_put[key] + window:
+                since = max(0.0, now[0] - lag)
+                if key not in first_put or since >= first_put[key] + window:
                     if recent.get(key) is None:
-                        first_put[key] = now[0]
+                        first_put[key] = since
+                        lagged[key] = since < now[0]
                         new_keys.append(key)
-                        recent.put(key, b"id-%s" % key)
+                        recent.put(key, b"id-%s" % key, since)
             else:
                 answer = recent.get(key)
                 if answer is not None:
                     self.assertLess(now[0], first_put[key] + window, "answered past the window")
                     self.assertEqual(answer, b"id-%s" % key)
-                elif key in first_put and now[0] < first_put[key] + window / 2:
+                elif key in first_put and not lagged[key] and now[0] < first_put[key] + window / 2:
                     since = len(new_keys) - 1 - max(i for i, k in enumerate(new_keys) if k == key)
                     self.assertGreaterEqual(since, max(1, max_keys // 2), "forgotten while recent")
             self.assertLessEqual(len(recent), max(max_keys, 1))
@@ -115,14 +138,50 @@ class HeaderRulesTests(unittest.TestCase):
     @given(st.binary(max_size=64), st.binary(max_size=40), st.lists(st.binary(max_size=50), max_size=20))
     def test_bundle_round_trip(self, digest: bytes, first_id: bytes, items: List[bytes]) -> None:
         """A bundle decodes to what was encoded, whatever the bytes."""
-        digest, first_id = digest[:255], first_id[:255]
+        digest, first_id = digest[:254], first_id[:255]
         self.assertEqual(decode_bundle(encode_bundle(digest, first_id, items)), (digest, first_id, items))
         self.assertEqual(message_count(encode_bundle(digest, first_id, items)), len(items))
 
-    @given(st.lists(st.tuples(st.binary(max_size=40), st.binary(max_size=30), st.lists(st.binary(max_size=30), max_size=4))))
+    @given(st.binary(min_size=32, max_size=32), st.binary(min_size=30, max_size=30), st.binary(max_size=300))
+    def test_single_bundle_round_trip(self, digest: bytes, first_id: bytes, message: bytes) -> None:
+        """The hot path's layout (one message, the usual digest and id sizes) decodes like the general one."""
+        bundle = encode_bundle(digest, first_id, [message])
+        self.assertEqual(bundle[0], 0xFF)
+        self.assertEqual(decode_bundle(bundle), (digest, first_id, [message]))
+        self.assertEqual(message_count(bundle), 1)
+
+    def test_digest_length_cannot_read_as_the_single_tag(self) -> None:
+        """A general bundle never starts with the single layout's tag byte."""
+        with self.assertRaises(ValueError):
+            encode_bundle(b"d" * 255, b"id", [b"m"])
+        with self.assertRaises(ValueError):
+            decode_bundle(b"\xff" + b"d" * 40)  # shorter than a digest and an id
+
+    def test_spools_of_earlier_releases_run_the_same_command(self) -> None:
+        """A one-message bundle in the general layout (all a spool written before the single layout holds)
+        makes the same command as its single twin."""
+        digest, first_id, message = b"a" * 32, b"0" * 30, b'{"m":1}'
+        old = b"".join((bytes([32]), digest, bytes([30]), first_id, struct.pack("<II", 1, len(message)), message))
+        new = encode_bundle(digest, first_id, [message])
+        target = DedupListTarget(b"orders", 5000)
+        self.assertNotEqual(old, new)
+        self.assertEqual(decode_bundle(old), decode_bundle(new))
+        self.assertEqual(target.commands([old, old]), target.commands([new, new]))
+        self.assertEqual(target.commands([old, new]), target.commands([new, new]))
+        self.assertEqual(target.pushed([old, new], [None, b"x"]), target.pushed([new, new], [None, b"x"]))
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.one_of(st.binary(max_size=40), st.binary(min_size=32, max_size=32)),
+                st.one_of(st.binary(max_size=30), st.binary(min_size=30, max_size=30)),
+                st.one_of(st.lists(st.binary(max_size=30), max_size=4), st.lists(st.binary(max_size=30), min_size=1, max_size=1)),
+            )
+        )
+    )
     def test_script_arguments_are_the_decoded_bundles(self, requests: List[Tuple[bytes, bytes, List[bytes]]]) -> None:
         """The command's keys and arguments are what `decode_bundle` reads, on the one-message fast path
-        (sliced in place) as on the general one."""
+        (a batch of single bundles, sliced at C level) as on the general one; and `pushed` counts alike."""
         target = DedupListTarget(b"orders", 5000)
         [command] = target.commands([encode_bundle(d, i, items) for d, i, items in requests])
         self.assertEqual(command[:2], (b"EVALSHA", DedupListTarget.script.sha))
@@ -130,6 +189,12 @@ class HeaderRulesTests(unittest.TestCase):
         counts = b"" if all(len(items) == 1 for _, _, items in requests) else b",".join(b"%d" % len(m) for _, _, m in requests)
         args = [b"5000", counts] + [a for _, i, items in requests for a in (i, *items)]
         self.assertEqual(command[2:], (b"%d" % len(keys), *keys, *args))
+        bundles = [encode_bundle(d, i, items) for d, i, items in requests]
+        self.assertEqual(target.pushed(bundles, None), sum(len(items) for _, _, items in requests))
+        dup_every_other = [None if k % 2 else b"first" for k in range(len(requests))]
+        self.assertEqual(
+            target.pushed(bundles, dup_every_other), sum(len(items) for k, (_, _, items) in enumerate(requests) if k % 2)
+        )
 
     @given(st.binary(max_size=64), st.binary(min_size=1, max_size=255))
     def test_route_digester_is_key_digest(self, route: bytes, key: bytes) -> None:

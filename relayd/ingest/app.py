@@ -443,7 +443,7 @@ class IngestApp:
             raise Overloaded("the buffer is full; retry shortly", retry_after=RETRY_AFTER_OVERLOAD)
         route.metrics.ingested.inc(count)
         if digest is not None:
-            route.recent.put(digest, ids[0].encode())
+            route.recent.put(digest, ids[0].encode(), started)
         return self._acknowledge(request, route, ids, started, batch)
 
     def _settled(self, waiter: Waiter, error: Optional[Exception]) -> None:
@@ -500,7 +500,7 @@ class IngestApp:
                 # first copy's marker expires, and memory must never answer
                 # "duplicate" after Redis forgot it.
                 return self._duplicate(request, route, first_id, started)
-            route.recent.put(digest, ids[0].encode())
+            route.recent.put(digest, ids[0].encode(), started)
         route.metrics.latency.observe(self._clock.seconds() - started)
         if batch:
             return b'{"status":"OK","accepted":%d,"ids":["%s"]}' % (len(ids), '","'.join(ids).encode())

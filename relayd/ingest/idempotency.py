@@ -103,20 +103,36 @@ class RecentKeys:
             return None
         return first_id
 
-    def put(self, digest: bytes, first_id: bytes) -> None:
-        """Remember that `digest` is stored as `first_id` (never extends an earlier expiry)."""
-        current = self._current
-        if digest in current:
-            current[digest] = first_id
-            return
+    def put(self, digest: bytes, first_id: bytes, since: float) -> None:
+        """Remember that `digest` is stored as `first_id`; `since` is when its request started.
+
+        Redis set the key's marker no earlier than `since`, so a key goes
+        into the newest generation that started no later than `since`
+        (none: not remembered, which costs a round trip, not a wrong
+        answer).  Then a generation dropped a window after its start never
+        outlives a marker of its own: filing a key by the time of the
+        *answer* let memory say "duplicate" for as long as Redis took to
+        answer after the marker expired.  A key already remembered keeps
+        its generation (never extends an earlier expiry).
+        """
         previous = self._previous
-        if digest in previous:
+        if since >= self._current_start:
+            current = self._current
+            if digest in previous:
+                previous[digest] = first_id
+                return
+            if digest not in current and (
+                len(current) >= self._cap or since - self._current_start >= self._window / 2
+            ):
+                self._previous = current if self._keep_previous else {}
+                self._previous_start = self._current_start
+                self._current = current = {}
+                self._current_start = since
+            current[digest] = first_id
+        elif (
+            self._keep_previous
+            and since >= self._previous_start
+            and len(previous) < self._cap
+            and digest not in self._current
+        ):
             previous[digest] = first_id
-            return
-        now = self._seconds()
-        if len(current) >= self._cap or now - self._current_start >= self._window / 2:
-            self._previous = current if self._keep_previous else {}
-            self._previous_start = self._current_start
-            self._current = current = {}
-            self._current_start = now
-        current[digest] = first_id

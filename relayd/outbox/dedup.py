@@ -29,6 +29,7 @@ the benchmark: docs/benchmarks.md, "Idempotency-Key cost".
 from __future__ import annotations
 
 import struct
+from operator import itemgetter
 from typing import ClassVar, List, Optional, Sequence, Tuple
 
 import attrs
@@ -112,15 +113,35 @@ return out or {}
 )
 
 
+#: First byte of a *single* bundle: one message, a 32-byte digest and a
+#: 30-byte id at fixed places, the message after them (no length fields).
+#: The general layout starts with the digest's length, which is never 255.
+SINGLE = 0xFF
+_SINGLE_TAG = b"\xff"
+_DIGEST_LEN = 32  # `relayd.ingest.idempotency.key_digest`: 16 bytes, hex
+_ID_LEN = 30  # `relayd.ids`: 30 hex digits
+_SINGLE_HEAD = 1 + _DIGEST_LEN + _ID_LEN
+_TAG = itemgetter(slice(0, 1))  # a slice: an empty bundle has no first byte
+_SINGLE_DIGEST = itemgetter(slice(1, 1 + _DIGEST_LEN))
+_SINGLE_ID = itemgetter(slice(1 + _DIGEST_LEN, _SINGLE_HEAD))
+_SINGLE_MESSAGE = itemgetter(slice(_SINGLE_HEAD, None))
+
+
 def encode_bundle(digest: bytes, first_id: bytes, items: Sequence[bytes]) -> bytes:
     """One request's messages with its key digest and first id, as one buffer/spool item.
 
-    Layout: ``u8 len, digest, u8 len, first id, u32 count, (u32 len, message)*``
-    (little endian).  Spools written by earlier releases hold this layout too.
+    The hot path, one POST with one message and the usual digest and id
+    sizes, is a *single* bundle: ``0xff, digest (32), first id (30),
+    message``, so that `DedupListTarget.commands` cuts a whole batch of
+    them with C-level slicing (no per-bundle Python).  Anything else:
+    ``u8 len, digest, u8 len, first id, u32 count, (u32 len, message)*``
+    (little endian), the layout every release reads (spools written before
+    the single layout hold only this one).
     """
-    if len(items) == 1:  # one POST, one message: the hot path
-        item = items[0]
-        return b"".join((_U8.pack(len(digest)), digest, _U8.pack(len(first_id)), first_id, _U32_PAIR.pack(1, len(item)), item))
+    if len(items) == 1 and len(digest) == _DIGEST_LEN and len(first_id) == _ID_LEN:
+        return b"".join((_SINGLE_TAG, digest, first_id, items[0]))
+    if len(digest) >= SINGLE:  # its length byte would read as the single tag
+        raise ValueError(f"digest of {len(digest)} bytes; at most {SINGLE - 1}")
     parts = [_U8.pack(len(digest)), digest, _U8.pack(len(first_id)), first_id, _U32.pack(len(items))]
     for item in items:
         parts.append(_U32.pack(len(item)))
@@ -130,6 +151,10 @@ def encode_bundle(digest: bytes, first_id: bytes, items: Sequence[bytes]) -> byt
 
 def decode_bundle(bundle: bytes) -> Tuple[bytes, bytes, List[bytes]]:
     """Inverse of `encode_bundle`; ``ValueError`` on malformed bytes."""
+    if bundle[:1] == _SINGLE_TAG:
+        if len(bundle) < _SINGLE_HEAD:
+            raise ValueError("single bundle shorter than its digest and id")
+        return _SINGLE_DIGEST(bundle), _SINGLE_ID(bundle), [_SINGLE_MESSAGE(bundle)]
     try:
         pos = 0
         (n,) = _U8.unpack_from(bundle, pos)
@@ -163,10 +188,17 @@ def _count_at(bundle: bytes) -> int:
 
 def message_count(bundle: bytes) -> int:
     """How many messages `bundle` holds, without decoding them."""
+    if bundle[:1] == _SINGLE_TAG:
+        return 1
     try:
         return int(_U32.unpack_from(bundle, _count_at(bundle))[0])
     except (IndexError, struct.error) as e:
         raise ValueError(f"malformed bundle: {e}") from None
+
+
+def _all_single(items: Sequence[bytes]) -> bool:
+    """Is every bundle of `items` a well-formed single one?  (C-level passes, no Python per bundle.)"""
+    return set(map(_TAG, items)) == {_SINGLE_TAG} and min(map(len, items)) >= _SINGLE_HEAD
 
 
 @attrs.frozen(cache_hash=True)
@@ -186,38 +218,34 @@ class DedupListTarget:
     def commands(self, items: Sequence[bytes]) -> List[Tuple[bytes, ...]]:
         """One EVALSHA for the whole batch of bundles (the writer falls back to EVAL: `script`).
 
-        The hot path slices a one-message bundle in place instead of decoding
-        it; anything else (NDJSON bundles, a malformed one) goes through
-        `decode_bundle`, which validates.
+        The hot path, a batch of single bundles only, is cut by C-level
+        slicing into keys and arguments (~0.2 against ~0.9 us a bundle for
+        the per-bundle loop); any other batch (NDJSON bundles, spools of
+        earlier releases) goes through `decode_bundle`, which validates.
         """
         prefix = self.marker(b"")
+        if items and _all_single(items):  # the hot path: every bundle one POST with one message
+            n = len(items)
+            keys = [self.key]
+            keys += map(prefix.__add__, map(_SINGLE_DIGEST, items))
+            argv: List[bytes] = [b""] * (2 * n + 2)
+            argv[0] = b"%d" % self.window_ms
+            argv[2::2] = map(_SINGLE_ID, items)
+            argv[3::2] = map(_SINGLE_MESSAGE, items)
+            return [_SCRIPT.command(keys, argv)]
         keys = [self.key]
-        argv: List[bytes] = [b"%d" % self.window_ms, b""]
+        argv = [b"%d" % self.window_ms, b""]
         counts: Optional[List[int]] = None  # stays None while every bundle holds one message
         for bundle in items:
-            try:
-                dlen = bundle[0]
-                pos = 2 + dlen
-                ilen = bundle[pos - 1]
-                count, first_len = _U32_PAIR.unpack_from(bundle, pos + ilen)
-            except (IndexError, struct.error):
-                count = first_len = -1  # decode_bundle says what is wrong
-            if count == 1 and first_len == len(bundle) - pos - ilen - 8:
-                keys.append(prefix + bundle[1 : 1 + dlen])
-                argv.append(bundle[pos : pos + ilen])
-                argv.append(bundle[pos + ilen + 8 :])
-            else:
-                digest, first_id, messages = decode_bundle(bundle)
-                keys.append(prefix + digest)
-                argv.append(first_id)
-                argv.extend(messages)
-                count = len(messages)
-                if counts is None:
-                    counts = [1] * (len(keys) - 2)
-                counts.append(count)
+            digest, first_id, messages = decode_bundle(bundle)
+            keys.append(prefix + digest)
+            argv.append(first_id)
+            argv.extend(messages)
+            if len(messages) == 1 and counts is None:
                 continue
-            if counts is not None:
-                counts.append(1)
+            if counts is None:
+                counts = [1] * (len(keys) - 2)
+            counts.append(len(messages))
         if counts is not None:
             argv[1] = b",".join(b"%d" % c for c in counts)
         return [_SCRIPT.command(keys, argv)]
@@ -232,6 +260,8 @@ class DedupListTarget:
 
     def pushed(self, items: Sequence[bytes], outcomes: Optional[List[Optional[bytes]]]) -> int:
         """Messages of the bundles that were stored now (duplicates pushed nothing)."""
+        if _all_single(items):  # one message each
+            return len(items) if outcomes is None else outcomes.count(None)
         total = 0
         for i, bundle in enumerate(items):
             if outcomes is None or outcomes[i] is None:
