@@ -10,6 +10,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from relayd.outbox.buffer import ENTRY_OVERHEAD, NotStored, RingBuffer, Waiter
 
 
+def flat(runs):
+    """Runs as per-message ``(target, item, waiter)`` entries, in order (what the model keeps)."""
+    return [(target, item, waiter) for target, items, waiter, _ in runs for item in items]
+
+
 class BufferMachine(RuleBasedStateMachine):
     """Random offers, takes, releases, requeues and cancellations against a model."""
 
@@ -45,10 +50,12 @@ class BufferMachine(RuleBasedStateMachine):
         """Take returns the oldest live entries in order, dropping cancelled ones it passes.
 
         An entry is taken while the bytes taken before it are under
-        `max_bytes` (so at least one); batches of 8 or more go through the
-        bulk path (`BULK_MIN`), which must take exactly the same.
+        `max_bytes` (so at least one), whether whole runs fit or one is cut;
+        each run's size is its items' bytes.
         """
         batch = self.buffer.take(n, max_bytes)
+        for _, items, _, size in batch:
+            assert items and size == sum(map(len, items))
         expected = []
         size = 0
         while self.model and len(expected) < n and size < max_bytes:
@@ -57,7 +64,7 @@ class BufferMachine(RuleBasedStateMachine):
                 continue
             expected.append(entry)
             size += len(entry[1])
-        assert batch == expected
+        assert flat(batch) == expected
         if batch:
             self.in_flight.append(batch)
 
@@ -67,7 +74,7 @@ class BufferMachine(RuleBasedStateMachine):
         """A stored batch leaves the accounting."""
         batch = self.in_flight.pop(i % len(self.in_flight))
         self.buffer.settle_stored(batch)
-        for entry in batch:
+        for entry in flat(batch):
             if entry[2] is not None:
                 self.stored[entry[2]] = self.stored.get(entry[2], 0) + 1
 
@@ -77,7 +84,7 @@ class BufferMachine(RuleBasedStateMachine):
         """A batch nothing can store leaves the accounting and fails its waiters."""
         batch = self.in_flight.pop(i % len(self.in_flight))
         self.buffer.settle_failed(batch, NotStored("test", retry_after=1))
-        for entry in batch:
+        for entry in flat(batch):
             if entry[2] is not None:
                 assert entry[2].cancelled
                 assert entry[2].deferred.called
@@ -88,7 +95,7 @@ class BufferMachine(RuleBasedStateMachine):
         """A failed batch goes back to the front, in order."""
         batch = self.in_flight.pop()
         self.buffer.requeue(batch)
-        self.model = list(batch) + self.model
+        self.model = flat(batch) + self.model
 
     @precondition(lambda self: self.waiters)
     @rule(i=st.integers(0, 10))
@@ -114,15 +121,16 @@ class BufferMachine(RuleBasedStateMachine):
     def taken_counts_entries_in_hand(self):
         """A waiter's `taken` is the number of its entries taken and not yet settled or requeued."""
         for waiter in self.waiters:
-            in_hand = sum(1 for b in self.in_flight for e in b if e[2] is waiter)
+            in_hand = sum(1 for b in self.in_flight for e in flat(b) if e[2] is waiter)
             assert waiter.taken == in_hand, (waiter.taken, in_hand)
 
     @invariant()
     def accounting_matches(self):
         """messages/bytes equal queued (incl. cancelled, until skipped) plus in flight."""
-        queued = list(self.buffer._queue)
-        flying = [e for b in self.in_flight for e in b]
+        queued = flat(self.buffer._queue)
+        flying = [e for b in self.in_flight for e in flat(b)]
         everything = queued + flying
+        assert self.buffer.queued == len(queued)
         assert self.buffer.messages == len(everything)
         assert self.buffer.bytes == sum(len(e[1]) + ENTRY_OVERHEAD for e in everything)
 

@@ -104,7 +104,7 @@ class KleinSurfaceTests(SynchronousTestCase, IngestFixture):
         self.assertEqual(resp.code, 200)
         doc = json.loads(body)
         self.assertEqual(doc["status"], "OK")
-        [(key, item, waiter)] = self.buffer.take(10, 10**6)
+        [(key, [item], waiter, _)] = self.buffer.take(10, 10**6)
         env = decode_envelope(item)
         self.assertEqual((key, env["id"], env["body"], env["route"]), (ListTarget(b"events"), doc["id"], {"a": 1}, "/events"))
         self.assertEqual(env["ts"], 1700000000.0)
@@ -175,13 +175,14 @@ class KleinSurfaceTests(SynchronousTestCase, IngestFixture):
         doc = json.loads(body)
         self.assertEqual(doc["accepted"], 50)
         self.assertEqual(doc["ids"], sorted(doc["ids"]))
-        self.assertEqual([decode_envelope(e[1])["id"] for e in batch], doc["ids"])
-        self.assertEqual([decode_envelope(e[1])["body"] for e in batch], [{"n": i} for i in range(50)])
+        items = [item for run in batch for item in run[1]]
+        self.assertEqual([decode_envelope(item)["id"] for item in items], doc["ids"])
+        self.assertEqual([decode_envelope(item)["body"] for item in items], [{"n": i} for i in range(50)])
 
     def test_format_body_pushes_raw_bytes(self):
         """format=body pushes the body bytes exactly."""
         self.response(self.post("/raw", b'{"a":   1}'))
-        [(_, item, _)] = self.buffer.take(10, 10**6)
+        [(_, [item], _, _)] = self.buffer.take(10, 10**6)
         self.assertEqual(item, b'{"a":   1}')
 
     def test_unknown_route_and_method(self):

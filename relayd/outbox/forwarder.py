@@ -53,6 +53,7 @@ reply_timeout`` (1 s by default) before it fails and spills.
 from __future__ import annotations
 
 import random
+from itertools import chain
 from operator import itemgetter
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -64,7 +65,7 @@ from twisted.python.failure import Failure
 
 from relayd.ops.metrics import Metrics
 from relayd.outbox.backlog import SpoolBacklog
-from relayd.outbox.buffer import BULK_MIN, Entry, NotStored, RingBuffer
+from relayd.outbox.buffer import NotStored, RingBuffer, Run
 from relayd.outbox.replay import Replayer
 from relayd.outbox.spooler import RETRY_AFTER_ERROR, Spooler
 from relayd.outbox.targets import Target, encode_payload
@@ -72,7 +73,10 @@ from relayd.outbox.writer import RedisWriter
 from relayd.redis.client import ResponseError, TimeoutError
 from relayd.spool.errors import SpoolFull, SpoolWriteError
 
-_TARGET, _ITEM, _WAITER = itemgetter(0), itemgetter(1), itemgetter(2)
+_TARGET, _ITEMS, _WAITER = itemgetter(0), itemgetter(1), itemgetter(2)
+#: From this many runs a batch (single-message requests, mostly) is grouped
+#: by C-level sets when it has one target, not by a Python loop per run.
+_SET_MIN = 8
 
 HIGH_WATER = 0.5  # spill once the buffer is half full: Redis is slower than ingest
 SPILL_RETRY = 0.1  # seconds before retrying a spill the spool refused
@@ -120,7 +124,7 @@ class Forwarder(Service):
         self._shutdown_timeout = shutdown_timeout
         self._in_flight = 0
         self._seq = 0
-        self._failed: List[Tuple[int, List[Entry]]] = []
+        self._failed: List[Tuple[int, List[Run]]] = []
         self._failures_in_row = 0
         self._wakeup: Optional[IDelayedCall] = None  # pending DelayedCall of _pump
         self._pumping = False
@@ -301,7 +305,7 @@ class Forwarder(Service):
 
     # -- spill -------------------------------------------------------------
 
-    def _spill(self, batch: List[Entry], per_target: bool = False) -> bool:
+    def _spill(self, batch: List[Run], per_target: bool = False) -> bool:
         """Append `batch` to the spool; settle it when durable.  False if refused.
 
         `per_target`: the batch is the share of targets that cannot go
@@ -313,9 +317,9 @@ class Forwarder(Service):
         self._refused(batch, per_target)
         return False
 
-    def _append(self, batch: List[Entry]) -> bool:
+    def _append(self, batch: List[Run]) -> bool:
         """Append `batch` to the spool and count it in the backlog; False if refused (nothing written)."""
-        payloads = [encode_payload(target, item) for target, item, _ in batch]
+        payloads = [encode_payload(target, item) for target, items, _, _ in batch for item in items]
         size = 0
         for p in payloads:
             size += len(p)
@@ -326,12 +330,11 @@ class Forwarder(Service):
             except (SpoolFull, SpoolWriteError):
                 pass
             else:
-                for entry in batch:
-                    if entry[2] is not None:
-                        entry[2].exposed = True
                 counts: dict[Target, int] = {}
-                for entry in batch:
-                    counts[entry[0]] = counts.get(entry[0], 0) + 1
+                for target, items, waiter, _ in batch:
+                    if waiter is not None:
+                        waiter.exposed = True
+                    counts[target] = counts.get(target, 0) + len(items)
                 backlog = self._backlog
                 for target, count in counts.items():
                     backlog.spooled(target, count)
@@ -341,10 +344,10 @@ class Forwarder(Service):
                 return True
         return False
 
-    def _spilled(self, _: object, batch: List[Entry]) -> None:
+    def _spilled(self, _: object, batch: List[Run]) -> None:
         self._buffer.settle_stored(batch)
 
-    def _commit_failed(self, failure: Failure, batch: List[Entry]) -> None:
+    def _commit_failed(self, failure: Failure, batch: List[Run]) -> None:
         # The records are on disk but not known durable: the request gets a
         # 503 that says they may still be delivered (replay may push them).
         self._buffer.settle_failed(
@@ -356,7 +359,7 @@ class Forwarder(Service):
             ),
         )
 
-    def _refused(self, batch: List[Entry], per_target: bool = False) -> None:
+    def _refused(self, batch: List[Run], per_target: bool = False) -> None:
         """The spool refused `batch`: keep what must be kept, answer what can be answered."""
         self._buffer.requeue(batch)
         self._maybe_go_direct()  # an empty spool and a ready Redis: push directly instead
@@ -368,7 +371,7 @@ class Forwarder(Service):
             RETRY_AFTER_NOT_STORED,
             maybe_stored=True,
         )
-        for _, _, waiter in batch:
+        for _, _, waiter, _ in batch:
             # Its queued entries are dropped by the next take.  One with
             # entries still in hand (stored or on the wire) waits for them.
             if waiter is not None and not waiter.cancelled and waiter.taken == 0:
@@ -376,27 +379,27 @@ class Forwarder(Service):
 
     # -- direct ------------------------------------------------------------
 
-    def _send(self, batch: List[Entry]) -> bool:
+    def _send(self, batch: List[Run]) -> bool:
         """Write each target's share to Redis, or to the spool if it must not go direct.
 
         False when the spool refused a share that cannot go direct (it is
         back at the front of the buffer); the rest was sent.
         """
-        groups: dict[Target, List[Entry]] = {}
-        if len(batch) >= BULK_MIN and len(targets := set(map(_TARGET, batch))) == 1:
-            groups[targets.pop()] = batch  # one target (one route): no grouping per entry
+        groups: dict[Target, List[Run]] = {}
+        if len(batch) >= _SET_MIN and len(targets := set(map(_TARGET, batch))) == 1:
+            groups[targets.pop()] = batch  # one target (one route): no grouping per run
             for waiter in set(map(_WAITER, batch)):
                 if waiter is not None:
                     waiter.exposed = True
         else:
-            for entry in batch:
-                group = groups.get(entry[0])
+            for run in batch:
+                group = groups.get(run[0])
                 if group is None:
-                    groups[entry[0]] = [entry]
+                    groups[run[0]] = [run]
                 else:
-                    group.append(entry)
-                if entry[2] is not None:
-                    entry[2].exposed = True
+                    group.append(run)
+                if run[2] is not None:
+                    run[2].exposed = True
         sent = True
         backlog = self._backlog
         if backlog or not self._writer.ready:
@@ -405,7 +408,7 @@ class Forwarder(Service):
             ready_for = self._writer.ready_for
             detour = [t for t in groups if t in backlog or not ready_for(t)]
             if detour:
-                spill: List[Entry] = []
+                spill: List[Run] = []
                 for target in detour:
                     spill.extend(groups.pop(target))
                 sent = self._spill(spill, per_target=True)
@@ -416,7 +419,9 @@ class Forwarder(Service):
         write = self._writer.write
         for target, entries in groups.items():
             self._seq += 1
-            d = write(target, list(map(_ITEM, entries)))
+            # One run (an NDJSON request, or a batch of one): its item list as it is.
+            items = entries[0][1] if len(entries) == 1 else list(chain.from_iterable(map(_ITEMS, entries)))
+            d = write(target, items)
             d.addCallbacks(
                 self._pushed,
                 self._push_failed,
@@ -430,13 +435,13 @@ class Forwarder(Service):
         if pending[0] == 0:
             self._in_flight -= 1
 
-    def _pushed(self, outcomes: Optional[List[Optional[bytes]]], entries: List[Entry], pending: List[int]) -> None:
+    def _pushed(self, outcomes: Optional[List[Optional[bytes]]], entries: List[Run], pending: List[int]) -> None:
         self._command_done(pending)
         self._failures_in_row = 0
         self._buffer.settle_stored(entries, outcomes)
         self._settle()
 
-    def _push_failed(self, failure: Failure, seq: int, entries: List[Entry], pending: List[int]) -> None:
+    def _push_failed(self, failure: Failure, seq: int, entries: List[Run], pending: List[int]) -> None:
         self._command_done(pending)
         if failure.check(TimeoutError):
             kind = "timeout"
