@@ -213,3 +213,23 @@ class WaiterTests(unittest.TestCase):
         w.deferred.addErrback(lambda f: None)
         w.deferred.cancel()
         w.stored()  # must not raise AlreadyCalledError
+
+
+class DuplicateOutcomeTests(unittest.TestCase):
+    """An idempotent target's per-message outcomes reach the waiter whose message they are about."""
+
+    def test_outcomes_follow_the_runs_in_order(self):
+        """Runs taken together (one run cut in two, too) get the outcomes at their own offsets."""
+        buffer = RingBuffer(max_messages=100, max_bytes=10**6)
+        waiters = [Waiter(1), Waiter(2), Waiter(1), Waiter(1)]
+        for n, waiter in enumerate(waiters):
+            buffer.offer(b"t", [b"w%d-m%d" % (n, i) for i in range(waiter.count)], waiter)
+        first = buffer.take(2, 10**6)  # waiter 0's run and the first message of waiter 1's
+        rest = buffer.take(100, 10**6)
+        self.assertEqual([len(run[1]) for run in first + rest], [1, 1, 1, 1, 1])
+        buffer.settle_stored(first, [None, None])
+        self.assertFalse(waiters[1].deferred.called)  # one of its two messages is still out
+        buffer.settle_stored(rest, [b"earlier-1", None, b"earlier-3"])
+        self.assertEqual([w.duplicate_of for w in waiters], [None, b"earlier-1", None, b"earlier-3"])
+        self.assertTrue(all(w.deferred.called for w in waiters))
+        self.assertEqual((buffer.messages, buffer.bytes, buffer.queued), (0, 0, 0))
